@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Stage 1: run a TransformerLens model over a text dataset and write activation chunks to disk."""
+
+from training.cli import run_cli
+from training.generate import GenerateConfig, generate
+
+
+def main(cfg: GenerateConfig) -> None:
+    """Generate (or resume) the dataset folder and print what was written."""
+    print(generate(cfg))
+
+
+if __name__ == "__main__":
+    run_cli(main, __doc__, GenerateConfig)

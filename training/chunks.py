@@ -1,0 +1,181 @@
+"""The on-disk activation format: chunk files, the manifest, and memory-mapped reading.
+
+Layout of a dataset folder written by `generate_test_data.py`:
+
+    {folder}/manifest.json                      what was run, per hook its width, chunks and statistics
+    {folder}/{hook_name}/{i}.safetensors        activations [n, d], token_ids [n], sequence_ids [n], positions [n]
+    {folder}/contexts/{i}.safetensors           sequence_ids [m], tokens [m, context_length]: every sequence
+                                                that has a row in chunk i, so each row's context can be rebuilt
+
+Chunk i of every hook holds the same rows (same tokens, same order). Rows are shuffled within a chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from training.cli import UserError
+
+MANIFEST = "manifest.json"
+CONTEXTS = "contexts"
+FORMAT_VERSION = 1
+_NP_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64,
+              "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON to `path` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while buf := f.read(block):
+            h.update(buf)
+    return h.hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None = None) -> str:
+    """Save tensors (+ `info` as JSON metadata) atomically: temporary name, then rename. Returns the SHA-256.
+
+    `info` is stored under the one metadata key "info" as sorted JSON: safetensors writes several metadata
+    keys in an arbitrary order, which would make identical chunks differ byte for byte.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    metadata = None if info is None else {"info": json.dumps(info, sort_keys=True)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def mmap_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Memory-map every tensor of a safetensors file (no copy until touched); also return its `info` metadata."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = json.loads((header.pop("__metadata__", None) or {}).get("info", "{}"))
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = int(np.prod(shape)) if shape else 1
+        if end == start:
+            arr = np.zeros(shape, dtype=_NP_DTYPES[info["dtype"]])
+        else:
+            arr = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="c", offset=8 + n + start, shape=(count,))
+        t = torch.from_numpy(arr).reshape(shape)
+        out[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+    return out, meta
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One chunk file of one hook."""
+
+    path: Path
+    rows: int
+    sha256: str
+
+
+@dataclass
+class HookData:
+    """The chunks of one hook in a dataset folder, read memory-mapped."""
+
+    root: Path
+    hook: str
+    d: int
+    chunks: list[ChunkInfo]
+    manifest: dict[str, Any]
+
+    @property
+    def n_rows(self) -> int:
+        """Rows over all complete chunks."""
+        return sum(c.rows for c in self.chunks)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean activation [d] over all stored rows, from the manifest."""
+        return torch.tensor(self.manifest["hooks"][self.hook]["mean"])
+
+    def load(self, i: int, verify: bool = False) -> dict[str, torch.Tensor]:
+        """Chunk i memory-mapped: activations [n, d], token_ids [n], sequence_ids [n], positions [n]."""
+        info = self.chunks[i]
+        if not info.path.exists():
+            raise UserError(f"chunk {info.path} listed in the manifest is missing: regenerate the dataset")
+        if verify and file_sha256(info.path) != info.sha256:
+            raise UserError(f"chunk {info.path} does not match the checksum in the manifest (corrupt or "
+                            "modified): regenerate it with generate_test_data.py")
+        tensors, _ = mmap_tensors(info.path)
+        return tensors
+
+    def iter_chunks(self, verify: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Every chunk in order, memory-mapped."""
+        for i in range(len(self.chunks)):
+            yield self.load(i, verify)
+
+    def context(self, chunk: int, row: int, before: int = 10, after: int = 4) -> tuple[list[int], int]:
+        """Token ids around row `row` of chunk `chunk` (window clipped to its sequence) and the row's index in it."""
+        t = self.load(chunk)
+        seq, pos = int(t["sequence_ids"][row]), int(t["positions"][row])
+        ctx, _ = mmap_tensors(self.root / CONTEXTS / f"{chunk}.safetensors")
+        where = (ctx["sequence_ids"] == seq).nonzero()
+        if len(where) == 0:
+            raise UserError(f"sequence {seq} is missing from {self.root / CONTEXTS}/{chunk}.safetensors")
+        tokens = ctx["tokens"][int(where[0, 0])]
+        lo, hi = max(0, pos - before), min(len(tokens), pos + after + 1)
+        return tokens[lo:hi].tolist(), pos - lo
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of dataset folder `root`; a missing one is a UserError."""
+    path = root / MANIFEST
+    if not path.exists():
+        raise UserError(f"no {MANIFEST} in {root}: not a dataset folder written by generate_test_data.py")
+    return json.loads(path.read_text())
+
+
+def list_hooks(root: str | Path) -> list[str]:
+    """Hook names stored in dataset folder `root`."""
+    return list(read_manifest(Path(root))["hooks"])
+
+
+def open_hook(path: str | Path, hook: str | None = None) -> HookData:
+    """Open one hook's chunks, given its folder (`{root}/{hook}`) or the root and the hook name."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset folder {path} does not exist: run generate_test_data.py first")
+    if hook is None and not (path / MANIFEST).exists() and (path.parent / MANIFEST).exists():
+        root, hook = path.parent, path.name
+    else:
+        root = path
+    manifest = read_manifest(root)
+    hooks = manifest["hooks"]
+    if hook is None:
+        if len(hooks) != 1:
+            raise UserError(f"{root} holds several hooks; name one folder: "
+                            + ", ".join(str(root / h) for h in hooks))
+        hook = next(iter(hooks))
+    if hook not in hooks:
+        raise UserError(f"hook {hook!r} is not in {root}; it has: {', '.join(hooks)}")
+    chunks = [ChunkInfo(root / hook / c["file"], c["rows"], c["sha256"]) for c in hooks[hook]["chunks"]]
+    if not chunks:
+        raise UserError(f"{root / hook} has no complete chunk yet: run generate_test_data.py to completion")
+    return HookData(root, hook, hooks[hook]["d"], chunks, manifest)

@@ -1,0 +1,358 @@
+"""Stage 1: run a language model over text and write activation chunks (see `training/chunks.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import shlex
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import training
+from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_json, read_manifest,
+                             save_tensors)
+from training.cli import UserError, config_diff, config_from_dict, config_to_dict
+from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
+from training.models import DEFAULT_MODEL, load_model, resolve_device
+from training.text import iter_documents, pack_token_rows, special_token_ids
+
+PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class GenerateConfig:
+    """Everything that decides the contents of a dataset folder (saved in its manifest)."""
+
+    model: str = DEFAULT_MODEL
+    """Model: a hub name (e.g. EleutherAI/pythia-70m-deduped) or a local Hugging Face folder."""
+    dataset: str = "python-docs"
+    """Text: a hub dataset name, a local .txt/.jsonl/.parquet file or folder, or python-docs (built in)."""
+    dataset_split: str = "train"
+    """Dataset split to read."""
+    text_column: str | None = None
+    """Column holding the text (default: detected; input_ids/tokens columns are used as they are)."""
+    streaming: bool = False
+    """Stream a hub dataset instead of downloading it whole."""
+    dataset_folder: str = "activation_data"
+    """Output folder: one sub-folder of chunks per hook, plus manifest.json."""
+    layers: list[int] = field(default_factory=lambda: [0])
+    """Layers to read activations from."""
+    locations: list[str] = field(default_factory=lambda: ["residual"],
+                                 metadata={"choices": list(LOCATIONS)})
+    """Where in each layer: residual, mlp, mlpout, attn_concat, attn_out."""
+    hooks: list[str] | None = None
+    """Raw TransformerLens hook names, in addition to --layers x --locations."""
+    n_chunks: int = 4
+    """Number of chunks to write per hook (fewer if the dataset runs out)."""
+    chunk_size: int = 262144
+    """Rows (tokens) per chunk."""
+    context_length: int = 128
+    """Tokens per sequence fed to the model."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    skip_special_tokens: bool = True
+    """Leave BOS/EOS/pad positions out of the dumped activations."""
+    precision: str = field(default="float16", metadata={"choices": list(PRECISIONS)})
+    """Storage precision of the activations."""
+    dtype: str = field(default="float32", metadata={"choices": list(PRECISIONS)})
+    """Precision the model runs in."""
+    device: str | None = None
+    """cpu, cuda, cuda:N or mps (default: cuda when available)."""
+    seed: int = 0
+    """Seed of the within-chunk row shuffle."""
+    overwrite: bool = False
+    """Replace an existing dataset folder whose manifest has other settings."""
+
+
+# Settings that may differ on a resumed run: they do not change what is in the chunks.
+RESUMABLE_CHANGES = ("n_chunks", "overwrite", "dataset_folder")
+
+
+@dataclass
+class Summary:
+    """What a generation run wrote."""
+
+    folder: Path
+    hooks: list[str]
+    chunks: int
+    tokens: int
+    bytes_written: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"wrote {self.tokens:,} tokens in {self.chunks} chunk(s) per hook for {len(self.hooks)} hook(s), "
+                f"{self.bytes_written / 1e9:.2f} GB, {rate:,.0f} tokens/s, into {self.folder}\n  hooks: "
+                + ", ".join(self.hooks))
+
+
+def token_batches(cfg: GenerateConfig, tokenizer: Any) -> Iterator[torch.Tensor]:
+    """Packed token rows of the dataset, `batch_size` sequences at a time: [batch, context_length] int64."""
+    docs = iter_documents(cfg.dataset, cfg.dataset_split, cfg.text_column, cfg.streaming)
+    rows = pack_token_rows(docs, tokenizer, cfg.context_length)
+    while batch := list(itertools.islice(rows, cfg.batch_size)):
+        yield torch.stack([torch.as_tensor(r, dtype=torch.long) for r in batch])
+
+
+def capture(model: Any, tokens: torch.Tensor, hooks: Sequence[str], stop: int | None) -> dict[str, torch.Tensor]:
+    """Activations [batch, seq, d] at every hook from one forward pass that stops after the last needed block."""
+    _, cache = model.run_with_cache(tokens, names_filter=list(hooks), stop_at_layer=stop, return_type=None)
+    return {h: flatten_heads(cache[h]) for h in hooks}
+
+
+class ChunkFiller:
+    """Collects kept rows of every hook into chunk buffers and hands each full chunk to a writer."""
+
+    def __init__(self, widths: dict[str, int], chunk_size: int, precision: torch.dtype, emit: Any):
+        self.widths, self.chunk_size, self.precision, self.emit = widths, chunk_size, precision, emit
+        self.contexts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sequence_ids [b], tokens [b, ctx])
+        self._new_buffers()
+
+    def _new_buffers(self) -> None:
+        n = self.chunk_size
+        self.acts = {h: torch.empty(n, d, dtype=self.precision) for h, d in self.widths.items()}
+        self.token_ids = torch.empty(n, dtype=torch.int32)
+        self.sequence_ids = torch.empty(n, dtype=torch.int64)
+        self.positions = torch.empty(n, dtype=torch.int32)
+        self.fill = 0
+
+    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, sequence_ids: torch.Tensor,
+            positions: torch.Tensor, batch_seq: torch.Tensor, batch_tokens: torch.Tensor,
+            batch_index: int, skipped: int) -> None:
+        """Append the kept rows (acts[h]: [r, d]) of batch `batch_index` (sequences `batch_seq` [b], tokens
+        `batch_tokens` [b, ctx]), whose first `skipped` kept rows went into an earlier chunk."""
+        self.contexts.append((batch_seq, batch_tokens))
+        start, total = 0, len(token_ids)
+        while start < total:
+            take = min(total - start, self.chunk_size - self.fill)
+            sl, dst = slice(start, start + take), slice(self.fill, self.fill + take)
+            for h, a in acts.items():
+                self.acts[h][dst] = a[sl]
+            self.token_ids[dst] = token_ids[sl]
+            self.sequence_ids[dst] = sequence_ids[sl]
+            self.positions[dst] = positions[sl]
+            self.fill += take
+            start += take
+            if self.fill == self.chunk_size:
+                self.flush((batch_index, skipped + start))
+                self.contexts = [(batch_seq, batch_tokens)]
+
+    def flush(self, resume: tuple[int, int] | None) -> None:
+        """Emit the current buffers (possibly a short last chunk) with the point a later run resumes from."""
+        if self.fill == 0:
+            return
+        n = self.fill
+        seqs = torch.cat([s for s, _ in self.contexts])
+        toks = torch.cat([t for _, t in self.contexts])
+        keep = torch.isin(seqs, self.sequence_ids[:n].unique())
+        self.emit(dict(acts={h: a[:n] for h, a in self.acts.items()}, token_ids=self.token_ids[:n],
+                       sequence_ids=self.sequence_ids[:n], positions=self.positions[:n],
+                       context_ids=seqs[keep], context_tokens=toks[keep].to(torch.int32), resume=resume))
+        self._new_buffers()
+
+
+class ChunkWriter(threading.Thread):
+    """Background thread that shuffles, writes and checksums chunks, then records them in the manifest."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], seed: int):
+        super().__init__(daemon=True)
+        self.root, self.manifest, self.seed = root, manifest, seed
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+
+    def put(self, item: dict[str, Any]) -> None:
+        """Queue a chunk (blocks while the previous one is still being written)."""
+        self.check()
+        self.queue.put(item)
+
+    def check(self) -> None:
+        """Re-raise in the caller an error the writer hit."""
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self.write(item)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+                return
+
+    def write(self, item: dict[str, Any]) -> None:
+        """Write one chunk for every hook, its contexts file, then the manifest (in that order)."""
+        index = len(self.manifest["chunks"])
+        n = len(item["token_ids"])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+        partial = n < self.manifest["config"]["chunk_size"]
+        meta = {"rows": n, "partial": partial, "chunk": index}
+        shared = {"token_ids": item["token_ids"][perm], "sequence_ids": item["sequence_ids"][perm],
+                  "positions": item["positions"][perm]}
+        for hook, acts in item["acts"].items():
+            path = self.root / hook / f"{index}.safetensors"
+            digest = save_tensors(path, {"activations": acts[perm], **shared}, meta)
+            self.bytes_written += path.stat().st_size
+            entry = self.manifest["hooks"][hook]
+            a = acts.float()
+            rows = sum(c["rows"] for c in entry["chunks"])
+            mean = (torch.tensor(entry["mean"], dtype=torch.float64) * rows + a.sum(0).double()) / (rows + n)
+            entry["mean"] = mean.tolist()
+            entry["mean_norm"] = (entry["mean_norm"] * rows + a.norm(dim=1).double().sum().item()) / (rows + n)
+            entry["chunks"].append({"file": path.name, "rows": n, "sha256": digest, "partial": partial})
+        ctx_path = self.root / CONTEXTS / f"{index}.safetensors"
+        save_tensors(ctx_path, {"sequence_ids": item["context_ids"], "tokens": item["context_tokens"]}, meta)
+        self.bytes_written += ctx_path.stat().st_size
+        self.manifest["chunks"].append({"rows": n, "partial": partial, "resume_at": item["resume"]})
+        self.manifest["total_tokens"] += n
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+
+def new_manifest(cfg: GenerateConfig, model: Any, widths: dict[str, int], argv: Sequence[str]) -> dict[str, Any]:
+    """The manifest of an empty dataset folder."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": training.__version__,
+        "command": " ".join(shlex.quote(a) for a in argv),
+        "config": config_to_dict(cfg),
+        "model": {"name": cfg.model, "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
+                  "d_vocab": model.cfg.d_vocab},
+        "special_token_ids": sorted(special_token_ids(model.tokenizer)),
+        "hooks": {h: {"d": d, "mean": [0.0] * d, "mean_norm": 0.0, "chunks": []} for h, d in widths.items()},
+        "chunks": [],
+        "total_tokens": 0,
+        "finished": False,
+        "exhausted": False,
+    }
+
+
+def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
+    """The manifest to resume from (None for a fresh start); refuses a folder made with other settings."""
+    if not (root / MANIFEST).exists():
+        return None
+    old = read_manifest(root)
+    diff = config_diff(config_from_dict(GenerateConfig, old["config"]), cfg, ignore=RESUMABLE_CHANGES)
+    if diff and not cfg.overwrite:
+        detail = "; ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise UserError(f"{root} was made with other settings ({detail}): pass the same flags to resume, "
+                        "--overwrite to replace it, or another --dataset_folder")
+    if cfg.overwrite and diff:
+        for hook in old["hooks"]:
+            shutil.rmtree(root / hook, ignore_errors=True)
+        shutil.rmtree(root / CONTEXTS, ignore_errors=True)
+        (root / MANIFEST).unlink()
+        return None
+    return old
+
+
+def check_disk_space(root: Path, cfg: GenerateConfig, widths: dict[str, int], n_new: int) -> None:
+    """Refuse up front a run whose chunks would not fit on the disk."""
+    bytes_per_row = sum(widths.values()) * PRECISIONS[cfg.precision].itemsize + 16 * (len(widths) + 1)
+    need = n_new * cfg.chunk_size * bytes_per_row
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise UserError(f"{n_new} more chunk(s) need about {need / 1e9:.1f} GB but {root} has "
+                        f"{free / 1e9:.1f} GB free: lower --n_chunks or --chunk_size, or choose another folder")
+
+
+def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
+    """Write (or resume writing) the dataset folder described by `cfg`."""
+    for name in ("n_chunks", "chunk_size", "context_length", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    argv = list(sys.argv if argv is None else argv)
+    root = Path(cfg.dataset_folder)
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device, cfg.dtype)
+    n_layers = model.cfg.n_layers
+    hooks = resolve_hooks(list(model.hook_dict), n_layers, cfg.layers, cfg.locations, cfg.hooks)
+    stop = stop_at_layer(hooks, n_layers)
+    if cfg.context_length > model.cfg.n_ctx:
+        raise UserError(f"--context_length {cfg.context_length} exceeds the model's {model.cfg.n_ctx} positions")
+
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_folder(cfg, root)
+    probe = torch.zeros(1, 2, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        widths = {h: a.shape[-1] for h, a in capture(model, probe, hooks, stop).items()}
+    if manifest is None:
+        manifest = new_manifest(cfg, model, widths, argv)
+    manifest["config"]["n_chunks"] = cfg.n_chunks
+    done = len(manifest["chunks"])
+    if done >= cfg.n_chunks or manifest.get("exhausted"):
+        print(f"{root} is already complete ({done} chunk(s) per hook); nothing to do")
+        return Summary(root, hooks, done, manifest["total_tokens"], 0, 0.0)
+    check_disk_space(root, cfg, widths, cfg.n_chunks - done)
+    for h in hooks:
+        (root / h).mkdir(exist_ok=True)
+    (root / CONTEXTS).mkdir(exist_ok=True)
+    manifest["finished"] = False
+    atomic_write_json(root / MANIFEST, manifest)
+
+    writer = ChunkWriter(root, manifest, cfg.seed)
+    writer.start()
+    start_batch, skip_rows = manifest["chunks"][-1]["resume_at"] if done else (0, 0)
+    special = torch.tensor(manifest["special_token_ids"], dtype=torch.long)
+    target = cfg.n_chunks * cfg.chunk_size
+    precision = PRECISIONS[cfg.precision]
+    written_before = manifest["total_tokens"]
+    t0 = time.perf_counter()
+    bar = tqdm(total=target, initial=written_before, unit="tok", unit_scale=True, desc="generating",
+               dynamic_ncols=True)
+
+    filler = ChunkFiller(widths, cfg.chunk_size, precision, writer.put)
+    produced = written_before
+    try:
+        batches = itertools.islice(token_batches(cfg, model.tokenizer), start_batch, None)
+        with torch.inference_mode():
+            for b, tokens in enumerate(batches, start=start_batch):
+                seq_ids = torch.arange(tokens.shape[0]) + b * cfg.batch_size
+                keep = ~torch.isin(tokens, special) if cfg.skip_special_tokens else torch.ones_like(tokens, dtype=torch.bool)
+                if b == start_batch and skip_rows:
+                    keep_idx = keep.flatten().nonzero()[:skip_rows, 0]
+                    keep.view(-1)[keep_idx] = False
+                acts = capture(model, tokens.to(device), hooks, stop)
+                keep_dev = keep.to(device)
+                rows = {}
+                for h, a in acts.items():
+                    r = a[keep_dev].to(precision)
+                    if not torch.isfinite(r).all():
+                        raise UserError(f"activations at {h} overflow {cfg.precision} (largest |x| = "
+                                        f"{a[keep_dev].abs().max().item():.3g}): use --precision float32 or bfloat16")
+                    rows[h] = r.cpu()
+                pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+                batch_rows = int(keep.sum())
+                if produced + batch_rows > target:  # the last chunk takes only what it needs
+                    batch_rows = target - produced
+                    cut = keep.flatten().nonzero()[batch_rows:, 0]
+                    keep.view(-1)[cut] = False
+                    rows = {h: r[:batch_rows] for h, r in rows.items()}
+                filler.add(rows, tokens[keep].to(torch.int32), seq_ids[:, None].expand_as(tokens)[keep],
+                           pos[keep].to(torch.int32), seq_ids, tokens, b, skip_rows if b == start_batch else 0)
+                produced += batch_rows
+                bar.update(batch_rows)
+                writer.check()
+                if produced >= target:
+                    break
+        filler.flush(None)
+        writer.queue.put(None)
+        writer.join()
+        writer.check()
+    finally:
+        bar.close()
+        if writer.is_alive():
+            writer.queue.put(None)
+            writer.join()
+    manifest["finished"] = True
+    manifest["exhausted"] = produced < target
+    atomic_write_json(root / MANIFEST, manifest)
+    return Summary(root, hooks, len(manifest["chunks"]), manifest["total_tokens"] - written_before,
+                   writer.bytes_written, time.perf_counter() - t0)
