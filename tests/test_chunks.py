@@ -1,0 +1,78 @@
+"""The chunk format: safetensors round trips through the memory-mapped reader, atomic JSON, folder errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.chunks import atomic_write_json, file_sha256, list_hooks, mmap_tensors, open_hook, save_tensors
+from training.cli import UserError
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64])
+def test_mmap_round_trip(tmp_path, dtype):
+    t = (torch.randn(37, 5) * 100).to(dtype)
+    digest = save_tensors(tmp_path / "a.safetensors", {"x": t, "y": torch.arange(3)}, {"rows": 37, "partial": True})
+    loaded, info = mmap_tensors(tmp_path / "a.safetensors")
+    assert loaded["x"].dtype == dtype and torch.equal(loaded["x"], t) and torch.equal(loaded["y"], torch.arange(3))
+    assert info == {"rows": 37, "partial": True}
+    assert digest == file_sha256(tmp_path / "a.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_save_is_byte_deterministic(tmp_path):
+    t = torch.randn(10, 3)
+    a = save_tensors(tmp_path / "a.safetensors", {"b": t, "a": t + 1}, {"z": 1, "a": 2, "m": [1, 2]})
+    b = save_tensors(tmp_path / "b.safetensors", {"a": t + 1, "b": t}, {"m": [1, 2], "a": 2, "z": 1})
+    assert a == b
+
+
+def test_atomic_write_json(tmp_path):
+    atomic_write_json(tmp_path / "m.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2]}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def write_folder(root, hooks):
+    """A dataset folder with one 4-row chunk per hook."""
+    manifest = {"hooks": {}}
+    for h in hooks:
+        (root / h).mkdir(parents=True)
+        digest = save_tensors(root / h / "0.safetensors", {"activations": torch.ones(4, 2)})
+        manifest["hooks"][h] = {"d": 2, "mean": [1.0, 1.0], "chunks": [{"file": "0.safetensors", "rows": 4, "sha256": digest}]}
+    atomic_write_json(root / "manifest.json", manifest)
+
+
+def test_open_hook_by_folder_or_root(tmp_path):
+    write_folder(tmp_path, ["blocks.0.hook_resid_post"])
+    a = open_hook(tmp_path)
+    b = open_hook(tmp_path / "blocks.0.hook_resid_post")
+    assert a.hook == b.hook == "blocks.0.hook_resid_post" and a.d == 2 and a.n_rows == 4
+    assert list_hooks(tmp_path) == ["blocks.0.hook_resid_post"]
+    assert torch.equal(a.mean, torch.ones(2))
+
+
+def test_open_hook_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        open_hook(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no manifest.json"):
+        open_hook(tmp_path / "empty")
+    write_folder(tmp_path / "two", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
+    with pytest.raises(UserError, match="several hooks; name one folder: .*blocks.0.hook_resid_post, .*blocks.1"):
+        open_hook(tmp_path / "two")
+    with pytest.raises(UserError, match="hook 'x' is not in"):
+        open_hook(tmp_path / "two", "x")
+
+
+def test_corrupt_chunk_is_named(tmp_path):
+    write_folder(tmp_path, ["h"])
+    data = open_hook(tmp_path)
+    path = tmp_path / "h" / "0.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"chunk .*0\.safetensors does not match the checksum"):
+        data.load(0, verify=True)
