@@ -15,6 +15,15 @@ from training.generate import GenerateConfig, generate
 from training.models import load_model
 
 
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A local .txt dataset of about 10k tokens (more than the largest test asks for)."""
+    from conftest import fixture_documents
+    path = tmp_path_factory.mktemp("gen-text") / "docs.txt"
+    path.write_text("\n\n".join(fixture_documents(600)) + "\n")
+    return path
+
+
 def make_cfg(model_dir: Path, text_file: Path, folder: Path, **kw) -> GenerateConfig:
     """A small generation config over the test model and text."""
     base = dict(model=str(model_dir), dataset=str(text_file), dataset_folder=str(folder), layers=[0, 1],
@@ -154,8 +163,8 @@ def test_mismatched_flags_are_refused_unless_overwrite(tiny_neox_dir, text_file,
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(hooks=["blocks.0.hook_nonsense"]), r"unknown hook 'blocks.0.hook_nonsense'; valid hooks: .*blocks\.\{0\.\.2\}\.hook_resid_post"),
-    (dict(layers=[7]), r"layer 7 is out of range: this model has layers 0..2"),
+    (dict(hooks=["blocks.0.hook_nonsense"]), r"unknown hook 'blocks.0.hook_nonsense'; valid hooks: .*blocks\.\{0\.\.1\}\.hook_resid_post"),
+    (dict(layers=[7]), r"layer 7 is out of range: this model has layers 0..1"),
     (dict(locations=["nowhere"]), r"unknown location 'nowhere'"),
     (dict(device="cuda"), r"no usable GPU"),
     (dict(dataset="/no/such/file.txt"), r"does not exist"),
