@@ -101,6 +101,8 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_ever
 def l1_values(cfg: SweepConfig) -> list[float]:
     """The L1 penalties of the sweep."""
     if cfg.l1_values:
+        if min(cfg.l1_values) < 0:
+            raise UserError(f"--l1_values must not be negative (got {min(cfg.l1_values)})")
         return [float(v) for v in cfg.l1_values]
     if cfg.l1_value_min > cfg.l1_value_max:
         raise UserError(f"--l1_value_min {cfg.l1_value_min} is above --l1_value_max {cfg.l1_value_max} "
@@ -110,7 +112,8 @@ def l1_values(cfg: SweepConfig) -> list[float]:
     if cfg.l1_value_n == 1:
         return [10 ** cfg.l1_value_min]
     step = (cfg.l1_value_max - cfg.l1_value_min) / (cfg.l1_value_n - 1)
-    return [float(10 ** (cfg.l1_value_min + i * step)) for i in range(cfg.l1_value_n)]
+    # rounded to 6 significant digits so that keys read back exactly as typed (e.g. saes[1e-3])
+    return [float(f"{10 ** (cfg.l1_value_min + i * step):.6g}") for i in range(cfg.l1_value_n)]
 
 
 def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
@@ -180,3 +183,295 @@ def iter_chunks(data: HookData, seed: int, repetition: int, start: int) -> Itera
 def steps_per_repetition(data: HookData, batch_size: int) -> int:
     """Full batches in one pass (the remainder of each chunk, under one batch, is left out)."""
     return sum(c.rows // batch_size for c in data.chunks)
+
+
+# ------------------------------------------------------------------------------------- output
+
+SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
+CHECKPOINT_JSON, CHECKPOINT_WEIGHTS = "checkpoint.json", "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+EVAL_ROWS = 65536
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next chunk to read and the steps/tokens done."""
+
+    repetition: int = 0
+    chunk_position: int = 0
+    step: int = 0
+    tokens: int = 0
+
+
+def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Checkpoint JSON and tensors to resume from (None, None for a fresh run); refuses to clobber."""
+    ckpt = out / CHECKPOINT_JSON
+    if cfg.resume:
+        if not ckpt.exists():
+            raise UserError(f"--resume: no {CHECKPOINT_JSON} in {out}: start the run without --resume")
+        saved = json.loads(ckpt.read_text())
+        diff = config_diff(config_from_dict(SweepConfig, saved["config"]), cfg, ignore=RESUMABLE_CHANGES)
+        if diff:
+            detail = "; ".join(f"--{k}: run has {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise UserError(f"--resume with different flags ({detail}): resume with the run's flags")
+        return saved, load_file(str(out / CHECKPOINT_WEIGHTS))
+    if (ckpt.exists() or (out / SWEEP_JSON).exists()) and not cfg.overwrite:
+        raise UserError(f"{out} already holds a sweep: pass --resume to continue it, --overwrite to replace it, "
+                        "or another --output_dir")
+    for name in (CHECKPOINT_JSON, CHECKPOINT_WEIGHTS, SWEEP_JSON, SWEEP_WEIGHTS, METRICS):
+        (out / name).unlink(missing_ok=True)
+    return None, None
+
+
+def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
+                   metrics: list[dict[str, float]] | None, finished: bool) -> dict[str, Any]:
+    """The contents of sweep.json."""
+    keys = member_keys(cfg)
+    name = "l1" if cfg.architecture == "l1" else "k"
+    members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
+                **({} if metrics is None else metrics[i])} for i, key in enumerate(keys)]
+    return {
+        "toolkit_version": training.__version__,
+        "architecture": cfg.architecture,
+        "tied": cfg.tied,
+        "d_in": ens.d_in,
+        "d_hidden": ens.d_hidden,
+        "hook": data.hook,
+        "dataset_dir": str(data.root.resolve() / data.hook),
+        "keys": keys,
+        "members": members,
+        "progress": vars(progress),
+        "finished": finished,
+        "config": config_to_dict(cfg),
+        "source_manifest": data.manifest,
+    }
+
+
+def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
+               rng: torch.Generator, metrics: list[dict[str, float]] | None = None, finished: bool = False) -> None:
+    """Write the dictionaries (sweep.*) and the full training state (checkpoint.*), each atomically."""
+    weights = {n: t.detach().cpu() for n, t in ens.params.items()}
+    save_tensors(out / SWEEP_WEIGHTS, weights)
+    atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished))
+    state = {n: t.cpu() for n, t in ens.state_dict().items()}
+    state["rng.resample"] = rng.get_state()
+    save_tensors(out / CHECKPOINT_WEIGHTS, state)
+    atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
+
+
+def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> dict[float | int, torch.nn.Module]:
+    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): SparseLinearAutoencoder/TopKAutoencoder}."""
+    path = Path(path)
+    if not (path / SWEEP_JSON).exists():
+        raise UserError(f"no sweep in {path}: expected {SWEEP_JSON} and {SWEEP_WEIGHTS} written by basic_l1_sweep.py")
+    meta = json.loads((path / SWEEP_JSON).read_text())
+    params = load_file(str(path / SWEEP_WEIGHTS), device=str(device))
+    k = torch.tensor(meta["keys"]) if meta["architecture"] == "topk" else None
+    modules = unstack_dictionaries(params, meta["architecture"], k)
+    return dict(zip(meta["keys"], (m.eval() for m in modules)))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after `step` (they belong to the part of a killed run that is redone)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------- training
+
+@dataclass
+class SweepResult:
+    """What a sweep run produced."""
+
+    output_dir: Path
+    keys: list[float] | list[int]
+    metrics: list[dict[str, float]]
+    progress: Progress
+    seconds: float
+    architecture: str
+
+    def table(self) -> str:
+        """The end-of-run summary: one row per member."""
+        name = "l1" if self.architecture == "l1" else "k"
+        rows = [f"{name:>10} {'L0':>8} {'expl. var':>10} {'MSE':>10} {'dead %':>7} {'frozen':>7}"]
+        for key, m in zip(self.keys, self.metrics):
+            rows.append(f"{key:>10.3g} {m['l0']:>8.1f} {m['explained_variance']:>10.4f} {m['mse']:>10.4g} "
+                        f"{100 * m['dead_fraction']:>7.1f} {'yes' if m['frozen'] else '':>7}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        rate = self.progress.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"trained {len(self.keys)} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} "
+                f"tokens each, {rate:,.0f} tokens/s) into {self.output_dir}\n{self.table()}")
+
+
+def setup_precision(cfg: SweepConfig, device: torch.device) -> Any:
+    """The autocast context for --precision (and the TF32 switch); bf16/tf32 need a GPU."""
+    import contextlib
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise UserError(f"--precision {cfg.precision} needs a CUDA device: use --precision fp32 on {device.type}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
+    if cfg.precision == "bf16":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
+    """A fresh ensemble, one member per L1 value or k, centers initialised from the first chunk."""
+    from training.ensemble import Ensemble, make_members
+    if cfg.ratio <= 0:
+        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
+    if cfg.tied and cfg.architecture == "topk":
+        raise UserError("--tied applies to the l1 architecture only")
+    keys = member_keys(cfg)
+    d_hidden = max(1, round(cfg.ratio * d_in))
+    if cfg.architecture == "topk" and max(keys) > d_hidden:
+        raise UserError(f"--k_values {max(keys)} exceeds the dictionary size {d_hidden}")
+    members = make_members(cfg.architecture, len(keys), d_in, d_hidden, k=keys if cfg.architecture == "topk" else None,
+                           tied=cfg.tied, seed=cfg.seed, device=device)
+    lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
+    hparams = {"lr": lr, "l1": torch.tensor(keys, dtype=torch.float64)} if cfg.architecture == "l1" else {"lr": lr}
+    ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens,
+                   backend="autograd" if cfg.precision == "bf16" else "fused")
+    if cfg.center_init != "zero":
+        ens.init_center(first_chunk[:16384].to(device, torch.float32), cfg.center_init)
+    return ens
+
+
+@torch.no_grad()
+def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, batch: int = 4096) -> list[dict[str, float]]:
+    """Per-member final metrics on `acts` [n, d_in] (see training.metrics), plus the dead fraction from training."""
+    from training.metrics import EvalStats
+    stats = [EvalStats() for _ in range(ens.n_models)]
+    for x in acts.split(batch):
+        x = x.to(device, torch.float32)
+        codes = ens.encode(x)                       # [N, b, d_hidden]
+        x_hat = ens.predict(x)                      # [N, b, d_in]
+        for i, s in enumerate(stats):
+            s.update(x, x_hat[i], codes[i])
+    dead = ens.dead_mask().float().mean(-1).tolist()
+    out = []
+    for i, s in enumerate(stats):
+        m = s.compute()
+        out.append({"l0": m["l0"], "explained_variance": m["explained_variance"], "mse": m["mse_per_token"],
+                    "l1_norm": m["l1"], "dead_fraction": dead[i], "dead_on_eval": m["frac_dead"],
+                    "frozen": bool(ens.frozen[i])})
+    return out
+
+
+def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
+                d_hidden: int, wandb_run: Any) -> None:
+    """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked."""
+    names = {"loss": "loss", "mse": "mse", "l1": "l1_norm", "l0": "l0", "explained_variance": "explained_variance",
+             "aux": "aux"}
+    host = {names[k]: v.double().tolist() for k, v in stats.items() if k in names}
+    n_dead, frozen = stats["n_dead"].tolist(), stats["frozen"].tolist()
+    lines = []
+    for i, key in enumerate(keys):
+        row = {"step": progress.step, "tokens": progress.tokens, key_name: key, **{k: v[i] for k, v in host.items()},
+               "dead_fraction": n_dead[i] / d_hidden, "frozen": bool(frozen[i])}
+        lines.append(json.dumps(row))
+    with open(path, "a") as f:
+        f.write("".join(ln + "\n" for ln in lines))
+    if wandb_run is not None:
+        wandb_run.log({f"{key_name}={key}/{k}": v[i] for i, key in enumerate(keys) for k, v in host.items()},
+                      step=progress.step)
+
+
+def start_wandb(cfg: SweepConfig) -> Any:
+    """A wandb run when --wandb_project is given (wandb must be installed), else None."""
+    if not cfg.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_project needs wandb: pip install wandb (or drop the flag)") from None
+    return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
+    for name in ("batch_size", "n_repetitions", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    keys = member_keys(cfg)
+    data = open_dataset(cfg)
+    device = resolve_device(cfg.device)
+    autocast = setup_precision(cfg, device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved, state = prepare_output(cfg, out)
+
+    per_rep = steps_per_repetition(data, cfg.batch_size)
+    total = per_rep * cfg.n_repetitions
+    if cfg.max_tokens is not None:
+        total = min(total, cfg.max_tokens // cfg.batch_size)
+    if total < 1:
+        raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
+    rng = torch.Generator(device=device).manual_seed(cfg.seed)
+    if state is not None:
+        from training.ensemble import Ensemble
+        rng.set_state(state.pop("rng.resample"))
+        ens = Ensemble.from_state_dict({k: v.to(device) for k, v in state.items()},
+                                       backend="autograd" if cfg.precision == "bf16" else "fused")
+        progress = Progress(**saved["progress"])
+        truncate_metrics(out / METRICS, progress.step)
+    else:
+        first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)
+        ens = build_ensemble(cfg, data.d, device, first)
+        del first
+        progress = Progress()
+    key_name = "l1" if cfg.architecture == "l1" else "k"
+    decay_start = total - round(cfg.lr_decay_fraction * total)
+    wandb_run = start_wandb(cfg)
+    t0, tokens0 = time.perf_counter(), progress.tokens
+    bar = tqdm(total=total * cfg.batch_size, initial=progress.tokens, unit="tok", unit_scale=True, desc="training",
+               dynamic_ncols=True)
+    try:
+        while progress.repetition < cfg.n_repetitions and progress.step < total:
+            for pos, chunk in iter_chunks(data, cfg.seed, progress.repetition, progress.chunk_position):
+                for b in range(len(chunk) // cfg.batch_size):
+                    if progress.step >= total:
+                        break
+                    x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
+                    with autocast():
+                        stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
+                                         l1_scale=l1_scale(progress.step, total, cfg))
+                    progress.step += 1
+                    progress.tokens += cfg.batch_size
+                    if (cfg.architecture == "l1" and cfg.resample_every and progress.step % cfg.resample_every == 0
+                            and progress.step < decay_start):
+                        ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32), generator=rng)
+                    if progress.step % cfg.log_every == 0 or progress.step == total:
+                        if cfg.architecture == "topk":
+                            ens.resample_dead(x)  # refreshes whether the aux-K loss is needed
+                        log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
+                        bar.set_postfix(frozen=int(stats["frozen"].sum()))
+                    bar.update(cfg.batch_size)
+                progress.chunk_position = pos + 1
+                del chunk
+                if cfg.save_after_every and progress.step < total:
+                    save_sweep(out, cfg, ens, data, progress, rng)
+                if progress.step >= total:
+                    break
+            else:
+                progress.repetition, progress.chunk_position = progress.repetition + 1, 0
+                if progress.step < total:
+                    save_sweep(out, cfg, ens, data, progress, rng)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    eval_chunk = data.load(chunk_order(len(data.chunks), cfg.seed, 0)[0])["activations"][:EVAL_ROWS]
+    metrics = evaluate(ens, eval_chunk, device)
+    save_sweep(out, cfg, ens, data, progress, rng, metrics, finished=True)
+    if wandb_run is not None:
+        wandb_run.finish()
+    frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
+    if frozen:
+        print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
+    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture)

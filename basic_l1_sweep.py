@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Stage 2: train an ensemble of sparse autoencoders, one per L1 penalty (or k), on activation chunks."""
+
+from training.cli import run_cli
+from training.sweep import SweepConfig, run_sweep
+
+
+def main(cfg: SweepConfig) -> None:
+    """Train (or resume) the sweep and print its summary table."""
+    print(run_sweep(cfg))
+
+
+if __name__ == "__main__":
+    run_cli(main, __doc__, SweepConfig)

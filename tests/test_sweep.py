@@ -1,0 +1,204 @@
+"""Stage 2 end to end: the CLI on chunks written by Stage 1, outputs, resume, errors, and a learning check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.sweep as sweep_mod
+from training import load_sweep
+from training.chunks import atomic_write_json, save_tensors
+from training.cli import UserError, run_cli
+from training.generate import GenerateConfig, generate
+from training.sweep import SweepConfig, l1_values, lr_scale, l1_scale, run_sweep
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def chunk_root(tiny_neox_dir, tmp_path_factory) -> Path:
+    """A Stage 1 dataset folder (tiny GPT-NeoX, two hooks, 4 chunks of 1000 rows)."""
+    from conftest import fixture_documents
+    text = tmp_path_factory.mktemp("sweep-text") / "docs.txt"
+    text.write_text("\n\n".join(fixture_documents(600)))
+    root = tmp_path_factory.mktemp("sweep-chunks")
+    generate(GenerateConfig(model=str(tiny_neox_dir), dataset=str(text), dataset_folder=str(root), layers=[0, 1],
+                            n_chunks=4, chunk_size=1000, context_length=32, device="cpu"), argv=["x"])
+    return root
+
+
+def cfg_for(root: Path, out: Path, **kw) -> SweepConfig:
+    """A small, fast sweep config."""
+    base = dict(dataset_dir=str(root / HOOK), output_dir=str(out), ratio=2, l1_value_min=-3, l1_value_max=-1,
+                l1_value_n=3, batch_size=250, log_every=2, device="cpu", center_init="mean")
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def test_schedules():
+    cfg = SweepConfig(lr_warmup_fraction=0.1, lr_decay_fraction=0.2, l1_warmup_fraction=0.5)
+    assert lr_scale(0, 100, cfg) == pytest.approx(0.1) and lr_scale(9, 100, cfg) == 1.0
+    assert lr_scale(50, 100, cfg) == 1.0 and lr_scale(90, 100, cfg) == pytest.approx(0.5) and lr_scale(99, 100, cfg) == pytest.approx(0.05)
+    assert l1_scale(0, 100, cfg) == pytest.approx(0.02) and l1_scale(49, 100, cfg) == 1.0
+    assert l1_values(SweepConfig(l1_value_min=-4, l1_value_max=-2, l1_value_n=3)) == [1e-4, 1e-3, 1e-2]
+    assert l1_values(SweepConfig(l1_values=[0.5, 2.0])) == [0.5, 2.0]
+
+
+def test_cli_end_to_end_and_load(chunk_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_cli(lambda c: print(run_sweep(c)), "", SweepConfig,
+            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "2", "--l1_value_min", "-3",
+             "--l1_value_max", "-1", "--l1_value_n", "3", "--batch_size", "250", "--n_repetitions", "2",
+             "--log_every", "4", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "trained 3 dictionaries for 32 steps" in printed and "expl. var" in printed
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["finished"] and meta["keys"] == [1e-3, 1e-2, 1e-1] and meta["d_hidden"] == 64 and meta["hook"] == HOOK
+    assert meta["source_manifest"]["config"]["chunk_size"] == 1000
+    assert {"l0", "explained_variance", "mse", "dead_fraction"} <= set(meta["members"][0])
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [s for s in range(4, 33, 4) for _ in range(3)]
+    assert {"loss", "mse", "explained_variance", "l0", "dead_fraction", "l1"} <= set(lines[0])
+    saes = load_sweep(out)
+    assert list(saes) == [1e-3, 1e-2, 1e-1]
+    stacked = load_file(str(out / "sweep.safetensors"))
+    assert torch.equal(saes[1e-2].decoder, stacked["decoder"][1])
+    acts = torch.randn(5, 32)
+    codes = saes[1e-3].encode(acts)
+    assert codes.shape == (5, 64) and (codes >= 0).all()
+    assert torch.allclose(saes[1e-3].decode(codes), saes[1e-3](acts))
+    assert torch.allclose(saes[1e-3].decoder.norm(dim=1), torch.ones(64), atol=1e-5)
+    # larger penalties give sparser codes
+    l0 = [m["l0"] for m in meta["members"]]
+    assert l0[0] > l0[-1]
+
+
+def test_dataset_root_with_one_hook_and_topk(chunk_root, tmp_path):
+    root = tmp_path / "one"
+    shutil.copytree(chunk_root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["hooks"]["blocks.0.hook_resid_post"]
+    atomic_write_json(root / "manifest.json", manifest)
+    result = run_sweep(SweepConfig(dataset_dir=str(root), output_dir=str(tmp_path / "o"), architecture="topk",
+                                   k_values=[2, 8], ratio=2, batch_size=250, device="cpu", log_every=4))
+    saes = load_sweep(tmp_path / "o")
+    assert list(saes) == [2, 8] and result.metrics[0]["l0"] <= 2 and result.metrics[1]["l0"] <= 8
+    assert (saes[2].encode(torch.randn(4, 32)) != 0).sum(1).max() <= 2
+
+
+def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypatch):
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", n_repetitions=2, save_after_every=True))
+    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
+
+    def dying_iter(*args, **kwargs):
+        for item in real_iter(*args, **kwargs):
+            seen["n"] += 1
+            if seen["n"] == 6:  # killed while training on the second chunk of the second repetition
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
+    assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
+    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
+    run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
+    a, b = load_file(str(tmp_path / "whole" / "sweep.safetensors")), load_file(str(tmp_path / "killed" / "sweep.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(l1_value_min=-1, l1_value_max=-3), "--l1_value_min -1 is above --l1_value_max -3"),
+    (dict(batch_size=5000), r"--batch_size 5000 is larger than a chunk \(1000 rows\)"),
+    (dict(device="cuda"), "no usable GPU"),
+    (dict(precision="bf16"), "--precision bf16 needs a CUDA device"),
+    (dict(resume=True), "no checkpoint.json"),
+])
+def test_bad_input_gets_one_line_error(chunk_root, tmp_path, kw, message):
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so --device cuda is valid")
+    with pytest.raises(UserError, match=message) as info:
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", **kw))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_dataset_folders(chunk_root, tmp_path):
+    with pytest.raises(UserError, match="does not exist: run generate_test_data.py first"):
+        run_sweep(cfg_for(tmp_path / "missing", tmp_path / "o"))
+    (tmp_path / "nomanifest" / HOOK).mkdir(parents=True)
+    (tmp_path / "nomanifest" / HOOK / "0.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no manifest.json"):
+        run_sweep(cfg_for(tmp_path / "nomanifest", tmp_path / "o"))
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(UserError, match="is empty"):
+        run_sweep(SweepConfig(dataset_dir=str(tmp_path / "bare"), output_dir=str(tmp_path / "o")))
+    with pytest.raises(UserError, match=f"several hooks; name one folder: .*blocks.0.hook_resid_post, .*{HOOK}"):
+        run_sweep(SweepConfig(dataset_dir=str(chunk_root), output_dir=str(tmp_path / "o"), device="cpu"))
+
+
+def test_existing_output_and_changed_resume_flags(chunk_root, tmp_path):
+    run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))
+    with pytest.raises(UserError, match="already holds a sweep: pass --resume"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o"))
+    with pytest.raises(UserError, match=r"--resume with different flags \(--ratio: run has 2, asked 4\)"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, ratio=4, resume=True))
+    run_sweep(cfg_for(chunk_root, tmp_path / "o", overwrite=True, max_tokens=500))
+    assert json.loads((tmp_path / "o" / "sweep.json").read_text())["progress"]["tokens"] == 500
+
+
+def test_corrupt_chunk_is_named(chunk_root, tmp_path):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    path = root / HOOK / "2.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x55
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"chunk .*2\.safetensors does not match the checksum"):
+        run_sweep(cfg_for(root, tmp_path / "o"))
+
+
+def test_wandb_missing_is_a_clear_error(chunk_root, tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "wandb" else real_import(name, *a, **k))
+    with pytest.raises(UserError, match="--wandb_project needs wandb"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", wandb_project="x"))
+
+
+def write_synthetic_folder(root: Path, acts: torch.Tensor, chunk_size: int) -> None:
+    """A dataset folder in Stage 1's format holding `acts` [n, d] (float32) under one hook."""
+    hook = "synthetic"
+    (root / hook).mkdir(parents=True)
+    chunks = []
+    for i, part in enumerate(acts.split(chunk_size)):
+        n = len(part)
+        digest = save_tensors(root / hook / f"{i}.safetensors",
+                              {"activations": part.contiguous(), "token_ids": torch.zeros(n, dtype=torch.int32),
+                               "sequence_ids": torch.arange(n), "positions": torch.zeros(n, dtype=torch.int32)})
+        chunks.append({"file": f"{i}.safetensors", "rows": n, "sha256": digest})
+    atomic_write_json(root / "manifest.json", {"config": {}, "hooks": {hook: {"d": acts.shape[1], "mean": acts.mean(0).tolist(),
+                                                                                "chunks": chunks}}})
+
+
+def test_sweep_recovers_known_sparse_features(tmp_path):
+    from training.metrics import cosine_matrix
+    from training.toy import ToyConfig, make_features, make_generator, sample_batch
+    toy = ToyConfig(n_features=48, d=24, avg_active=3, decay=0.99, seed=0)
+    features = make_features(toy)
+    acts, _ = sample_batch(toy, features, 48000, make_generator(toy))
+    write_synthetic_folder(tmp_path / "toy", acts, 12000)
+    run_sweep(SweepConfig(dataset_dir=str(tmp_path / "toy"), output_dir=str(tmp_path / "o"), ratio=4,
+                          l1_values=[0.01, 0.3, 3.0], batch_size=256, n_repetitions=8, adam_lr=1e-2, device="cpu",
+                          center_init="zero", log_every=100))
+    saes = load_sweep(tmp_path / "o")
+    matched = {l1: (cosine_matrix(features, sae.decoder.detach()).amax(1) > 0.9).float().mean().item()
+               for l1, sae in saes.items()}
+    assert matched[0.3] > 0.9, matched
+    assert matched[0.01] < matched[0.3] and matched[3.0] < matched[0.3]
