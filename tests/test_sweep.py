@@ -49,6 +49,23 @@ def test_schedules():
     assert l1_values(SweepConfig(l1_values=[0.5, 2.0])) == [0.5, 2.0]
 
 
+def test_raw_space_params_fold_the_input_scale():
+    from training.dictionary import SparseLinearAutoencoder
+    from training.sweep import raw_space_params
+    torch.manual_seed(0)
+    trained = SparseLinearAutoencoder(6, 10)
+    with torch.no_grad():
+        trained.center.normal_()
+        trained.encoder_bias.normal_()
+    scale = 2.5
+    raw = SparseLinearAutoencoder(6, 10)
+    raw.load_state_dict(raw_space_params(dict(trained.named_parameters()), scale))
+    x = torch.randn(7, 6)
+    assert torch.allclose(raw.encode(x), trained.encode(scale * x) / scale, atol=1e-6)
+    assert torch.allclose(raw(x), trained(scale * x) / scale, atol=1e-6)
+    assert torch.equal(raw.decoder, trained.decoder)
+
+
 def test_cli_end_to_end_and_load(chunk_root, tmp_path, capsys):
     out = tmp_path / "out"
     run_cli(lambda c: print(run_sweep(c)), "", SweepConfig,
@@ -195,10 +212,10 @@ def test_sweep_recovers_known_sparse_features(tmp_path):
     acts, _ = sample_batch(toy, features, 48000, make_generator(toy))
     write_synthetic_folder(tmp_path / "toy", acts, 12000)
     run_sweep(SweepConfig(dataset_dir=str(tmp_path / "toy"), output_dir=str(tmp_path / "o"), ratio=4,
-                          l1_values=[0.01, 0.3, 3.0], batch_size=256, n_repetitions=8, adam_lr=1e-2, device="cpu",
+                          l1_values=[0.1, 2.0, 30.0], batch_size=256, n_repetitions=8, adam_lr=1e-2, device="cpu",
                           center_init="zero", log_every=100))
     saes = load_sweep(tmp_path / "o")
     matched = {l1: (cosine_matrix(features, sae.decoder.detach()).amax(1) > 0.9).float().mean().item()
                for l1, sae in saes.items()}
-    assert matched[0.3] > 0.9, matched
-    assert matched[0.01] < matched[0.3] and matched[3.0] < matched[0.3]
+    assert matched[2.0] > 0.9, matched
+    assert matched[0.1] < matched[2.0] and matched[30.0] < matched[2.0]

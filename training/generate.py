@@ -53,7 +53,7 @@ class GenerateConfig:
     """Raw TransformerLens hook names, in addition to --layers x --locations."""
     n_chunks: int = 4
     """Number of chunks to write per hook (fewer if the dataset runs out)."""
-    chunk_size: int = 262144
+    chunk_size: int = 131072
     """Rows (tokens) per chunk."""
     context_length: int = 128
     """Tokens per sequence fed to the model."""

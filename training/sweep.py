@@ -44,9 +44,9 @@ class SweepConfig:
     """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
-    l1_value_min: float = -4.0
+    l1_value_min: float = -1.0
     """log10 of the smallest L1 penalty."""
-    l1_value_max: float = -2.0
+    l1_value_max: float = 1.0
     """log10 of the largest L1 penalty."""
     l1_value_n: int = 8
     """Number of L1 penalties, log-spaced between min and max."""
@@ -66,6 +66,9 @@ class SweepConfig:
     """Fraction of the steps at the end over which the learning rate decays linearly to 0."""
     l1_warmup_fraction: float = 0.05
     """Fraction of the steps over which the L1 penalty rises linearly from 0."""
+    normalize_activations: bool = True
+    """Train on activations scaled so that E||x||^2 = d_in, so L1 values mean the same across models and layers;
+    the saved dictionaries take raw activations (the scale is folded into center and encoder bias)."""
     center_init: str = field(default="geometric_median", metadata={"choices": ["geometric_median", "mean", "zero"]})
     """Initial center (pre-encoder bias): geometric median or mean of the first chunk's rows, or zero."""
     dead_window_tokens: int = 1_000_000
@@ -201,6 +204,7 @@ class Progress:
     chunk_position: int = 0
     step: int = 0
     tokens: int = 0
+    input_scale: float = 1.0
 
 
 def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
@@ -250,13 +254,35 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
 def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
                rng: torch.Generator, metrics: list[dict[str, float]] | None = None, finished: bool = False) -> None:
     """Write the dictionaries (sweep.*) and the full training state (checkpoint.*), each atomically."""
-    weights = {n: t.detach().cpu() for n, t in ens.params.items()}
+    weights = raw_space_params(ens.params, progress.input_scale)
     save_tensors(out / SWEEP_WEIGHTS, weights)
     atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished))
     state = {n: t.cpu() for n, t in ens.state_dict().items()}
     state["rng.resample"] = rng.get_state()
     save_tensors(out / CHECKPOINT_WEIGHTS, state)
     atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
+
+
+def input_scale(acts: torch.Tensor, enabled: bool) -> float:
+    """The factor s with E||s x||^2 = d_in over `acts` [n, d_in] (1 when normalisation is off)."""
+    if not enabled:
+        return 1.0
+    mean_sq = acts.float().square().sum(1).mean().item()
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise UserError("the activations are all zero or not finite: regenerate the dataset")
+    return math.sqrt(acts.shape[1] / mean_sq)
+
+
+def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Weights that act on raw activations x, for a dictionary trained on s * x.
+
+    With center c / s and encoder bias b / s the codes come out as codes(s x) / s and the reconstruction as
+    x_hat(s x) / s, while encoder and (unit-norm) decoder rows are unchanged; TopK picks the same features.
+    """
+    out = {n: t.detach().cpu().clone() for n, t in params.items()}
+    out["center"] /= scale
+    out["encoder_bias"] /= scale
+    return out
 
 
 def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> dict[float | int, torch.nn.Module]:
@@ -322,7 +348,7 @@ def setup_precision(cfg: SweepConfig, device: torch.device) -> Any:
 
 
 def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
-    """A fresh ensemble, one member per L1 value or k, centers initialised from the first chunk."""
+    """A fresh ensemble, one member per L1 value or k, centers initialised from `first_chunk` [n, d_in]."""
     from training.ensemble import Ensemble, make_members
     if cfg.ratio <= 0:
         raise UserError(f"--ratio must be positive (got {cfg.ratio})")
@@ -339,17 +365,19 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens,
                    backend="autograd" if cfg.precision == "bf16" else "fused")
     if cfg.center_init != "zero":
-        ens.init_center(first_chunk[:16384].to(device, torch.float32), cfg.center_init)
+        ens.init_center(first_chunk.to(device, torch.float32), cfg.center_init)
     return ens
 
 
 @torch.no_grad()
-def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, batch: int = 4096) -> list[dict[str, float]]:
-    """Per-member final metrics on `acts` [n, d_in] (see training.metrics), plus the dead fraction from training."""
+def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 1.0,
+             batch: int = 4096) -> list[dict[str, float]]:
+    """Per-member final metrics on raw activations `acts` [n, d_in] (see training.metrics) and the dead fraction
+    from training; the ensemble works on `scale` * acts, so MSE and L1 are converted back to raw units."""
     from training.metrics import EvalStats
     stats = [EvalStats() for _ in range(ens.n_models)]
     for x in acts.split(batch):
-        x = x.to(device, torch.float32)
+        x = x.to(device, torch.float32) * scale
         codes = ens.encode(x)                       # [N, b, d_hidden]
         x_hat = ens.predict(x)                      # [N, b, d_in]
         for i, s in enumerate(stats):
@@ -358,8 +386,8 @@ def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, batch: int = 40
     out = []
     for i, s in enumerate(stats):
         m = s.compute()
-        out.append({"l0": m["l0"], "explained_variance": m["explained_variance"], "mse": m["mse_per_token"],
-                    "l1_norm": m["l1"], "dead_fraction": dead[i], "dead_on_eval": m["frac_dead"],
+        out.append({"l0": m["l0"], "explained_variance": m["explained_variance"],
+                    "mse": m["mse_per_token"] / scale ** 2, "l1_norm": m["l1"] / scale, "dead_fraction": dead[i], "dead_on_eval": m["frac_dead"],
                     "frozen": bool(ens.frozen[i])})
     return out
 
@@ -423,9 +451,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         truncate_metrics(out / METRICS, progress.step)
     else:
         first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)
-        ens = build_ensemble(cfg, data.d, device, first)
+        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.normalize_activations))
+        ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
         del first
-        progress = Progress()
     key_name = "l1" if cfg.architecture == "l1" else "k"
     decay_start = total - round(cfg.lr_decay_fraction * total)
     wandb_run = start_wandb(cfg)
@@ -439,6 +467,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                     if progress.step >= total:
                         break
                     x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
+                    x.mul_(progress.input_scale)
                     with autocast():
                         stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
                                          l1_scale=l1_scale(progress.step, total, cfg))
@@ -446,7 +475,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                     progress.tokens += cfg.batch_size
                     if (cfg.architecture == "l1" and cfg.resample_every and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
-                        ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32), generator=rng)
+                        ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
+                                          generator=rng)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
                         if cfg.architecture == "topk":
                             ens.resample_dead(x)  # refreshes whether the aux-K loss is needed
@@ -467,7 +497,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         bar.close()
     seconds = time.perf_counter() - t0
     eval_chunk = data.load(chunk_order(len(data.chunks), cfg.seed, 0)[0])["activations"][:EVAL_ROWS]
-    metrics = evaluate(ens, eval_chunk, device)
+    metrics = evaluate(ens, eval_chunk, device, progress.input_scale)
     save_sweep(out, cfg, ens, data, progress, rng, metrics, finished=True)
     if wandb_run is not None:
         wandb_run.finish()
