@@ -20,7 +20,8 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) generate_test_data.py
-	$(PY) basic_l1_sweep.py --overwrite
+	$(PY) basic_l1_sweep.py --overwrite --batch_size 1024 --n_repetitions 4
+	$(PY) evaluate_sweep.py --sweep outputs/sweep
 
 test: install
 	$(PY) -m pytest -q tests

@@ -379,7 +379,7 @@ def _position_mask(batch: int, seq: int, exclude_positions: Sequence[int], devic
     return mask
 
 
-def _splice_hook(
+def splice_hook(
     reconstruct: Callable[[Tensor], Tensor], mode: str, keep: Tensor | None
 ) -> Callable[[Tensor, Any], Tensor]:
     """Hook replacing an activation [batch, seq, *rest] by reconstruct (mode 'sae'), zeros ('zero') or reconstruct + error ('error')."""
@@ -437,7 +437,7 @@ class SpliceStats:
 
         def run(mode: str | None) -> Tensor:
             """Logits [batch, seq, vocab] of one pass; mode None is the clean run."""
-            hooks = [] if mode is None else [(hook_name, _splice_hook(reconstruct, mode, keep))]
+            hooks = [] if mode is None else [(hook_name, splice_hook(reconstruct, mode, keep))]
             return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=hooks)
 
         clean = run(None)
