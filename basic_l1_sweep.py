@@ -11,4 +11,5 @@ def main(cfg: SweepConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, __doc__, SweepConfig)
+    run_cli(main, __doc__, SweepConfig,
+            on_interrupt="interrupted: the last checkpoint is on disk; add --resume to the same command to continue")

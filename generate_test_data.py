@@ -11,4 +11,5 @@ def main(cfg: GenerateConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, __doc__, GenerateConfig)
+    run_cli(main, __doc__, GenerateConfig,
+            on_interrupt="interrupted: complete chunks are on disk; run the same command again to resume")

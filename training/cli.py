@@ -97,8 +97,10 @@ def config_diff(a: Any, b: Any, ignore: Sequence[str] = ()) -> dict[str, tuple[A
             if k not in ignore and da.get(k) != db.get(k)}
 
 
-def run_cli(main: Any, description: str, cls: type[T], argv: Sequence[str] | None = None) -> Any:
-    """Parse flags into `cls`, call `main(cfg)`, and turn a UserError into a one-line message + exit 2."""
+def run_cli(main: Any, description: str, cls: type[T], argv: Sequence[str] | None = None,
+            on_interrupt: str = "interrupted") -> Any:
+    """Parse flags into `cls`, call `main(cfg)`, and turn a UserError into a one-line message + exit 2
+    (and Ctrl-C into `on_interrupt` + exit 130)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(parser, cls)
@@ -109,6 +111,19 @@ def run_cli(main: Any, description: str, cls: type[T], argv: Sequence[str] | Non
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("interrupted: everything complete so far is on disk; run the same command again to resume",
-              file=sys.stderr)
+        print(on_interrupt, file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def flags_markdown(cls: type) -> str:
+    """A Markdown table of the flags built from config class `cls`: flag, default, meaning (for the README)."""
+    docs = field_docs(cls)
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        rows.append(f"| `--{f.name}` | `{shown}` | {docs.get(f.name, '').replace('|', '/')} |")
+    return "\n".join(rows)
