@@ -125,5 +125,6 @@ def flags_markdown(cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        rows.append(f"| `--{f.name}` | `{shown}` | {docs.get(f.name, '').replace('|', '/')} |")
+        meaning = docs.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `--{f.name}` | `{shown}` | {meaning} |")
     return "\n".join(rows)

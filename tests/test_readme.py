@@ -1,0 +1,29 @@
+"""The README documents every flag of every tool, as the config dataclasses define them."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from training.cli import flags_markdown
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepConfig"),
+           ("training.evaluate", "EvaluateConfig"), ("training.tiny_lm", "TinyLMConfig")]
+
+
+@pytest.mark.parametrize("module, name", CONFIGS)
+def test_readme_has_the_flag_table(module, name):
+    cls = getattr(importlib.import_module(module), name)
+    table = flags_markdown(cls)
+    assert table in README, f"README's flag table for {name} is out of date; regenerate it with " \
+                            f"training.cli.flags_markdown({name})"
+
+
+def test_flags_markdown_lists_every_field():
+    from training.sweep import SweepConfig
+    table = flags_markdown(SweepConfig)
+    assert "| `--l1_value_min` | `-1.0` | log10 of the smallest L1 penalty. |" in table
+    assert "| `--k_values` | `16 32 64 128` |" in table
