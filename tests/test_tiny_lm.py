@@ -79,9 +79,9 @@ def test_lr_schedule() -> None:
     assert lr_at(110, cfg) == pytest.approx(1e-4)
 
 
-def test_default_model_dir_is_absolute() -> None:
+def test_default_model_dir_is_the_repo_folder() -> None:
     assert DEFAULT_MODEL_DIR.is_absolute() and DEFAULT_MODEL_DIR.name == "tiny-stdlib"
-    assert TinyLMConfig().output_dir == str(DEFAULT_MODEL_DIR)
+    assert DEFAULT_MODEL_DIR.parent.parent / TinyLMConfig().output_dir == DEFAULT_MODEL_DIR
 
 
 def test_committed_default_model_boots_and_is_trained() -> None:

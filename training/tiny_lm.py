@@ -96,7 +96,7 @@ class TinyLMConfig:
     """Seed of the model initialisation and batch order."""
     threads: int | None = None
     """Torch CPU threads (default: torch's choice)."""
-    output_dir: str = str(DEFAULT_MODEL_DIR)
+    output_dir: str = "models/tiny-stdlib"
     """Folder to write the model, tokenizer and training.json to (replaced atomically at the end)."""
     overwrite: bool = False
     """Replace `output_dir` if it already holds files."""
