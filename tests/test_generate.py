@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,18 @@ def test_mismatched_flags_are_refused_unless_overwrite(tiny_neox_dir, text_file,
     generate(make_cfg(tiny_neox_dir, text_file, tmp_path / "ds", n_chunks=1, context_length=32, overwrite=True),
              argv=["x"])
     assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["config"]["context_length"] == 32
+
+
+def test_retrained_model_is_refused(tiny_neox_dir, text_file, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_neox_dir, model_dir)
+    generate(make_cfg(model_dir, text_file, tmp_path / "ds", n_chunks=1), argv=["x"])
+    weights = next(model_dir.glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="model weights: folder has 'other weights'"):
+        generate(make_cfg(model_dir, text_file, tmp_path / "ds", n_chunks=2), argv=["x"])
 
 
 @pytest.mark.parametrize("kw, message", [

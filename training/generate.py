@@ -22,7 +22,7 @@ from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_js
                              save_tensors)
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
-from training.models import DEFAULT_MODEL, load_model, resolve_device
+from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
 from training.text import iter_documents, pack_token_rows, special_token_ids
 
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -224,7 +224,7 @@ def new_manifest(cfg: GenerateConfig, model: Any, widths: dict[str, int], argv: 
         "command": " ".join(shlex.quote(a) for a in argv),
         "config": config_to_dict(cfg),
         "model": {"name": cfg.model, "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
-                  "d_vocab": model.cfg.d_vocab},
+                  "d_vocab": model.cfg.d_vocab, "fingerprint": model_fingerprint(cfg.model)},
         "special_token_ids": sorted(special_token_ids(model.tokenizer)),
         "hooks": {h: {"d": d, "mean": [0.0] * d, "mean_norm": 0.0, "chunks": []} for h, d in widths.items()},
         "chunks": [],
@@ -240,6 +240,8 @@ def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
         return None
     old = read_manifest(root)
     diff = config_diff(config_from_dict(GenerateConfig, old["config"]), cfg, ignore=RESUMABLE_CHANGES)
+    if old["model"].get("fingerprint") != model_fingerprint(cfg.model):
+        diff["model weights"] = ("other weights", "the model's current weights")
     if diff and not cfg.overwrite:
         detail = "; ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
         raise UserError(f"{root} was made with other settings ({detail}): pass the same flags to resume, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -72,3 +73,22 @@ def load_model(name: str, device: torch.device | str | None = None, dtype: str =
         raise UserError(f"could not load model {name!r}: {first}{offline}") from None
     model.eval()
     return model
+
+
+def model_fingerprint(name: str, sample: int = 1 << 20) -> str | None:
+    """A hash of a local model folder's config and weight files (size, first and last MiB); None for hub names.
+
+    Stage 1 records it so that resuming into a folder whose model has since been retrained is refused.
+    """
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample))
+            fh.seek(max(0, size - sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()
