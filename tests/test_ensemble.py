@@ -1,0 +1,380 @@
+"""The vmap ensemble: equality with separately trained members and with torch.optim.Adam, fused
+gradients against autograd, NaN isolation, checkpoints, dead latents, learning known features."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder
+from training.ensemble import Ensemble, make_members
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to other jobs on the machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(n_steps: int, batch: int, d_in: int, seed: int = 0, dtype=F64) -> list[torch.Tensor]:
+    """Batches of anisotropic, off-centre data."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.5, 2.0, d_in, dtype=dtype)
+    return [torch.randn(batch, d_in, generator=g, dtype=dtype) * scale + 0.3 for _ in range(n_steps)]
+
+
+def _train_alone(module, xs: list[torch.Tensor], lr: float, *, l1: float | None = None,
+                 dead_window: int = 10 ** 9, k_aux: int = 0, aux_coef: float = 1 / 32) -> None:
+    """Independent reference: module.loss + autograd + torch.optim.Adam + the decoder-norm constraint."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    since = torch.zeros(module.d_hidden, dtype=torch.long)
+    for x in xs:
+        opt.zero_grad()
+        if l1 is not None:
+            loss, _ = module.loss(x, l1)
+        else:
+            loss, _ = module.loss(x, since >= dead_window, k_aux=k_aux, aux_coef=aux_coef)
+        with torch.no_grad():
+            fired = (module.encode(x) > 0).any(0)
+        loss.backward()
+        module.project_decoder_grad_()
+        opt.step()
+        module.normalize_decoder_()
+        since += x.shape[0]
+        since[fired] = 0
+
+
+def _train_ensemble(ens: Ensemble, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Step through `xs` (refreshing the aux-K switch every step, as the reference does)."""
+    out = []
+    for x in xs:
+        if ens.architecture == "topk":
+            ens.resample_dead(x)
+        out.append(ens.step(x))
+    return out
+
+
+def _assert_params_equal(module, ens: Ensemble, i: int, **tol) -> None:
+    """Member i of `ens` holds `module`'s parameters."""
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(ens.params[name][i], p.detach(), msg=f"member {i} {name}", **tol)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("case", ["l1", "l1_tied", "l1_chunked", "topk_sparse", "topk_dense"])
+def test_fused_gradients_equal_autograd(case):
+    torch.manual_seed(0)
+    if case.startswith("l1"):
+        members = make_members("l1", 3, 8, 32, tied=case == "l1_tied", dtype=F64)
+        hparams = {"lr": torch.full((3,), 1e-3), "l1": torch.tensor([0.1, 0.5, 2.0])}
+        kw = {"chunk_tokens": 24} if case == "l1_chunked" else {}   # batch 64: chunks of 24, 24, 16
+    else:
+        members = make_members("topk", 3, 8, 32, k=[2, 5, 3], dtype=F64)
+        hparams = {"lr": torch.full((3,), 1e-3)}
+        kw = {"k_aux": 6, "topk_decoder": case.split("_")[1]}
+    x = _data(1, 64, 8)[0]
+    results = {}
+    for backend in ("fused", "autograd"):
+        ens = Ensemble(copy.deepcopy(members), hparams, backend=backend, **kw)
+        ens.init_center(x[:7])
+        if ens.architecture == "topk":
+            ens.tokens_since_fired[:2, ::3] = 10 ** 9     # member 2 has no dead latent
+            ens._aux_on = True
+        with torch.no_grad():
+            stats = ens._gradients(x, 1.0)
+        results[backend] = ({n: g.clone() for n, g in ens._grads.items()}, stats)
+    (g_f, s_f), (g_a, s_a) = results["fused"], results["autograd"]
+    assert set(g_f) == set(g_a) and set(s_f) == set(s_a)
+    for name in g_a:
+        torch.testing.assert_close(g_f[name], g_a[name], rtol=1e-10, atol=1e-10, msg=name)
+    for name in s_a:
+        torch.testing.assert_close(s_f[name].to(F64), s_a[name].to(F64), rtol=1e-10, atol=1e-10, msg=name)
+    if case.startswith("topk"):
+        assert (s_f["aux"][:2] > 0).all() and s_f["aux"][2] == 0
+
+
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_fused_gradients_follow_bf16_autocast(architecture):
+    """Under autocast the fused matmuls run in bf16 like autograd's; gradients agree to bf16 precision."""
+    torch.manual_seed(0)
+    if architecture == "l1":
+        members = make_members("l1", 2, 16, 64)
+        hparams = {"lr": [1e-3] * 2, "l1": [0.1, 1.0]}
+    else:
+        members = make_members("topk", 2, 16, 64, k=[4, 8])
+        hparams = {"lr": [1e-3] * 2}
+    x = _data(1, 128, 16, dtype=torch.float32)[0]
+    grads = {}
+    for backend, precision in (("fused", "bf16"), ("autograd", "bf16"), ("fused", "fp32")):
+        ens = Ensemble(copy.deepcopy(members), hparams, backend=backend, k_aux=8)
+        ens.init_center(x)
+        if architecture == "topk":
+            ens.tokens_since_fired[:, ::2] = 10 ** 9
+            ens._aux_on = True
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            stats = ens._gradients(x, 1.0)
+            grads[backend, precision] = {n: g.clone() for n, g in ens._grads.items()}, stats
+            ens.step(x)
+        assert all(p.dtype == torch.float32 for p in ens.params.values()) and not ens.frozen.any()
+    for name, ref in grads["fused", "fp32"][0].items():
+        for key in (("fused", "bf16"), ("autograd", "bf16")):   # relative error (TopK: a few selections flip)
+            assert (grads[key][0][name] - ref).norm() <= 0.05 * ref.norm(), (key, name)
+    torch.testing.assert_close(grads["fused", "bf16"][1]["mse"], grads["fused", "fp32"][1]["mse"], rtol=0.02, atol=0)
+
+
+# ----------------------------------------------------------------------------- Adam
+
+def test_adam_equals_torch_adam():
+    torch.manual_seed(0)
+    members = make_members("l1", 3, 6, 12)
+    lrs = [1e-3, 3e-2, 1e-1]
+    ens = Ensemble(copy.deepcopy(members), {"lr": lrs, "l1": [0.0] * 3}, adam_betas=(0.8, 0.99),
+                   adam_eps=1e-6)
+    refs = [(m, torch.optim.Adam(m.parameters(), lr=lr, betas=(0.8, 0.99), eps=1e-6)) for m, lr in zip(members, lrs)]
+    active = torch.ones(3, dtype=torch.bool)
+    for step in range(10):
+        for name, g in ens._grads.items():
+            g.copy_(torch.randn_like(g) * 10 ** (step % 3 - 1))
+        for i, (module, opt) in enumerate(refs):
+            for name, p in module.named_parameters():
+                p.grad = ens._grads[name][i].clone()
+            opt.step()
+        ens._adam_(active, 1.0)
+        for i, (module, opt) in enumerate(refs):
+            _assert_params_equal(module, ens, i, rtol=1e-6, atol=1e-7)
+            for name, p in module.named_parameters():
+                torch.testing.assert_close(ens.exp_avg_sq[name][i], opt.state[p]["exp_avg_sq"], rtol=1e-6, atol=0)
+    assert ens.adam_step.tolist() == [10.0, 10.0, 10.0]
+
+
+def test_adam_trajectory_float32_single_member():
+    torch.manual_seed(0)
+    (member,) = make_members("l1", 1, 16, 64)
+    xs = _data(30, 128, 16, dtype=torch.float32)
+    ens = Ensemble([copy.deepcopy(member)], {"lr": [3e-3], "l1": [0.3]})
+    _train_ensemble(ens, xs)
+    _train_alone(member, xs, 3e-3, l1=0.3)
+    _assert_params_equal(member, ens, 0, rtol=1e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- ensemble == separate runs
+
+@pytest.mark.parametrize("case", ["l1", "l1_tied", "topk"])
+def test_ensemble_equals_separately_trained_members(case):
+    torch.manual_seed(0)
+    n, d, h, batch = 3, 8, 24, 64
+    xs = _data(25, batch, d)
+    lrs = [1e-3, 1e-2, 3e-2]
+    if case == "topk":
+        ks = [1, 3, 4]
+        members = make_members("topk", n, d, h, k=ks, dtype=F64)
+        ens = Ensemble(copy.deepcopy(members), {"lr": lrs}, dead_window=3 * batch, k_aux=4)
+    else:
+        l1s = [0.05, 0.2, 1.0]
+        members = make_members("l1", n, d, h, tied=case == "l1_tied", dtype=F64)
+        ens = Ensemble(copy.deepcopy(members), {"lr": lrs, "l1": l1s})
+    stats = _train_ensemble(ens, xs)
+    for i, module in enumerate(members):
+        if case == "topk":
+            _train_alone(module, xs, lrs[i], dead_window=3 * batch, k_aux=4)
+        else:
+            _train_alone(module, xs, lrs[i], l1=l1s[i])
+        # TopK member 0 (k=1) starts with an analytically zero encoder gradient: roundoff (1e-16)
+        # divided by Adam's eps moves it by ~1e-11, so TopK gets a looser (still float64-tight) bound.
+        tol = 1e-9 if case == "topk" else 1e-12
+        _assert_params_equal(module, ens, i, rtol=tol, atol=tol)
+    if case == "topk":
+        assert stats[-1]["n_dead"].sum() > 0 and (stats[-1]["aux"] > 0).any()   # aux-K was exercised
+        assert (stats[-1]["l0"] <= torch.tensor(ks, dtype=F64)).all()
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def test_nan_member_is_frozen_and_others_continue():
+    torch.manual_seed(0)
+    members = make_members("l1", 3, 8, 16, dtype=F64)
+    xs = _data(8, 32, 8)
+    hp = {"lr": torch.full((3,), 1e-2), "l1": torch.tensor([0.1, 0.2, 0.3])}
+    ens = Ensemble(copy.deepcopy(members), hp)
+    pair = Ensemble([copy.deepcopy(members[0]), copy.deepcopy(members[2])],
+                    {k: v[[0, 2]] for k, v in hp.items()})
+    for x in xs[:3]:
+        ens.step(x)
+        pair.step(x)
+    ens.params["encoder_bias"][1, 0] = float("nan")
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
+    for x in xs[3:]:
+        stats = ens.step(x)
+        pair.step(x)
+    assert stats["frozen"].tolist() == [False, True, False]
+    assert not torch.isfinite(stats["loss"][1]) and torch.isfinite(stats["loss"][[0, 2]]).all()
+    after = ens.state_dict()
+    for key, value in before.items():
+        if key.startswith(("param.", "adam.exp_avg")):
+            assert torch.equal(after[key][1].nan_to_num(), value[1].nan_to_num()), key
+    assert after["adam.step"].tolist() == [8.0, 3.0, 8.0]
+    for name in ens.params:
+        torch.testing.assert_close(ens.params[name][[0, 2]], pair.params[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_state_dict_round_trip_continues_the_same_trajectory(architecture):
+    torch.manual_seed(0)
+    if architecture == "l1":
+        members = make_members("l1", 2, 8, 16, tied=True)
+        hp = {"lr": torch.tensor([1e-2, 3e-3]), "l1": torch.tensor([0.1, 0.3])}
+    else:
+        members = make_members("topk", 2, 8, 16, k=[2, 3])
+        hp = {"lr": torch.tensor([1e-2, 3e-3])}
+    xs = _data(8, 32, 8, dtype=torch.float32)
+    ens = Ensemble(members, hp, dead_window=64, k_aux=3)
+    _train_ensemble(ens, xs[:4])
+    restored = Ensemble.from_state_dict(st_load(st_save(ens.state_dict())))
+    assert restored.architecture == architecture and restored.tied == ens.tied
+    a, b = _train_ensemble(ens, xs[4:]), _train_ensemble(restored, xs[4:])
+    for name in ens.params:
+        assert torch.equal(ens.params[name], restored.params[name]), name
+    assert torch.equal(a[-1]["loss"], b[-1]["loss"])
+    assert torch.equal(ens.tokens_since_fired, restored.tokens_since_fired)
+    with pytest.raises(ValueError):
+        restored.load_state_dict({k: v for k, v in ens.state_dict().items() if k != "frozen"})
+
+
+def test_unstack_gives_modules_with_the_ensembles_outputs():
+    torch.manual_seed(0)
+    x = _data(3, 32, 8, dtype=torch.float32)
+    for ens in (Ensemble(make_members("l1", 3, 8, 16), {"lr": torch.full((3,), 1e-2), "l1": torch.ones(3)}),
+                Ensemble(make_members("topk", 3, 8, 16, k=[1, 2, 5]), {"lr": torch.full((3,), 1e-2)})):
+        _train_ensemble(ens, x[:2])
+        modules = ens.unstack()
+        predicted, codes = ens.predict(x[2]), ens.encode(x[2])
+        for i, m in enumerate(modules):
+            assert type(m) is (SparseLinearAutoencoder if ens.architecture == "l1" else TopKAutoencoder)
+            torch.testing.assert_close(m(x[2]), predicted[i], rtol=0, atol=1e-6)
+            torch.testing.assert_close(m.encode(x[2]), codes[i], rtol=0, atol=1e-6)
+
+
+def test_hparams_are_checked():
+    members = make_members("topk", 2, 4, 8, k=[1, 2])
+    with pytest.raises(ValueError, match="k"):
+        Ensemble(members, {"lr": torch.ones(2), "k": torch.tensor([1, 3])})
+    with pytest.raises(ValueError):
+        Ensemble(make_members("l1", 2, 4, 8), {"lr": torch.ones(2)})
+    with pytest.raises(ValueError):
+        Ensemble(make_members("l1", 2, 4, 8), {"lr": torch.ones(3), "l1": torch.ones(3)})
+
+
+# ----------------------------------------------------------------------------- decoder-norm constraint
+
+def test_decoder_rows_stay_unit_norm_and_l1_cannot_be_gamed():
+    """With unit decoder rows, ||x_hat - center|| <= sum_j codes_j per token: code mass cannot be traded
+    for decoder norm. Plain Adam without the constraint does trade it (decoder rows grow, the bound breaks)."""
+    torch.manual_seed(0)
+    (member,) = make_members("l1", 1, 8, 32)
+    xs = _data(150, 64, 8, dtype=torch.float32)
+    ens = Ensemble([copy.deepcopy(member)], {"lr": torch.tensor([3e-2]), "l1": torch.tensor([3.0])})
+    ens.init_center(xs[0])
+    _train_ensemble(ens, xs)
+    torch.testing.assert_close(ens.params["decoder"].norm(dim=-1), torch.ones(1, 32))
+    codes, x_hat = ens.encode(xs[0])[0], ens.predict(xs[0])[0]
+    assert x_hat.sub(ens.params["center"][0]).norm(dim=-1).max() > 0.5                # not a trivial solution
+    assert (codes.sum(-1) >= (x_hat - ens.params["center"][0]).norm(dim=-1) - 1e-4).all()
+
+    free = copy.deepcopy(member)
+    free.init_center(xs[0])
+    opt = torch.optim.Adam(free.parameters(), lr=3e-2)
+    for x in xs:
+        opt.zero_grad()
+        free.loss(x, 3.0)[0].backward()
+        opt.step()
+    with torch.no_grad():
+        codes, x_hat = free.encode(xs[0]), free(xs[0])
+        assert free.decoder.norm(dim=-1).max() > 2
+        assert (codes.sum(-1) < (x_hat - free.center).norm(dim=-1) - 1e-4).any()
+
+
+# ----------------------------------------------------------------------------- dead latents
+
+def test_dead_latents_are_tracked_and_resampled():
+    torch.manual_seed(0)
+    n, d, h, batch = 2, 8, 16, 32
+    ens = Ensemble(make_members("l1", n, d, h), {"lr": torch.full((n,), 1e-3), "l1": torch.full((n,), 0.1)},
+                   dead_window=2 * batch)
+    never = torch.tensor([1, 5, 6])
+    ens.params["encoder_bias"][0, never] = -1e4                     # member 0: three latents never fire
+    xs = _data(3, batch, d, dtype=torch.float32)
+    stats = [ens.step(x) for x in xs]
+    assert stats[0]["n_dead"].tolist() == [0, 0] and stats[2]["n_dead"].tolist() == [3, 0]
+    assert not stats[2]["fired"][0, never].any()
+    assert (ens.tokens_since_fired[0, never] == 3 * batch).all()
+    assert ens.dead_mask()[0].nonzero().flatten().tolist() == never.tolist()
+
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
+    pool = _data(1, 512, d, seed=1, dtype=torch.float32)[0]
+    assert ens.resample_dead(pool).tolist() == [3, 0]
+    dec, enc = ens.params["decoder"][0, never], ens.params["encoder"][0, never]
+    centred = pool - ens.params["center"][0]
+    directions = centred / centred.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(dec.norm(dim=-1), torch.ones(3))
+    assert ((dec @ directions.T).amax(-1) > 1 - 1e-5).all()        # each new row is a centred input
+    alive = torch.ones(h, dtype=torch.bool)
+    alive[never] = False
+    expected = 0.2 * before["param.encoder"][0, alive].norm(dim=-1).mean()
+    torch.testing.assert_close(enc.norm(dim=-1), expected.expand(3))
+    torch.testing.assert_close(enc / enc.norm(dim=-1, keepdim=True), dec)
+    assert (ens.params["encoder_bias"][0, never] == 0).all()
+    for key in ("adam.exp_avg.decoder", "adam.exp_avg_sq.encoder", "adam.exp_avg.encoder_bias"):
+        assert (ens.state_dict()[key][0, never] == 0).all()
+    assert (ens.tokens_since_fired[0, never] == 0).all()
+    untouched = torch.ones(h, dtype=torch.bool)
+    untouched[never] = False
+    for name in ("decoder", "encoder", "encoder_bias"):
+        assert torch.equal(ens.params[name][0, untouched], before[f"param.{name}"][0, untouched])
+        assert torch.equal(ens.params[name][1], before[f"param.{name}"][1])
+
+
+# ----------------------------------------------------------------------------- learning
+
+def _sparse_feature_data(seed: int = 0):
+    """64 ground-truth unit directions in d=32; each sample activates each with prob 3/64, magnitude U(0.5, 1.5)."""
+    torch.manual_seed(seed)
+    truth = torch.randn(64, 32)
+    truth /= truth.norm(dim=-1, keepdim=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch(n: int) -> torch.Tensor:
+        active = (torch.rand(n, 64, generator=gen) < 3 / 64).float()
+        return (active * (torch.rand(n, 64, generator=gen) + 0.5)) @ truth
+    return truth, batch
+
+
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_learns_known_sparse_features(architecture):
+    truth, batch = _sparse_feature_data()
+    steps = 400
+    if architecture == "l1":
+        ens = Ensemble(make_members("l1", 2, 32, 128, seed=1), {"lr": torch.full((2,), 1e-2),
+                                                                "l1": torch.tensor([0.3, 0.5])},
+                       dead_window=100 * 512)
+    else:
+        ens = Ensemble(make_members("topk", 2, 32, 128, k=[3, 4], seed=1), {"lr": torch.full((2,), 1e-2)},
+                       dead_window=20 * 512, k_aux=16)
+    ens.init_center(batch(4096), "geometric_median")
+    for i in range(steps):
+        stats = ens.step(batch(512), lr_scale=min(1.0, 2 * (1 - i / steps)))
+        if (i + 1) % 100 == 0:
+            ens.resample_dead(batch(8192))
+    cosine = (ens.params["decoder"] @ truth.T).amax(1)                  # [N, 64]: best row per true feature
+    matched = (cosine > 0.9).sum(-1)
+    assert (matched >= 56).all(), matched.tolist()
+    assert (stats["explained_variance"] > 0.8).all() and not stats["frozen"].any()

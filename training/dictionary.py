@@ -1,0 +1,294 @@
+"""Sparse autoencoder dictionaries: an L1-penalised ReLU SAE and a TopK SAE.
+
+Shapes: `x, acts: [n, d_in]`, `codes, pre: [n, d_hidden]`, `encoder, decoder: [d_hidden, d_in]`.
+
+Maths shared by every code path (modules, the vmap ensemble, its fused kernels):
+    pre    = (x - center) @ encoder.T + encoder_bias       (tied L1 SAE: encoder is decoder)
+    codes  = ReLU(pre)                                     (L1 SAE)
+           = ReLU(pre) on the k largest entries of pre, 0 elsewhere   (TopK SAE)
+    x_hat  = codes @ decoder + center
+
+Normalisations (one convention everywhere):
+    MSE = mean over the batch of ||x - x_hat||_2^2 (squared error summed over d_in, not averaged),
+          as in Anthropic's "Towards Monosemanticity" and SAELens. The L1 coefficient then trades
+          one unit of squared reconstruction error per token against one unit of code mass per token,
+          independently of d_in.
+    L1  = mean over the batch of sum_j |codes_j|.  total = MSE + l1 * L1.
+    aux (TopK only, Gao et al. 2024) = mean over the batch of ||e - e_hat||_2^2 where
+          e = x - x_hat (no gradient) and e_hat = (top-k_aux dead pre-activations, ReLU) @ decoder;
+          total = MSE + aux_coef * aux, aux_coef = 1/32, and aux is 0 for a model with no dead latent.
+Decoder-norm constraint (why the L1 cannot be gamed by shrinking codes and growing the decoder):
+    decoder rows are kept at unit L2 norm. Before each optimiser step the gradient component
+    parallel to each decoder row is removed (`project_decoder_grad_`), after it the rows are
+    renormalised (`normalize_decoder_`), as in Bricken et al. 2023. With unit rows,
+    ||x_hat - center|| <= L1 per token, so code mass can only shrink with the reconstruction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+PARAM_NAMES = ("center", "encoder", "encoder_bias", "decoder")
+
+
+# ----------------------------------------------------------------------------- functional maths
+
+def encoder_weight(params: Params) -> Tensor:
+    """The [d_hidden, d_in] encoder matrix: the decoder itself for a tied dictionary."""
+    return params["encoder"] if "encoder" in params else params["decoder"]
+
+
+def pre_activations(params: Params, x: Tensor) -> Tensor:
+    """pre: [n, d_hidden] = (x - center) @ encoder.T + encoder_bias."""
+    return (x - params["center"]) @ encoder_weight(params).T + params["encoder_bias"]
+
+
+def topk_mask_codes(pre: Tensor, k: int, rank_mask: Tensor | None = None) -> Tensor:
+    """Dense codes [n, d_hidden]: ReLU of the k largest pre-activations per row, zeros elsewhere.
+
+    `rank_mask: [k]` (0/1) keeps only the first ranks (lets one traced function serve several k).
+    """
+    vals, idx = pre.topk(k, dim=-1)
+    vals = vals.relu()
+    if rank_mask is not None:
+        vals = vals * rank_mask
+    return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+
+def decode_codes(params: Params, codes: Tensor) -> Tensor:
+    """x_hat: [n, d_in] = codes @ decoder + center."""
+    return codes @ params["decoder"] + params["center"]
+
+
+def mse_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over the batch of the squared error summed over d_in."""
+    return (x_hat - x).square().sum(-1).mean()
+
+
+def l1_penalty(codes: Tensor) -> Tensor:
+    """Mean over the batch of the sum of |codes| over d_hidden."""
+    return codes.abs().sum(-1).mean()
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2."""
+    return 1 - (x - x_hat).square().sum() / (x - x.mean(0)).square().sum()
+
+
+def l1_loss(params: Params, x: Tensor, l1: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
+    """(MSE + l1 * L1, {"mse", "l1", "codes", "x_hat"}) of an L1 dictionary."""
+    codes = pre_activations(params, x).relu()
+    x_hat = decode_codes(params, codes)
+    mse, l1_term = mse_loss(x, x_hat), l1_penalty(codes)
+    return mse + l1 * l1_term, {"mse": mse, "l1": l1_term, "codes": codes, "x_hat": x_hat}
+
+
+def aux_k_loss(params: Params, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """Gao et al. aux-K: MSE of the detached residual x - x_hat against its reconstruction from the
+    top-k_aux dead latents (decoder only, no center); 0 when `dead: [d_hidden]` is all False."""
+    e = (x - x_hat).detach()
+    masked = pre.masked_fill(~dead, -math.inf)
+    vals, idx = masked.topk(min(k_aux, pre.shape[-1]), dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    e_hat = z @ params["decoder"]
+    return mse_loss(e, e_hat) * dead.any().to(pre.dtype)
+
+
+def topk_loss(params: Params, x: Tensor, k: int, *, rank_mask: Tensor | None = None,
+              dead: Tensor | None = None, k_aux: int = 0, aux_coef: float = 1 / 32
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(MSE + aux_coef * aux, {"mse", "aux", "codes", "x_hat"}) of a TopK dictionary."""
+    pre = pre_activations(params, x)
+    codes = topk_mask_codes(pre, k, rank_mask)
+    x_hat = decode_codes(params, codes)
+    mse = mse_loss(x, x_hat)
+    aux = (aux_k_loss(params, x, x_hat, pre, dead, k_aux) if (dead is not None and k_aux > 0)
+           else torch.zeros_like(mse))
+    return mse + aux_coef * aux, {"mse": mse, "aux": aux, "codes": codes, "x_hat": x_hat}
+
+
+def project_decoder_grad_(decoder: Tensor, grad: Tensor) -> Tensor:
+    """Remove from `grad` (in place) its component parallel to each decoder row ([..., d_hidden, d_in])."""
+    return grad.sub_((grad * decoder).sum(-1, keepdim=True) * decoder)
+
+
+def normalize_decoder_(decoder: Tensor) -> Tensor:
+    """Rescale each decoder row ([..., d_hidden, d_in]) to unit L2 norm, in place."""
+    return decoder.div_(decoder.norm(dim=-1, keepdim=True))
+
+
+def random_unit_rows(n_rows: int, dim: int, *, device=None, dtype=None) -> Tensor:
+    """[n_rows, dim] rows drawn uniformly on the unit sphere (global torch RNG)."""
+    w = torch.randn(n_rows, dim, device=device, dtype=dtype)
+    return w / w.norm(dim=-1, keepdim=True)
+
+
+def geometric_median(points: Tensor, *, n_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points: [n, d]`."""
+    p = points.double()
+    y = p.mean(0)
+    for _ in range(n_iter):
+        w = 1 / (p - y).norm(dim=-1).clamp_min(1e-12)
+        y_new = (w[:, None] * p).sum(0) / w.sum()
+        done = (y_new - y).norm() <= tol * max(1.0, y.norm().item())
+        y = y_new
+        if done:
+            break
+    return y.to(points.dtype)
+
+
+def init_center_value(acts: Tensor, method: Literal["mean", "geometric_median"] = "mean") -> Tensor:
+    """The data-derived initial `center: [d_in]` from `acts: [n, d_in]`."""
+    if method == "mean":
+        return acts.double().mean(0).to(acts.dtype)
+    if method == "geometric_median":
+        return geometric_median(acts)
+    raise ValueError(f"unknown center init method {method!r} (want 'mean' or 'geometric_median')")
+
+
+# ----------------------------------------------------------------------------- modules
+
+class _Dictionary(nn.Module):
+    """Parameters and methods shared by both dictionaries."""
+
+    def _init_params(self, d_in: int, d_hidden: int, tied: bool, device, dtype) -> None:
+        """Unit-norm random decoder rows, encoder = decoder copy (its transpose in x @ W convention)."""
+        self.d_in, self.d_hidden, self.tied = d_in, d_hidden, tied
+        decoder = random_unit_rows(d_hidden, d_in, device=device, dtype=dtype)
+        self.center = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        if not tied:
+            self.encoder = nn.Parameter(decoder.clone())
+        self.encoder_bias = nn.Parameter(torch.zeros(d_hidden, device=device, dtype=dtype))
+        self.decoder = nn.Parameter(decoder)
+
+    def params(self) -> Params:
+        """{name: parameter} (no `encoder` entry when tied)."""
+        return dict(self.named_parameters())
+
+    def encoder_weight(self) -> Tensor:
+        """[d_hidden, d_in] encoder matrix (the decoder when tied)."""
+        return encoder_weight(self.params())
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """x_hat: [n, d_in] = codes @ decoder + center."""
+        return decode_codes(self.params(), codes)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """x_hat = decode(encode(x))."""
+        return self.decode(self.encode(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same as `predict`."""
+        return self.predict(x)
+
+    @torch.no_grad()
+    def init_center(self, acts: Tensor, method: Literal["mean", "geometric_median"] = "mean") -> None:
+        """Set `center` to the mean or geometric median (Weiszfeld) of `acts: [n, d_in]`."""
+        self.center.copy_(init_center_value(acts.to(self.center), method))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (call after each optimiser step)."""
+        normalize_decoder_(self.decoder)
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove the gradient component parallel to each decoder row (call before each step)."""
+        if self.decoder.grad is not None:
+            project_decoder_grad_(self.decoder, self.decoder.grad)
+
+
+class SparseLinearAutoencoder(_Dictionary):
+    """ReLU dictionary trained with MSE + l1 * L1 (Cunningham et al. 2023; Bricken et al. 2023).
+
+    Tied: one matrix serves as encoder and decoder (the original Sharkey et al. variant).
+    """
+
+    architecture = "l1"
+
+    def __init__(self, d_in: int, d_hidden: int, tied: bool = False, *, device=None, dtype=None):
+        super().__init__()
+        self._init_params(d_in, d_hidden, tied, device, dtype)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """codes: [n, d_hidden] = ReLU((x - center) @ encoder.T + encoder_bias)."""
+        return pre_activations(self.params(), x).relu()
+
+    def loss(self, x: Tensor, l1: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(MSE + l1 * L1, {"mse", "l1"}); see the module docstring for the normalisations."""
+        total, parts = l1_loss(self.params(), x, l1)
+        return total, {"mse": parts["mse"], "l1": parts["l1"]}
+
+
+class TopKAutoencoder(_Dictionary):
+    """TopK dictionary (Gao et al. 2024): keep the k largest pre-activations, ReLU, decode."""
+
+    architecture = "topk"
+
+    def __init__(self, d_in: int, d_hidden: int, k: int, *, device=None, dtype=None):
+        super().__init__()
+        if not 0 < k <= d_hidden:
+            raise ValueError(f"k={k} must be in [1, d_hidden={d_hidden}]")
+        self.k = int(k)
+        self._init_params(d_in, d_hidden, False, device, dtype)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes: [n, d_hidden] with at most k non-zeros per row."""
+        return topk_mask_codes(pre_activations(self.params(), x), self.k)
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values: [n, k] after ReLU, indices: [n, k]) of the active latents."""
+        vals, idx = pre_activations(self.params(), x).topk(self.k, dim=-1)
+        return vals.relu(), idx
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """x_hat: [n, d_in] from the k active rows only (embedding_bag gather, no dense matmul)."""
+        return F.embedding_bag(indices, self.decoder, per_sample_weights=values, mode="sum") + self.center
+
+    def loss(self, x: Tensor, dead: Tensor | None = None, *, k_aux: int | None = None,
+             aux_coef: float = 1 / 32) -> tuple[Tensor, dict[str, Tensor]]:
+        """(MSE + aux_coef * aux, {"mse", "aux"}); aux only with a `dead: BoolTensor[d_hidden]` mask.
+
+        k_aux defaults to d_in // 2 (Gao et al.).
+        """
+        k_aux = self.d_in // 2 if k_aux is None else k_aux
+        total, parts = topk_loss(self.params(), x, self.k, dead=dead, k_aux=k_aux, aux_coef=aux_coef)
+        return total, {"mse": parts["mse"], "aux": parts["aux"]}
+
+
+Dictionary = SparseLinearAutoencoder | TopKAutoencoder
+
+
+def dictionary_from_params(params: Params, architecture: Literal["l1", "topk"], k: int | None = None
+                           ) -> Dictionary:
+    """An ordinary module holding (copies of) one member's `params` ({name: tensor}, unstacked)."""
+    d_hidden, d_in = params["decoder"].shape
+    like = params["decoder"]
+    kw = dict(device=like.device, dtype=like.dtype)
+    if architecture == "l1":
+        module: Dictionary = SparseLinearAutoencoder(d_in, d_hidden, tied="encoder" not in params, **kw)
+    elif architecture == "topk":
+        if k is None:
+            raise ValueError("a TopK dictionary needs k")
+        module = TopKAutoencoder(d_in, d_hidden, int(k), **kw)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(params[name])
+    return module
+
+
+def unstack_dictionaries(stacked: Params, architecture: Literal["l1", "topk"],
+                         k: Tensor | list[int] | None = None) -> list[Dictionary]:
+    """Ordinary modules from stacked params {name: [n_models, ...]} (per-member `k: [n_models]` for TopK)."""
+    n_models = stacked["decoder"].shape[0]
+    ks = [None] * n_models if k is None else [int(v) for v in (k.tolist() if isinstance(k, Tensor) else k)]
+    return [dictionary_from_params({n: t[i] for n, t in stacked.items()}, architecture, ks[i])
+            for i in range(n_models)]

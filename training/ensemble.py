@@ -1,0 +1,658 @@
+"""Train n_models sparse autoencoders of one shape at once, on the same batches.
+
+Parameters, Adam state and per-member hyperparameters are stacked on a leading `[n_models]` axis
+(`torch.func.stack_module_state`). Two interchangeable gradient backends compute every member's
+gradient of its own loss in one pass:
+  - "autograd": `vmap(grad(loss))` over the stacked params (the torch.func ensembling recipe);
+  - "fused" (default): the same gradients written out analytically with batched matmuls into
+    preallocated buffers (no recomputation, no per-step allocation of [n_models, batch, d_hidden]
+    tensors, no host sync). Tests check it against the autograd backend.
+Everything after the gradient (decoder-norm projection, Adam, renormalisation, NaN freezing,
+dead-latent tracking) is shared and works in place on the stacked tensors.
+
+Shapes: `x: [batch, d_in]`; stacked params `center: [N, d_in]`, `encoder, decoder: [N, d_hidden, d_in]`,
+`encoder_bias: [N, d_hidden]`; N = n_models.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.dictionary import (
+    Dictionary,
+    Params,
+    SparseLinearAutoencoder,
+    TopKAutoencoder,
+    decode_codes,
+    init_center_value,
+    l1_loss,
+    pre_activations,
+    topk_loss,
+    topk_mask_codes,
+    unstack_dictionaries,
+)
+
+Architecture = Literal["l1", "topk"]
+Backend = Literal["fused", "autograd"]
+TopKDecoder = Literal["sparse", "dense"]
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _per_member(values: Tensor, like: Tensor) -> Tensor:
+    """View `values: [N]` as [N, 1, ...] to broadcast against `like: [N, ...]`."""
+    return values.view(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _encoder_name(params: Params) -> str:
+    """Name of the stacked encoder matrix ("decoder" when tied)."""
+    return "encoder" if "encoder" in params else "decoder"
+
+
+@dataclass
+class _Workspace:
+    """Preallocated per-step buffers for one batch size (allocating them each step costs page faults).
+
+    Matmul operands and the [N, C, d_hidden] buffers are in the compute dtype (the autocast dtype, or
+    the params' dtype); reconstruction errors, reductions and gradients stay in the params' dtype.
+    """
+    batch: int
+    chunk: int          # tokens processed per pass (C); C = B for TopK
+    compute: torch.dtype
+    xc: Tensor          # [N, C, d_in]      x - center                                 (compute dtype)
+    small: Tensor       # [N, C, d_in]      x_hat -> err -> d loss / d x_hat           (params dtype)
+    big_a: Tensor       # [N, C, d_hidden]  pre -> codes -> fired indicator   (dense paths)
+    big_b: Tensor       # [N, C, d_hidden]  d loss / d codes -> d loss / d pre (dense paths)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A named buffer, allocated on first use."""
+        t = self.extra.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = self.extra[name] = torch.empty(shape, dtype=dtype, device=self.xc.device)
+        return t
+
+
+def _workspace(n_models: int, batch: int, chunk: int, d_in: int, d_hidden: int, dense: bool, like: Tensor,
+               compute: torch.dtype) -> _Workspace:
+    """Allocate the buffers of `_Workspace` (the [N, C, d_hidden] ones only when `dense`)."""
+    chunk = min(chunk, batch)
+    big = (n_models, chunk, d_hidden) if dense else (0,)
+    return _Workspace(batch, chunk, compute, like.new_empty(n_models, chunk, d_in, dtype=compute),
+                      like.new_empty(n_models, chunk, d_in), like.new_empty(big, dtype=compute),
+                      like.new_empty(big, dtype=compute))
+
+
+def _relu_mask_(grad: Tensor, output: Tensor) -> Tensor:
+    """grad *= (output > 0), in place, one fused pass (ReLU's backward)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on `device` right now, or None when autocast is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+# ----------------------------------------------------------------------------- fused L1 gradient
+
+def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads: Params
+                   ) -> dict[str, Tensor]:
+    """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats.
+
+    loss_i = MSE_i + l1_i * L1_i. Five batched matmuls per token chunk (2 forward, 3 backward;
+    weight gradients accumulate over chunks of `ws.chunk` tokens), the centre's encoder-side
+    gradient as a vector-matrix product; no host sync. With a lower compute dtype (autocast) the
+    matmuls and the [N, C, h] buffers use it, as autocast would; sums and gradients stay fp32.
+    """
+    n, batch = params["decoder"].shape[0], x.shape[0]
+    center, bias, dec = params["center"], params["encoder_bias"], params["decoder"]
+    enc = params[_encoder_name(params)]
+    tied = "encoder" not in params
+    h, d = dec.shape[1:]
+    cd, acc = ws.compute, x.dtype
+    low = cd != acc                                                                  # autocast to bf16/fp16
+    enc_c, dec_c = (enc.to(cd), dec.to(cd)) if low else (enc, dec)
+    sq_err = x.new_empty(n, batch)                                                   # [N, B]
+    code_total, fired_count = x.new_zeros(n), x.new_zeros(n, h)
+    l1_grad = _per_member(l1 / batch, ws.big_a)                                      # d L1 / d codes
+    grads["encoder_bias"].zero_()
+    grads["center"].zero_()
+
+    for start in range(0, batch, ws.chunk):
+        xs = x[start:start + ws.chunk]
+        m, first = xs.shape[0], start == 0
+        if low:
+            xc = ws.xc[:, :m].copy_(xs.unsqueeze(0) - center.unsqueeze(1))
+        else:
+            xc = torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])   # [N, m, d]
+        codes = ws.big_a[:, :m]                                                      # [N, m, h]
+        codes.copy_(bias.unsqueeze(1).expand_as(codes)).baddbmm_(xc, enc_c.transpose(1, 2)).relu_()
+        err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
+        if low:
+            err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, ws.chunk, d), cd)[:, :m]))
+        else:
+            err.baddbmm_(codes, dec)
+        err.sub_(xs)                                                                 # x_hat - x
+        torch.sum(err.square(), -1, out=sq_err[:, start:start + m])
+        g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
+        grads["center"].add_(g.sum(1))
+        g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
+
+        _accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
+        code_total.add_(codes.sum((1, 2), dtype=acc))
+        gpre = ws.big_b[:, :m]
+        gpre.copy_(l1_grad.expand_as(gpre)).baddbmm_(g_c, dec_c.transpose(1, 2))
+        _relu_mask_(gpre, codes)                                                     # d loss / d pre
+        fired_count.add_(codes.sign_().sum(1, dtype=acc))
+        _accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
+        grads["encoder_bias"].add_(gpre.sum(1, dtype=acc))
+    grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
+
+    mse = sq_err.mean(-1)
+    l1_term = code_total / batch
+    return {"loss": mse + l1 * l1_term, "mse": mse, "l1": l1_term, "sq_err_sum": sq_err.sum(-1),
+            "l0": fired_count.sum(-1) / batch, "fired": fired_count > 0}
+
+
+def _accumulate_bmm(out: Tensor, a: Tensor, b: Tensor, overwrite: bool, ws: _Workspace) -> None:
+    """out = a @ b (overwrite) or out += a @ b, batched, in place (via a compute-dtype buffer if needed)."""
+    if a.dtype != out.dtype:
+        tmp = torch.bmm(a, b, out=ws.buffer("weight_grad", out.shape, a.dtype))
+        out.copy_(tmp) if overwrite else out.add_(tmp)
+    elif overwrite:
+        torch.bmm(a, b, out=out)
+    else:
+        out.baddbmm_(a, b)
+
+
+# ----------------------------------------------------------------------------- fused TopK gradient
+
+@dataclass
+class _SparseCodes:
+    """k active latents per token of every member, flattened for embedding_bag over [N*h, d] tables."""
+    flat_idx: Tensor    # [N*B, k] member-offset latent ids
+    offsets: Tensor     # [N*B] bag starts
+    offset2bag: Tensor  # [N*B*k] token of each entry
+    n_rows: int         # N*h
+    _by_row: tuple[Tensor, Tensor, Tensor] | None = None   # CSR of the transpose: (crow, token, entry order)
+
+    @staticmethod
+    def build(idx: Tensor, d_hidden: int) -> "_SparseCodes":
+        """From per-member indices `idx: [N, B, k]`."""
+        n, batch, k = idx.shape
+        member_offset = torch.arange(n, device=idx.device).mul_(d_hidden).view(n, 1, 1)
+        flat = (idx + member_offset).view(n * batch, k)
+        offsets = torch.arange(0, n * batch * k, k, device=idx.device)
+        o2b = torch.arange(n * batch, device=idx.device).repeat_interleave(k)
+        return _SparseCodes(flat, offsets, o2b, n * d_hidden)
+
+    def gather_sum(self, table: Tensor, weights: Tensor) -> Tensor:
+        """[N*B, d]: sum_j weights[t, j] * table[flat_idx[t, j]] (the sparse decode)."""
+        return F.embedding_bag(self.flat_idx, table, per_sample_weights=weights.reshape(self.flat_idx.shape),
+                               mode="sum")
+
+    def weight_grad(self, grad_out: Tensor, table: Tensor) -> Tensor:
+        """[N*B*k]: d/d weights of gather_sum given `grad_out: [N*B, d]` (row dot products)."""
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_out, table, self.flat_idx.view(-1), self.offsets, self.offset2bag, 0, -1)
+
+    def scatter_rows(self, rows: Tensor, weights: Tensor) -> Tensor:
+        """[N*h, d]: sum over entries e of weights[e] * rows[token(e)] into row flat_idx[e].
+
+        A CSR (latent x token) matrix times `rows: [N*B, d]`; the CSR pattern (one sort) is shared
+        by every call on the same codes.
+        """
+        if self._by_row is None:
+            flat = self.flat_idx.view(-1)
+            small = flat.numel() < 2 ** 31 and self.n_rows < 2 ** 31
+            keys = flat.int() if small else flat
+            sorted_rows, order = torch.sort(keys, stable=True)
+            starts = torch.arange(self.n_rows + 1, dtype=keys.dtype, device=flat.device)
+            crow = torch.searchsorted(sorted_rows, starts, out_int32=small)            # no host sync
+            token = order.div(self.flat_idx.shape[1], rounding_mode="floor").to(keys.dtype)
+            self._by_row = (crow, token, order)
+        crow, token, order = self._by_row
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            matrix = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order], (self.n_rows, rows.shape[0]),
+                                             check_invariants=False)
+        with torch.autocast(rows.device.type, enabled=False):                          # sparse kernels: fp32
+            return matrix @ rows
+
+
+def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max: int, dead: Tensor | None,
+                     k_aux: int, aux_coef: float, ws: _Workspace, grads: Params,
+                     decoder_impl: TopKDecoder = "sparse") -> dict[str, Tensor]:
+    """Write d loss_i / d params_i for TopK members into `grads`; return per-member stats.
+
+    `rank_mask: [N, k_max]` (1 for ranks < k_i) lets members differ in k (None: all k equal).
+    `dead: [N, h]` enables the aux-K term (None skips it). The decoder is applied to the k active
+    rows only (embedding_bag forward, CSR products backward), unless `decoder_impl == "dense"`
+    (dense codes and decoder matmuls, kept for the benchmark's comparison).
+    """
+    n, batch = params["decoder"].shape[0], x.shape[0]
+    h, d = params["decoder"].shape[1:]
+    center, bias, enc, dec = params["center"], params["encoder_bias"], params["encoder"], params["decoder"]
+
+    cd, acc = ws.compute, x.dtype
+    low = cd != acc                                                                  # autocast: encoder matmul in cd
+    xc = torch.sub(x.unsqueeze(0), center.unsqueeze(1), out=ws.buffer("xc", (n, batch, d), acc))
+    pre = ws.buffer("pre", (n, batch, h), cd)
+    pre.copy_(bias.unsqueeze(1).expand_as(pre))
+    pre.baddbmm_(ws.xc.copy_(xc) if low else xc, (enc.to(cd) if low else enc).transpose(1, 2))
+    vals, idx = pre.topk(k_max, dim=-1, sorted=rank_mask is not None)                 # [N, B, k]
+    vals = vals.to(acc).relu_()
+    if rank_mask is not None:
+        vals.mul_(rank_mask.unsqueeze(1))
+    sp = _SparseCodes.build(idx, h)
+    dec_flat = dec.view(n * h, d)
+    dec_c = dec.to(cd) if low else dec
+
+    err = ws.small.copy_(center.unsqueeze(1).expand_as(ws.small))
+    if decoder_impl == "dense":
+        codes = ws.big_a.zero_().scatter_(-1, idx, vals.to(cd))
+        err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, batch, d), cd)))
+    else:
+        err.add_(sp.gather_sum(dec_flat, vals).view(n, batch, d))
+    err.sub_(x)
+    sq_err = err.square().sum(-1)
+    resid = err.neg() if (dead is not None and k_aux > 0) else None                 # x - x_hat
+    g = err.mul_(2.0 / batch)                                                        # d MSE / d x_hat
+
+    if decoder_impl == "dense":
+        g_c = ws.buffer("g", (n, batch, d), cd).copy_(g) if low else g
+        _accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, True, ws)
+        gcodes = torch.bmm(g_c, dec_c.transpose(1, 2), out=ws.big_b)
+        gvals = gcodes.gather(-1, idx).to(acc)
+    else:
+        grads["decoder"].view(n * h, d).copy_(sp.scatter_rows(g.view(n * batch, d), vals))
+        gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, k_max)
+    gvals = gvals.masked_fill_(vals <= 0, 0)                                         # d loss / d pre at idx
+    enc_grad = grads["encoder"].view(n * h, d)
+    enc_grad.copy_(sp.scatter_rows(xc.view(n * batch, d), gvals))
+    gbias = grads["encoder_bias"].zero_()
+    gbias.view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
+    grads["center"].copy_(g.sum(1))
+
+    mse = sq_err.mean(-1)
+    aux = torch.zeros_like(mse)
+    if dead is not None and k_aux > 0:
+        aux = _aux_k_grads(pre, dead, k_aux, aux_coef, resid, xc, params, grads)
+    grads["center"].sub_(torch.bmm(gbias.unsqueeze(1), enc).squeeze(1))
+
+    active = (vals > 0).to(x.dtype)                                                 # [N, B, k]
+    fired_count = torch.zeros(n * h, device=x.device, dtype=x.dtype)
+    fired_count.index_add_(0, sp.flat_idx.view(-1), active.view(-1))
+    return {"loss": mse + aux_coef * aux, "mse": mse, "aux": aux, "l1": vals.sum((1, 2)) / batch,
+            "sq_err_sum": sq_err.sum(-1), "l0": active.sum((1, 2)) / batch,
+            "fired": fired_count.view(n, h) > 0}
+
+
+def _aux_k_grads(pre: Tensor, dead: Tensor, k_aux: int, aux_coef: float, resid: Tensor, xc: Tensor,
+                 params: Params, grads: Params) -> Tensor:
+    """Add aux_coef * d aux / d params to `grads`; return aux: [N].
+
+    `resid: [N, B, d]` = x - x_hat (no gradient through it), `dead: [N, h]`.
+    """
+    n, batch, h = pre.shape
+    d = xc.shape[-1]
+    masked = pre.masked_fill_(~dead.unsqueeze(1), -math.inf)                         # pre is not needed after
+    vals, idx = masked.topk(min(k_aux, h), dim=-1, sorted=False)
+    vals = vals.to(xc.dtype).relu_()
+    sp = _SparseCodes.build(idx, h)
+    dec_flat = params["decoder"].view(n * h, d)
+    e_hat = sp.gather_sum(dec_flat, vals.view(n * batch, -1)).view(n, batch, d)
+    diff = e_hat.sub_(resid)                                                         # e_hat - e
+    any_dead = dead.any(-1).to(pre.dtype)                                            # [N]
+    aux = diff.square().sum(-1).mean(-1) * any_dead
+    g = diff.mul_(_per_member(any_dead * (2.0 * aux_coef / batch), diff))             # d (c*aux) / d e_hat
+    grads["decoder"].view(n * h, d).add_(sp.scatter_rows(g.view(n * batch, d), vals))
+    gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, -1).masked_fill_(vals <= 0, 0)
+    grads["encoder"].view(n * h, d).add_(sp.scatter_rows(xc.view(n * batch, d), gvals))
+    grads["encoder_bias"].view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
+    return aux
+
+
+# ----------------------------------------------------------------------------- the ensemble
+
+class Ensemble:
+    """n_models dictionaries of one architecture and shape, trained together on the same batches.
+
+    hparams: {"lr": [N], "l1": [N]} for L1 dictionaries, {"lr": [N], "k": [N] (optional, must match
+    the members)} for TopK, as tensors or lists (stored as float64, k as int64);
+    `step(x, lr_scale=, l1_scale=)` multiplies them by schedule factors.
+    Options: Adam betas/eps (torch.optim.Adam semantics, no weight decay); `dead_window`: a latent is
+    dead once it has not fired for this many tokens; `k_aux` (default d_in // 2) and `aux_coef` (1/32)
+    of the TopK aux-K loss; `backend`; `topk_decoder` ("sparse": decode only the k active rows);
+    `chunk_tokens`: the fused L1 step processes the batch in chunks of this many tokens (weight
+    gradients accumulate), bounding its [N, chunk, d_hidden] buffers.
+    """
+
+    def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor], *,
+                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                 dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
+                 backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse",
+                 chunk_tokens: int = 1 << 30):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        first = members[0]
+        for m in members:
+            if type(m) is not type(first) or m.decoder.shape != first.decoder.shape or m.tied != first.tied:
+                raise ValueError("ensemble members must share architecture, shapes and tying")
+        if backend not in ("fused", "autograd") or topk_decoder not in ("sparse", "dense"):
+            raise ValueError(f"unknown backend {backend!r} or topk_decoder {topk_decoder!r}")
+        self.architecture: Architecture = first.architecture
+        self.n_models, self.d_in, self.d_hidden, self.tied = len(members), first.d_in, first.d_hidden, first.tied
+        self.adam_betas, self.adam_eps = (float(adam_betas[0]), float(adam_betas[1])), float(adam_eps)
+        self.dead_window, self.aux_coef = int(dead_window), float(aux_coef)
+        self.k_aux = min(self.d_hidden, self.d_in // 2 if k_aux is None else int(k_aux))
+        self.backend, self.topk_decoder, self.chunk_tokens = backend, topk_decoder, int(chunk_tokens)
+
+        stacked, _ = torch.func.stack_module_state(members)
+        self.params: Params = {n: t.detach().clone().contiguous() for n, t in stacked.items()}
+        like = self.params["decoder"]
+        self.hparams: dict[str, Tensor] = self._checked_hparams(hparams, members)
+        self.exp_avg: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.exp_avg_sq: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.adam_step = torch.zeros(self.n_models, dtype=torch.float64, device=like.device)
+        self.frozen = torch.zeros(self.n_models, dtype=torch.bool, device=like.device)
+        self.tokens_since_fired = torch.zeros(self.n_models, self.d_hidden, dtype=torch.long, device=like.device)
+        self._grads: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self._scratch: Params = {n: torch.empty_like(p) for n, p in self.params.items()}
+        self._ws: _Workspace | None = None
+        self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _checked_hparams(self, hparams: dict[str, Tensor], members: list[Dictionary]) -> dict[str, Tensor]:
+        """Validate and store hparams: lr/l1 as float64 [N], k as int64 [N]."""
+        dev = self.params["decoder"].device
+        want = {"lr", "l1"} if self.architecture == "l1" else {"lr", "k"}
+        given = set(hparams)
+        if self.architecture == "topk":
+            given |= {"k"}
+        if given != want:
+            raise ValueError(f"{self.architecture} ensemble hparams must be {sorted(want)}, got {sorted(hparams)}")
+        out: dict[str, Tensor] = {}
+        for name, value in hparams.items():
+            t = value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+            t = t.to(dev)
+            if t.shape != (self.n_models,):
+                raise ValueError(f"hparam {name!r} must have shape [{self.n_models}], got {tuple(t.shape)}")
+            out[name] = t.to(torch.long if name == "k" else torch.float64).clone()
+        if self.architecture == "topk":
+            ks = torch.tensor([m.k for m in members], device=dev)
+            if "k" in out and not torch.equal(out["k"], ks):
+                raise ValueError(f"hparams['k'] {out['k'].tolist()} != members' k {ks.tolist()}")
+            out["k"] = ks
+            self.k_max, self._uniform_k = int(ks.max()), bool((ks == ks[0]).all())
+            ranks = torch.arange(self.k_max, device=dev)
+            self.rank_mask = (ranks < ks[:, None]).to(self.params["decoder"].dtype)   # [N, k_max]
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, x: Tensor, *, lr_scale: float = 1.0, l1_scale: float = 1.0) -> dict[str, Tensor]:
+        """One Adam step of every member on `x: [batch, d_in]`; per-member stats, no host sync.
+
+        Returns {"loss", "mse", "l1", "l0", "explained_variance", ("aux" for TopK): [N],
+        "fired": BoolTensor[N, d_hidden] (fired in this batch), "n_dead": [N], "frozen": BoolTensor[N]}.
+        A member whose loss is NaN/inf is frozen from this step on.
+        """
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"expected x: [batch, {self.d_in}], got {tuple(x.shape)}")
+        x = x.to(self.params["decoder"].dtype)
+        with torch.no_grad():
+            stats = self._gradients(x, l1_scale)
+            self.frozen |= ~torch.isfinite(stats["loss"])
+            active = ~self.frozen
+            project = self._grads["decoder"]
+            project.sub_((project * self.params["decoder"]).sum(-1, keepdim=True) * self.params["decoder"])
+            self._adam_(active, lr_scale)
+            dec = self.params["decoder"]
+            norm = dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active, dec), 1)
+            dec.div_(norm)
+            self._track_dead(stats["fired"], active, x.shape[0])
+            variance = (x - x.mean(0)).square().sum()
+            stats["explained_variance"] = 1 - stats.pop("sq_err_sum") / variance
+            stats["n_dead"] = self.dead_mask().sum(-1)
+            stats["frozen"] = self.frozen.clone()
+        return stats
+
+    def _gradients(self, x: Tensor, l1_scale: float) -> dict[str, Tensor]:
+        """Fill self._grads with every member's gradient; return the stats of `step`."""
+        dead = self.dead_mask() if (self.architecture == "topk" and self._aux_on and self.k_aux > 0) else None
+        if self.backend == "autograd":
+            return self._autograd_gradients(x, l1_scale, dead)
+        ws = self._workspace(x)
+        if self.architecture == "l1":
+            l1 = (self.hparams["l1"] * l1_scale).to(x.dtype)
+            return l1_fused_grads(self.params, x, l1, ws, self._grads)
+        rank_mask = None if self._uniform_k else self.rank_mask
+        return topk_fused_grads(self.params, x, rank_mask, self.k_max, dead, self.k_aux, self.aux_coef,
+                                ws, self._grads, self.topk_decoder)
+
+    def _workspace(self, x: Tensor) -> _Workspace:
+        """The step buffers for this batch size and compute dtype (reallocated when either changes)."""
+        compute = autocast_dtype(x.device) or x.dtype
+        if self._ws is None or self._ws.batch != x.shape[0] or self._ws.compute != compute:
+            self._ws = None
+            dense = self.architecture == "l1" or self.topk_decoder == "dense"
+            chunk = self.chunk_tokens if self.architecture == "l1" else x.shape[0]
+            self._ws = _workspace(self.n_models, x.shape[0], chunk, self.d_in, self.d_hidden, dense,
+                                  self.params["decoder"], compute)
+        return self._ws
+
+    def _autograd_gradients(self, x: Tensor, l1_scale: float, dead: Tensor | None) -> dict[str, Tensor]:
+        """vmap(grad(loss)) over the stacked params: the reference the fused kernels are tested against."""
+        def stats_of(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+            codes = parts["codes"]
+            return {"mse": parts["mse"], "l1": codes.abs().sum(-1).mean(),
+                    "l0": (codes > 0).sum(-1).to(codes.dtype).mean(), "fired": (codes > 0).any(0),
+                    "sq_err_sum": (parts["x_hat"] - x).square().sum(), "aux": parts.get("aux", parts["mse"])}
+
+        if self.architecture == "l1":
+            def loss_fn(p: Params, l1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                total, parts = l1_loss(p, x, l1)
+                return total, {**stats_of(parts), "loss": total}
+            args: tuple = ((self.hparams["l1"] * l1_scale).to(x.dtype),)
+        else:
+            k_max, k_aux, coef = self.k_max, self.k_aux, self.aux_coef
+
+            def loss_fn(p: Params, rank_mask: Tensor, dead_i: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+                total, parts = topk_loss(p, x, k_max, rank_mask=rank_mask, dead=dead_i, k_aux=k_aux, aux_coef=coef)
+                return total, {**stats_of(parts), "loss": total}
+            args = (self.rank_mask, dead)
+        in_dims = (0,) + tuple(None if a is None else 0 for a in args)
+        grads, stats = torch.func.vmap(torch.func.grad(loss_fn, has_aux=True), in_dims=in_dims)(self.params, *args)
+        for name, g in grads.items():
+            self._grads[name].copy_(g)
+        if self.architecture == "l1":
+            stats.pop("aux")
+        return stats
+
+    def _adam_(self, active: Tensor, lr_scale: float) -> None:
+        """In-place Adam (torch.optim.Adam's arithmetic) on every member; frozen members are untouched."""
+        beta1, beta2 = self.adam_betas
+        self.adam_step += active
+        step = self.adam_step.clamp_min(1)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+        zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N]
+        neg_step_size = torch.where(active, -(self.hparams["lr"] * lr_scale) / bias_correction1, zero)
+        dtype = self.params["decoder"].dtype
+        weight1 = torch.where(active, one * (1 - beta1), zero).to(dtype)
+        beta2_eff = torch.where(active, one * beta2, one).to(dtype)
+        neg_step_size, bias_correction2_sqrt = neg_step_size.to(dtype), bias_correction2_sqrt.to(dtype)
+        for name, p in self.params.items():
+            g, m, v, tmp = self._grads[name], self.exp_avg[name], self.exp_avg_sq[name], self._scratch[name]
+            g.masked_fill_(~_per_member(active, g), 0)
+            m.lerp_(g, _per_member(weight1, m))
+            v.mul_(_per_member(beta2_eff, v)).addcmul_(g, g, value=1 - beta2)
+            denom = torch.sqrt(v, out=g).div_(_per_member(bias_correction2_sqrt, v)).add_(self.adam_eps)
+            p.add_(torch.mul(m, _per_member(neg_step_size, m), out=tmp).div_(denom))
+
+    def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
+        """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""
+        since = self.tokens_since_fired
+        since.add_(active.unsqueeze(1).long() * n_tokens)
+        since.masked_fill_(fired & active.unsqueeze(1), 0)
+
+    def dead_mask(self) -> Tensor:
+        """BoolTensor[N, d_hidden]: latents that have not fired for `dead_window` tokens."""
+        return self.tokens_since_fired >= self.dead_window
+
+    # ------------------------------------------------------------------ dead-latent revival
+
+    @torch.no_grad()
+    def resample_dead(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Revive dead latents; returns how many each member has ([N]). Call every few thousand steps.
+
+        L1: Anthropic's resampling ("Towards Monosemanticity"): each dead latent gets a decoder row
+        = a centred input x - center, unit norm, drawn with probability proportional to the square
+        of that input's squared reconstruction error; its encoder row = the same direction scaled to
+        0.2 x the mean norm of the live encoder rows; its bias = 0; its Adam moments = 0. `x` should
+        be many tokens ([n, d_in], tens of thousands or more). One host sync.
+        TopK: latents are revived by the aux-K loss instead; this only refreshes whether any member
+        has dead latents (the aux-K term is computed only while some have).
+        """
+        dead = self.dead_mask() & ~self.frozen.unsqueeze(1)                            # [N, h]
+        n_dead = dead.sum(-1)
+        if self.architecture == "topk":
+            self._aux_on = bool(n_dead.any())
+            return n_dead
+        if not bool(n_dead.any()):
+            return n_dead
+        sq_err = self.per_token_sq_err(x)                                              # [N, n]
+        weights = sq_err.square().nan_to_num_(0, 0, 0)
+        weights += weights.amax(-1, keepdim=True).clamp_min(1e-30) * 1e-12           # no all-zero rows
+        pick = torch.multinomial(weights, int(n_dead.max()), replacement=True, generator=generator)
+        member, latent = dead.nonzero(as_tuple=True)                                   # [n_dead_total]
+        rank = (dead.cumsum(-1) - 1)[member, latent]                                    # i-th dead latent of its member
+        centred = x[pick[member, rank]] - self.params["center"][member]                 # [n_dead_total, d_in]
+        directions = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if "encoder" in self.params:
+            enc = self.params["encoder"]
+            alive = (~dead).to(enc.dtype)
+            mean_norm = (enc.norm(dim=-1) * alive).sum(-1) / alive.sum(-1).clamp_min(1)
+            mean_norm = torch.where(alive.sum(-1) > 0, mean_norm, torch.ones_like(mean_norm))
+            enc[member, latent] = directions * (0.2 * mean_norm[member]).unsqueeze(-1)
+        self.params["decoder"][member, latent] = directions
+        self.params["encoder_bias"][member, latent] = 0
+        for state in (self.exp_avg, self.exp_avg_sq):
+            for name in ("encoder", "decoder", "encoder_bias"):
+                if name in state:
+                    state[name][member, latent] = 0
+        self.tokens_since_fired.masked_fill_(dead, 0)
+        return n_dead
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """codes: [N, batch, d_hidden] of every member."""
+        if self.architecture == "l1":
+            return torch.func.vmap(lambda p: pre_activations(p, x).relu())(self.params)
+        return torch.stack([topk_mask_codes(pre_activations({n: t[i] for n, t in self.params.items()}, x), k)
+                            for i, k in enumerate(self.hparams["k"].tolist())])
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """x_hat: [N, batch, d_in] of every member."""
+        return torch.func.vmap(decode_codes, in_dims=(0, 0))(self.params, self.encode(x))
+
+    @torch.no_grad()
+    def per_token_sq_err(self, x: Tensor, chunk: int = 4096) -> Tensor:
+        """[N, n]: ||x - x_hat||^2 of every member on every row of `x: [n, d_in]` (chunked)."""
+        return torch.cat([(self.predict(c) - c).square().sum(-1) for c in x.split(chunk)], dim=1)
+
+    @torch.no_grad()
+    def init_center(self, acts: Tensor, method: Literal["mean", "geometric_median"] = "mean") -> None:
+        """Set every member's center to the mean or geometric median of `acts: [n, d_in]`."""
+        self.params["center"].copy_(init_center_value(acts.to(self.params["center"]), method))
+
+    def unstack(self) -> list[Dictionary]:
+        """Ordinary SparseLinearAutoencoder / TopKAutoencoder modules holding copies of each member."""
+        return unstack_dictionaries(self.params, self.architecture, self.hparams.get("k"))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat {name: tensor} (copies; safetensors-ready): params, Adam state, hparams, dead counters,
+        frozen flags and options. `Ensemble.from_state_dict` rebuilds the ensemble from it alone."""
+        out: dict[str, Tensor] = {}
+        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
+                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
+            out.update({prefix + n: t for n, t in group.items()})
+        out["adam.step"] = self.adam_step
+        out["dead.tokens_since_fired"] = self.tokens_since_fired
+        out["frozen"] = self.frozen
+        out["option.adam_betas"] = torch.tensor(self.adam_betas, dtype=torch.float64)
+        out["option.adam_eps"] = torch.tensor(self.adam_eps, dtype=torch.float64)
+        out["option.dead_window"] = torch.tensor(self.dead_window, dtype=torch.long)
+        out["option.k_aux"] = torch.tensor(self.k_aux, dtype=torch.long)
+        out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
+        return {n: t.detach().clone().contiguous() for n, t in out.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
+        mine = self.state_dict()
+        if set(state) != set(mine):
+            raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(state))}, "
+                             f"unexpected {sorted(set(state) - set(mine))}")
+        for name, t in state.items():
+            if t.shape != mine[name].shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(mine[name].shape)}")
+        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
+                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
+            for n, t in group.items():
+                t.copy_(state[prefix + n])
+        self.adam_step.copy_(state["adam.step"])
+        self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
+        self.frozen.copy_(state["frozen"])
+        self.adam_betas = tuple(state["option.adam_betas"].tolist())  # type: ignore[assignment]
+        self.adam_eps = float(state["option.adam_eps"])
+        self.dead_window = int(state["option.dead_window"])
+        self.k_aux = int(state["option.k_aux"])
+        self.aux_coef = float(state["option.aux_coef"])
+        self._aux_on = bool(self.dead_mask().any())
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], *, backend: Backend = "fused",
+                        topk_decoder: TopKDecoder = "sparse") -> "Ensemble":
+        """Rebuild an ensemble (architecture, tying, shapes, options) from `state_dict()` output."""
+        params = {n[len("param."):]: t for n, t in state.items() if n.startswith("param.")}
+        hparams = {n[len("hparam."):]: t for n, t in state.items() if n.startswith("hparam.")}
+        architecture: Architecture = "topk" if "k" in hparams else "l1"
+        members = unstack_dictionaries(params, architecture, hparams.get("k"))
+        ens = cls(members, hparams, adam_betas=tuple(state["option.adam_betas"].tolist()),  # type: ignore[arg-type]
+                  adam_eps=float(state["option.adam_eps"]), dead_window=int(state["option.dead_window"]),
+                  k_aux=int(state["option.k_aux"]), aux_coef=float(state["option.aux_coef"]),
+                  backend=backend, topk_decoder=topk_decoder)
+        ens.load_state_dict(state)
+        return ens
+
+
+def make_members(architecture: Architecture, n_models: int, d_in: int, d_hidden: int, *,
+                 k: list[int] | None = None, tied: bool = False, seed: int = 0, device=None,
+                 dtype=None) -> list[Dictionary]:
+    """n_models freshly initialised dictionaries; member i is drawn after torch.manual_seed(seed + i)."""
+    members: list[Dictionary] = []
+    for i in range(n_models):
+        torch.manual_seed(seed + i)
+        if architecture == "l1":
+            members.append(SparseLinearAutoencoder(d_in, d_hidden, tied, device=device, dtype=dtype))
+        else:
+            assert k is not None, "TopK members need k"
+            members.append(TopKAutoencoder(d_in, d_hidden, k[i], device=device, dtype=dtype))
+    return members
