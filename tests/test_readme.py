@@ -12,7 +12,8 @@ from training.cli import flags_markdown
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepConfig"),
            ("training.evaluate", "EvaluateConfig"), ("training.tiny_lm", "TinyLMConfig"),
-           ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig")]
+           ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig"),
+           ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig")]
 
 
 @pytest.mark.parametrize("module, name", CONFIGS)
