@@ -55,7 +55,7 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         build_pythia70m_shape(model_dir)
         cfg = GenerateConfig(model=str(model_dir), dataset_folder=str(Path(tmp) / "data"), layers=args.layers,
-                             locations=args.locations, chunk_size=args.n_tokens // 4, n_chunks=4,
+                             locations=args.locations, chunk_size=args.n_tokens // 8, n_chunks=8,
                              device=args.device, skip_special_tokens=False)
         model = load_model(cfg.model, args.device)
         hooks = resolve_hooks(list(model.hook_dict), model.cfg.n_layers, cfg.layers, cfg.locations, None)

@@ -76,3 +76,15 @@ def test_corrupt_chunk_is_named(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(UserError, match=r"chunk .*0\.safetensors does not match the checksum"):
         data.load(0, verify=True)
+
+
+def test_files_read_back_with_the_official_safetensors_reader(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    tensors = {"b": torch.randn(3, 4).to(torch.bfloat16), "a": torch.arange(5, dtype=torch.int32),
+               "m": torch.tensor([True, False]), "e": torch.zeros(0, 3), "h": torch.randn(2, 2).half()}
+    save_tensors(tmp_path / "x.safetensors", tensors, {"partial": False})
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"info": '{"partial": false}'}

@@ -109,11 +109,22 @@ def capture(model: Any, tokens: torch.Tensor, hooks: Sequence[str], stop: int | 
     return {h: flatten_heads(cache[h]) for h in hooks}
 
 
-class ChunkFiller:
-    """Collects kept rows of every hook into chunk buffers and hands each full chunk to a writer."""
+def chunk_permutation(seed: int, index: int, n: int) -> torch.Tensor:
+    """Where each of the n rows of chunk `index` goes: a seeded permutation [n]."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
-    def __init__(self, widths: dict[str, int], chunk_size: int, precision: torch.dtype, emit: Any):
+
+class ChunkFiller:
+    """Collects the kept rows of every hook into shuffled chunk buffers and hands each full chunk to a writer.
+
+    Row j of chunk i is stored straight at slot perm_i[j] (`chunk_permutation`), so the shuffle costs no extra
+    pass; a short last chunk keeps its rows in the order of their slots.
+    """
+
+    def __init__(self, widths: dict[str, int], chunk_size: int, precision: torch.dtype, emit: Any,
+                 seed: int, first_index: int):
         self.widths, self.chunk_size, self.precision, self.emit = widths, chunk_size, precision, emit
+        self.seed, self.index = seed, first_index
         self.contexts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sequence_ids [b], tokens [b, ctx])
         self._new_buffers()
 
@@ -123,23 +134,31 @@ class ChunkFiller:
         self.token_ids = torch.empty(n, dtype=torch.int32)
         self.sequence_ids = torch.empty(n, dtype=torch.int64)
         self.positions = torch.empty(n, dtype=torch.int32)
+        self.perm = chunk_permutation(self.seed, self.index, n)
+        self.sums = {h: torch.zeros(d, dtype=torch.float64) for h, d in self.widths.items()}  # sum of rows [d]
+        self.norm_sums = dict.fromkeys(self.widths, 0.0)                                    # sum of row norms
         self.fill = 0
 
-    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, sequence_ids: torch.Tensor,
-            positions: torch.Tensor, batch_seq: torch.Tensor, batch_tokens: torch.Tensor,
-            batch_index: int, skipped: int) -> None:
-        """Append the kept rows (acts[h]: [r, d]) of batch `batch_index` (sequences `batch_seq` [b], tokens
-        `batch_tokens` [b, ctx]), whose first `skipped` kept rows went into an earlier chunk."""
+    def add(self, acts: dict[str, torch.Tensor], exact: dict[str, torch.Tensor], norms: dict[str, torch.Tensor],
+            token_ids: torch.Tensor,
+            sequence_ids: torch.Tensor, positions: torch.Tensor, batch_seq: torch.Tensor,
+            batch_tokens: torch.Tensor, batch_index: int, skipped: int) -> None:
+        """Append the kept rows of batch `batch_index` (sequences `batch_seq` [b], tokens `batch_tokens` [b, ctx]),
+        whose first `skipped` kept rows went into an earlier chunk: acts[h] [r, d] in storage precision on the CPU,
+        exact[h] the same rows as the model computed them and norms[h] [r] their norms (any device), for the
+        statistics."""
         self.contexts.append((batch_seq, batch_tokens))
         start, total = 0, len(token_ids)
         while start < total:
             take = min(total - start, self.chunk_size - self.fill)
-            sl, dst = slice(start, start + take), slice(self.fill, self.fill + take)
+            sl, dst = slice(start, start + take), self.perm[self.fill:self.fill + take]
             for h, a in acts.items():
-                self.acts[h][dst] = a[sl]
-            self.token_ids[dst] = token_ids[sl]
-            self.sequence_ids[dst] = sequence_ids[sl]
-            self.positions[dst] = positions[sl]
+                self.acts[h].index_copy_(0, dst, a[sl])
+                self.sums[h] += exact[h][sl].float().sum(0).double().cpu()
+                self.norm_sums[h] += norms[h][sl].double().sum().item()
+            self.token_ids.index_copy_(0, dst, token_ids[sl])
+            self.sequence_ids.index_copy_(0, dst, sequence_ids[sl])
+            self.positions.index_copy_(0, dst, positions[sl])
             self.fill += take
             start += take
             if self.fill == self.chunk_size:
@@ -151,21 +170,25 @@ class ChunkFiller:
         if self.fill == 0:
             return
         n = self.fill
+        rows = slice(None) if n == self.chunk_size else self.perm[:n].sort().values  # the slots in use
         seqs = torch.cat([s for s, _ in self.contexts])
         toks = torch.cat([t for _, t in self.contexts])
-        keep = torch.isin(seqs, self.sequence_ids[:n].unique())
-        self.emit(dict(acts={h: a[:n] for h, a in self.acts.items()}, token_ids=self.token_ids[:n],
-                       sequence_ids=self.sequence_ids[:n], positions=self.positions[:n],
-                       context_ids=seqs[keep], context_tokens=toks[keep].to(torch.int32), resume=resume))
+        sequence_ids = self.sequence_ids[rows]
+        keep = torch.isin(seqs, sequence_ids.unique())
+        self.emit(dict(acts={h: a[rows] for h, a in self.acts.items()}, token_ids=self.token_ids[rows],
+                       sequence_ids=sequence_ids, positions=self.positions[rows],
+                       context_ids=seqs[keep], context_tokens=toks[keep].to(torch.int32), resume=resume,
+                       sums=self.sums, norm_sums=self.norm_sums))
+        self.index += 1
         self._new_buffers()
 
 
 class ChunkWriter(threading.Thread):
-    """Background thread that shuffles, writes and checksums chunks, then records them in the manifest."""
+    """Background thread that writes and checksums chunks, then records them in the manifest."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], seed: int):
+    def __init__(self, root: Path, manifest: dict[str, Any]):
         super().__init__(daemon=True)
-        self.root, self.manifest, self.seed = root, manifest, seed
+        self.root, self.manifest = root, manifest
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.bytes_written = 0
@@ -192,21 +215,18 @@ class ChunkWriter(threading.Thread):
         """Write one chunk for every hook, its contexts file, then the manifest (in that order)."""
         index = len(self.manifest["chunks"])
         n = len(item["token_ids"])
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index))
         partial = n < self.manifest["config"]["chunk_size"]
         meta = {"rows": n, "partial": partial, "chunk": index}
-        shared = {"token_ids": item["token_ids"][perm], "sequence_ids": item["sequence_ids"][perm],
-                  "positions": item["positions"][perm]}
+        shared = {k: item[k] for k in ("token_ids", "sequence_ids", "positions")}
         for hook, acts in item["acts"].items():
             path = self.root / hook / f"{index}.safetensors"
-            digest = save_tensors(path, {"activations": acts[perm], **shared}, meta)
+            digest = save_tensors(path, {"activations": acts, **shared}, meta)
             self.bytes_written += path.stat().st_size
             entry = self.manifest["hooks"][hook]
-            a = acts.float()
             rows = sum(c["rows"] for c in entry["chunks"])
-            mean = (torch.tensor(entry["mean"], dtype=torch.float64) * rows + a.sum(0).double()) / (rows + n)
-            entry["mean"] = mean.tolist()
-            entry["mean_norm"] = (entry["mean_norm"] * rows + a.norm(dim=1).double().sum().item()) / (rows + n)
+            mean = torch.tensor(entry["mean"], dtype=torch.float64)
+            entry["mean"] = ((mean * rows + item["sums"][hook]) / (rows + n)).tolist()
+            entry["mean_norm"] = (entry["mean_norm"] * rows + item["norm_sums"][hook]) / (rows + n)
             entry["chunks"].append({"file": path.name, "rows": n, "sha256": digest, "partial": partial})
         ctx_path = self.root / CONTEXTS / f"{index}.safetensors"
         save_tensors(ctx_path, {"sequence_ids": item["context_ids"], "tokens": item["context_tokens"]}, meta)
@@ -299,18 +319,19 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     manifest["finished"] = False
     atomic_write_json(root / MANIFEST, manifest)
 
-    writer = ChunkWriter(root, manifest, cfg.seed)
+    writer = ChunkWriter(root, manifest)
     writer.start()
     start_batch, skip_rows = manifest["chunks"][-1]["resume_at"] if done else (0, 0)
     special = torch.tensor(manifest["special_token_ids"], dtype=torch.long)
     target = cfg.n_chunks * cfg.chunk_size
     precision = PRECISIONS[cfg.precision]
+    max_value = torch.finfo(precision).max
     written_before = manifest["total_tokens"]
     t0 = time.perf_counter()
     bar = tqdm(total=target, initial=written_before, unit="tok", unit_scale=True, desc="generating",
                dynamic_ncols=True)
 
-    filler = ChunkFiller(widths, cfg.chunk_size, precision, writer.put)
+    filler = ChunkFiller(widths, cfg.chunk_size, precision, writer.put, cfg.seed, done)
     produced = written_before
     try:
         batches = itertools.islice(token_batches(cfg, model.tokenizer), start_batch, None)
@@ -323,13 +344,17 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
                     keep.view(-1)[keep_idx] = False
                 acts = capture(model, tokens.to(device), hooks, stop)
                 keep_dev = keep.to(device)
-                rows = {}
+                kept = keep.flatten().nonzero().squeeze(1).to(device)
+                rows, exact, norms = {}, {}, {}
                 for h, a in acts.items():
-                    r = a[keep_dev].to(precision)
-                    if not torch.isfinite(r).all():
+                    exact[h] = a.reshape(-1, a.shape[-1]).index_select(0, kept)
+                    norms[h] = torch.linalg.vector_norm(exact[h], dim=1)
+                    rows[h] = exact[h].to(precision)
+                    # |x_i| <= ||x||, so only rows with a large norm need the elementwise overflow check
+                    if not norms[h].max() <= max_value and not torch.isfinite(rows[h]).all():
                         raise UserError(f"activations at {h} overflow {cfg.precision} (largest |x| = "
-                                        f"{a[keep_dev].abs().max().item():.3g}): use --precision float32 or bfloat16")
-                    rows[h] = r.cpu()
+                                        f"{exact[h].abs().max().item():.3g}): use --precision float32 or bfloat16")
+                    rows[h] = rows[h].cpu()
                 pos = torch.arange(tokens.shape[1]).expand_as(tokens)
                 batch_rows = int(keep.sum())
                 if produced + batch_rows > target:  # the last chunk takes only what it needs
@@ -337,7 +362,9 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
                     cut = keep.flatten().nonzero()[batch_rows:, 0]
                     keep.view(-1)[cut] = False
                     rows = {h: r[:batch_rows] for h, r in rows.items()}
-                filler.add(rows, tokens[keep].to(torch.int32), seq_ids[:, None].expand_as(tokens)[keep],
+                    exact = {h: r[:batch_rows] for h, r in exact.items()}
+                    norms = {h: r[:batch_rows] for h, r in norms.items()}
+                filler.add(rows, exact, norms, tokens[keep].to(torch.int32), seq_ids[:, None].expand_as(tokens)[keep],
                            pos[keep].to(torch.int32), seq_ids, tokens, b, skip_rows if b == start_batch else 0)
                 produced += batch_rows
                 bar.update(batch_rows)
