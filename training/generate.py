@@ -154,7 +154,8 @@ class ChunkFiller:
             sl, dst = slice(start, start + take), self.perm[self.fill:self.fill + take]
             for h, a in acts.items():
                 self.acts[h].index_copy_(0, dst, a[sl])
-                self.sums[h] += exact[h][sl].float().sum(0).double().cpu()
+                part = exact[h][sl].float()
+                self.sums[h] += (part.new_ones(len(part)) @ part).double().cpu()  # column sums; a matmul is fastest
                 self.norm_sums[h] += norms[h][sl].double().sum().item()
             self.token_ids.index_copy_(0, dst, token_ids[sl])
             self.sequence_ids.index_copy_(0, dst, sequence_ids[sl])
@@ -344,10 +345,9 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
                     keep.view(-1)[keep_idx] = False
                 acts = capture(model, tokens.to(device), hooks, stop)
                 keep_dev = keep.to(device)
-                kept = keep.flatten().nonzero().squeeze(1).to(device)
                 rows, exact, norms = {}, {}, {}
                 for h, a in acts.items():
-                    exact[h] = a.reshape(-1, a.shape[-1]).index_select(0, kept)
+                    exact[h] = a[keep_dev]
                     norms[h] = torch.linalg.vector_norm(exact[h], dim=1)
                     rows[h] = exact[h].to(precision)
                     # |x_i| <= ||x||, so only rows with a large norm need the elementwise overflow check
