@@ -74,6 +74,17 @@ def make_tiny_hf_model(arch: str, folder: Path, d_model: int = 32, n_layers: int
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread for the whole suite: the tests' tensors are tiny, and on a shared 2-core machine two
+    threads oversubscribe the cores and make small forwards 30-100x slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a small trained byte-level BPE tokenizer (about 320 tokens)."""

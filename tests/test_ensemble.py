@@ -16,15 +16,6 @@ from training.ensemble import Ensemble, make_members
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to other jobs on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _data(n_steps: int, batch: int, d_in: int, seed: int = 0, dtype=F64) -> list[torch.Tensor]:
     """Batches of anisotropic, off-centre data."""
     g = torch.Generator().manual_seed(seed)

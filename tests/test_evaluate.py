@@ -26,15 +26,6 @@ MEMBER_METRICS = {"mse", "mse_per_token", "explained_variance", "normalized_mse"
                   "density_histogram", "key"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads oversubscribe and tiny forwards get 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory) -> Path:
     """A local dataset with train and validation splits of fixture documents."""

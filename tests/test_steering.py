@@ -27,15 +27,6 @@ HOOK = "blocks.1.hook_resid_post"
 EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "tiny-stdlib"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small per-token forwards are ~50x slower with 2 threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def neox(tiny_neox_dir):
     """The tiny random GPT-NeoX fixture as a TransformerBridge."""

@@ -134,7 +134,7 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     (dict(l1_value_min=-1, l1_value_max=-3), "--l1_value_min -1 is above --l1_value_max -3"),
     (dict(batch_size=5000), r"--batch_size 5000 is larger than a chunk \(1000 rows\)"),
     (dict(device="cuda"), "no usable GPU"),
-    (dict(precision="bf16"), "--precision bf16 needs a CUDA device"),
+    (dict(precision="tf32"), "--precision tf32 needs a CUDA device"),
     (dict(resume=True), "no checkpoint.json"),
 ])
 def test_bad_input_gets_one_line_error(chunk_root, tmp_path, kw, message):
@@ -219,3 +219,9 @@ def test_sweep_recovers_known_sparse_features(tmp_path):
                for l1, sae in saes.items()}
     assert matched[2.0] > 0.9, matched
     assert matched[0.1] < matched[2.0] and matched[30.0] < matched[2.0]
+
+
+def test_bf16_autocast_trains(chunk_root, tmp_path):
+    result = run_sweep(cfg_for(chunk_root, tmp_path / "o", precision="bf16", max_tokens=2000))
+    assert result.progress.step == 8 and all(torch.isfinite(torch.tensor(m["explained_variance"])) for m in result.metrics)
+    assert load_sweep(tmp_path / "o")[1e-3].decoder.dtype == torch.float32

@@ -115,7 +115,7 @@ def topk_loss(params: Params, x: Tensor, k: int, *, rank_mask: Tensor | None = N
 
 def project_decoder_grad_(decoder: Tensor, grad: Tensor) -> Tensor:
     """Remove from `grad` (in place) its component parallel to each decoder row ([..., d_hidden, d_in])."""
-    return grad.sub_((grad * decoder).sum(-1, keepdim=True) * decoder)
+    return grad.addcmul_((grad * decoder).sum(-1, keepdim=True), decoder, value=-1)
 
 
 def normalize_decoder_(decoder: Tensor) -> Tensor:

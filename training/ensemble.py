@@ -8,7 +8,9 @@ gradient of its own loss in one pass:
     preallocated buffers (no recomputation, no per-step allocation of [n_models, batch, d_hidden]
     tensors, no host sync). Tests check it against the autograd backend.
 Everything after the gradient (decoder-norm projection, Adam, renormalisation, NaN freezing,
-dead-latent tracking) is shared and works in place on the stacked tensors.
+dead-latent tracking) is shared and works in place on the stacked tensors. Both backends follow
+autocast: under `torch.autocast(device, dtype=torch.bfloat16)` the matmuls run in bf16 (on CPUs
+with AVX512-BF16 about 4x the fp32 matmul rate), params, Adam state and gradients stay fp32.
 
 Shapes: `x: [batch, d_in]`; stacked params `center: [N, d_in]`, `encoder, decoder: [N, d_hidden, d_in]`,
 `encoder_bias: [N, d_hidden]`; N = n_models.
@@ -34,6 +36,7 @@ from training.dictionary import (
     init_center_value,
     l1_loss,
     pre_activations,
+    project_decoder_grad_,
     topk_loss,
     topk_mask_codes,
     unstack_dictionaries,
@@ -110,8 +113,10 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
 
     loss_i = MSE_i + l1_i * L1_i. Five batched matmuls per token chunk (2 forward, 3 backward;
     weight gradients accumulate over chunks of `ws.chunk` tokens), the centre's encoder-side
-    gradient as a vector-matrix product; no host sync. With a lower compute dtype (autocast) the
-    matmuls and the [N, C, h] buffers use it, as autocast would; sums and gradients stay fp32.
+    gradient as a vector-matrix product; no host sync. Under autocast the matmuls and the [N, C, h]
+    buffers use its dtype, as autograd under autocast would; gradients are accumulated in fp32, but
+    the batch sums over [N, C, h] (bias gradient, L1 and L0 stats) come out in that dtype (bf16: ~3
+    significant digits), like autocast's.
     """
     n, batch = params["decoder"].shape[0], x.shape[0]
     center, bias, dec = params["center"], params["encoder_bias"], params["decoder"]
@@ -120,41 +125,46 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
     h, d = dec.shape[1:]
     cd, acc = ws.compute, x.dtype
     low = cd != acc                                                                  # autocast to bf16/fp16
-    enc_c, dec_c = (enc.to(cd), dec.to(cd)) if low else (enc, dec)
+    enc_c, dec_c, bias_c = enc, dec, bias
+    if low:                                   # persistent low-precision copies: no per-step allocation
+        enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc)
+        dec_c = enc_c if tied else ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
+        bias_c = bias.to(cd)
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
     code_total, fired_count = x.new_zeros(n), x.new_zeros(n, h)
-    l1_grad = _per_member(l1 / batch, ws.big_a)                                      # d L1 / d codes
+    l1_grad = _per_member(l1 / batch, ws.big_a).to(cd)                               # d L1 / d codes
     grads["encoder_bias"].zero_()
     grads["center"].zero_()
 
     for start in range(0, batch, ws.chunk):
         xs = x[start:start + ws.chunk]
         m, first = xs.shape[0], start == 0
-        if low:
-            xc = ws.xc[:, :m].copy_(xs.unsqueeze(0) - center.unsqueeze(1))
+        if low:                                                                      # via the fp32 buffer
+            xc = ws.xc[:, :m].copy_(torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.small[:, :m]))
         else:
             xc = torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])   # [N, m, d]
         codes = ws.big_a[:, :m]                                                      # [N, m, h]
-        codes.copy_(bias.unsqueeze(1).expand_as(codes)).baddbmm_(xc, enc_c.transpose(1, 2)).relu_()
+        torch.baddbmm(bias_c.unsqueeze(1), xc, enc_c.transpose(1, 2), out=codes).relu_()
         err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
         if low:
             err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, ws.chunk, d), cd)[:, :m]))
         else:
             err.baddbmm_(codes, dec)
         err.sub_(xs)                                                                 # x_hat - x
-        torch.sum(err.square(), -1, out=sq_err[:, start:start + m])
+        torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1,
+                  out=sq_err[:, start:start + m])
         g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
         grads["center"].add_(g.sum(1))
         g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
 
         _accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
-        code_total.add_(codes.sum((1, 2), dtype=acc))
+        code_total.add_(codes.sum((1, 2)))
         gpre = ws.big_b[:, :m]
-        gpre.copy_(l1_grad.expand_as(gpre)).baddbmm_(g_c, dec_c.transpose(1, 2))
+        torch.baddbmm(l1_grad, g_c, dec_c.transpose(1, 2), out=gpre)
         _relu_mask_(gpre, codes)                                                     # d loss / d pre
-        fired_count.add_(codes.sign_().sum(1, dtype=acc))
+        fired_count.add_(codes.sign_().sum(1))
         _accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
-        grads["encoder_bias"].add_(gpre.sum(1, dtype=acc))
+        grads["encoder_bias"].add_(gpre.sum(1))
     grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
 
     mse = sq_err.mean(-1)
@@ -205,11 +215,11 @@ class _SparseCodes:
         return torch.ops.aten._embedding_bag_per_sample_weights_backward(
             grad_out, table, self.flat_idx.view(-1), self.offsets, self.offset2bag, 0, -1)
 
-    def scatter_rows(self, rows: Tensor, weights: Tensor) -> Tensor:
-        """[N*h, d]: sum over entries e of weights[e] * rows[token(e)] into row flat_idx[e].
+    def scatter_rows(self, rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        """out[N*h, d] (+)= sum over entries e of weights[e] * rows[token(e)] into row flat_idx[e].
 
-        A CSR (latent x token) matrix times `rows: [N*B, d]`; the CSR pattern (one sort) is shared
-        by every call on the same codes.
+        A CSR (latent x token) matrix times `rows: [N*B, d]`, written into `out` (no allocation); the
+        CSR pattern (one sort) is shared by every call on the same codes.
         """
         if self._by_row is None:
             flat = self.flat_idx.view(-1)
@@ -226,7 +236,7 @@ class _SparseCodes:
             matrix = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order], (self.n_rows, rows.shape[0]),
                                              check_invariants=False)
         with torch.autocast(rows.device.type, enabled=False):                          # sparse kernels: fp32
-            return matrix @ rows
+            return torch.addmm(out, matrix, rows, beta=1 if accumulate else 0, out=out)
 
 
 def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max: int, dead: Tensor | None,
@@ -248,17 +258,18 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     xc = torch.sub(x.unsqueeze(0), center.unsqueeze(1), out=ws.buffer("xc", (n, batch, d), acc))
     pre = ws.buffer("pre", (n, batch, h), cd)
     pre.copy_(bias.unsqueeze(1).expand_as(pre))
-    pre.baddbmm_(ws.xc.copy_(xc) if low else xc, (enc.to(cd) if low else enc).transpose(1, 2))
+    enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc) if low else enc
+    pre.baddbmm_(ws.xc.copy_(xc) if low else xc, enc_c.transpose(1, 2))
     vals, idx = pre.topk(k_max, dim=-1, sorted=rank_mask is not None)                 # [N, B, k]
     vals = vals.to(acc).relu_()
     if rank_mask is not None:
         vals.mul_(rank_mask.unsqueeze(1))
     sp = _SparseCodes.build(idx, h)
     dec_flat = dec.view(n * h, d)
-    dec_c = dec.to(cd) if low else dec
 
     err = ws.small.copy_(center.unsqueeze(1).expand_as(ws.small))
     if decoder_impl == "dense":
+        dec_c = ws.buffer("dec", tuple(dec.shape), cd).copy_(dec) if low else dec
         codes = ws.big_a.zero_().scatter_(-1, idx, vals.to(cd))
         err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, batch, d), cd)))
     else:
@@ -274,11 +285,10 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
         gcodes = torch.bmm(g_c, dec_c.transpose(1, 2), out=ws.big_b)
         gvals = gcodes.gather(-1, idx).to(acc)
     else:
-        grads["decoder"].view(n * h, d).copy_(sp.scatter_rows(g.view(n * batch, d), vals))
+        sp.scatter_rows(g.view(n * batch, d), vals, grads["decoder"].view(n * h, d))
         gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, k_max)
     gvals = gvals.masked_fill_(vals <= 0, 0)                                         # d loss / d pre at idx
-    enc_grad = grads["encoder"].view(n * h, d)
-    enc_grad.copy_(sp.scatter_rows(xc.view(n * batch, d), gvals))
+    sp.scatter_rows(xc.view(n * batch, d), gvals, grads["encoder"].view(n * h, d))
     gbias = grads["encoder_bias"].zero_()
     gbias.view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
     grads["center"].copy_(g.sum(1))
@@ -312,12 +322,12 @@ def _aux_k_grads(pre: Tensor, dead: Tensor, k_aux: int, aux_coef: float, resid: 
     dec_flat = params["decoder"].view(n * h, d)
     e_hat = sp.gather_sum(dec_flat, vals.view(n * batch, -1)).view(n, batch, d)
     diff = e_hat.sub_(resid)                                                         # e_hat - e
-    any_dead = dead.any(-1).to(pre.dtype)                                            # [N]
+    any_dead = dead.any(-1).to(xc.dtype)                                             # [N]
     aux = diff.square().sum(-1).mean(-1) * any_dead
     g = diff.mul_(_per_member(any_dead * (2.0 * aux_coef / batch), diff))             # d (c*aux) / d e_hat
-    grads["decoder"].view(n * h, d).add_(sp.scatter_rows(g.view(n * batch, d), vals))
+    sp.scatter_rows(g.view(n * batch, d), vals, grads["decoder"].view(n * h, d), accumulate=True)
     gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, -1).masked_fill_(vals <= 0, 0)
-    grads["encoder"].view(n * h, d).add_(sp.scatter_rows(xc.view(n * batch, d), gvals))
+    sp.scatter_rows(xc.view(n * batch, d), gvals, grads["encoder"].view(n * h, d), accumulate=True)
     grads["encoder_bias"].view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
     return aux
 
@@ -337,7 +347,7 @@ class Ensemble:
     gradients accumulate), bounding its [N, chunk, d_hidden] buffers.
     """
 
-    def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor], *,
+    def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor | list[float]], *,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                  backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse",
@@ -373,7 +383,8 @@ class Ensemble:
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _checked_hparams(self, hparams: dict[str, Tensor], members: list[Dictionary]) -> dict[str, Tensor]:
+    def _checked_hparams(self, hparams: dict[str, Tensor | list[float]], members: list[Dictionary]
+                         ) -> dict[str, Tensor]:
         """Validate and store hparams: lr/l1 as float64 [N], k as int64 [N]."""
         dev = self.params["decoder"].device
         want = {"lr", "l1"} if self.architecture == "l1" else {"lr", "k"}
@@ -415,12 +426,7 @@ class Ensemble:
             stats = self._gradients(x, l1_scale)
             self.frozen |= ~torch.isfinite(stats["loss"])
             active = ~self.frozen
-            project = self._grads["decoder"]
-            project.sub_((project * self.params["decoder"]).sum(-1, keepdim=True) * self.params["decoder"])
-            self._adam_(active, lr_scale)
-            dec = self.params["decoder"]
-            norm = dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active, dec), 1)
-            dec.div_(norm)
+            self._update_(active, lr_scale)
             self._track_dead(stats["fired"], active, x.shape[0])
             variance = (x - x.mean(0)).square().sum()
             stats["explained_variance"] = 1 - stats.pop("sq_err_sum") / variance
@@ -480,26 +486,50 @@ class Ensemble:
             stats.pop("aux")
         return stats
 
+    def _update_(self, active: Tensor, lr_scale: float) -> None:
+        """Decoder-gradient projection, Adam, decoder renormalisation, in place, a group of members at a
+        time (groups of about 4 MiB per tensor stay in cache across the three); frozen members untouched."""
+        coefs = self._adam_coefficients(active, lr_scale)
+        dec_all = self.params["decoder"]
+        per_group = max(1, (4 << 20) // (dec_all[0].numel() * dec_all.element_size()))
+        for start in range(0, self.n_models, per_group):
+            members = slice(start, start + per_group)
+            dec, g_dec = dec_all[members], self._grads["decoder"][members]
+            project_decoder_grad_(dec, g_dec)
+            self._adam_members_(members, coefs)
+            norm = dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active[members], dec), 1)
+            dec.div_(norm)
+
     def _adam_(self, active: Tensor, lr_scale: float) -> None:
-        """In-place Adam (torch.optim.Adam's arithmetic) on every member; frozen members are untouched."""
+        """One in-place Adam step of every member with the gradients in self._grads (no constraint)."""
+        self._adam_members_(slice(None), self._adam_coefficients(active, lr_scale))
+
+    def _adam_coefficients(self, active: Tensor, lr_scale: float) -> dict[str, Tensor]:
+        """Advance the step counts of active members; their per-member Adam factors ([N], params dtype)."""
         beta1, beta2 = self.adam_betas
         self.adam_step += active
         step = self.adam_step.clamp_min(1)
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
         zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N]
-        neg_step_size = torch.where(active, -(self.hparams["lr"] * lr_scale) / bias_correction1, zero)
         dtype = self.params["decoder"].dtype
-        weight1 = torch.where(active, one * (1 - beta1), zero).to(dtype)
-        beta2_eff = torch.where(active, one * beta2, one).to(dtype)
-        neg_step_size, bias_correction2_sqrt = neg_step_size.to(dtype), bias_correction2_sqrt.to(dtype)
-        for name, p in self.params.items():
-            g, m, v, tmp = self._grads[name], self.exp_avg[name], self.exp_avg_sq[name], self._scratch[name]
-            g.masked_fill_(~_per_member(active, g), 0)
-            m.lerp_(g, _per_member(weight1, m))
-            v.mul_(_per_member(beta2_eff, v)).addcmul_(g, g, value=1 - beta2)
-            denom = torch.sqrt(v, out=g).div_(_per_member(bias_correction2_sqrt, v)).add_(self.adam_eps)
-            p.add_(torch.mul(m, _per_member(neg_step_size, m), out=tmp).div_(denom))
+        return {"active": active,
+                "weight1": torch.where(active, one * (1 - beta1), zero).to(dtype),         # 0: m unchanged
+                "beta2": torch.where(active, one * beta2, one).to(dtype),                 # 1: v unchanged
+                "bias_correction2_sqrt": (1 - beta2 ** step).sqrt().to(dtype),
+                "neg_step_size": torch.where(active, -(self.hparams["lr"] * lr_scale) / (1 - beta1 ** step),
+                                             zero).to(dtype)}
+
+    def _adam_members_(self, members: slice, c: dict[str, Tensor]) -> None:
+        """Adam on the given members: torch.optim.Adam's single-tensor arithmetic, vectorised over
+        members with per-member factors, in place (frozen members: zero gradient, zero step)."""
+        beta2 = self.adam_betas[1]
+        for name, p_all in self.params.items():
+            p, g = p_all[members], self._grads[name][members]
+            m, v, tmp = self.exp_avg[name][members], self.exp_avg_sq[name][members], self._scratch[name][members]
+            g.masked_fill_(~_per_member(c["active"][members], g), 0)
+            m.lerp_(g, _per_member(c["weight1"][members], m))
+            v.mul_(_per_member(c["beta2"][members], v)).addcmul_(g, g, value=1 - beta2)
+            denom = torch.sqrt(v, out=g).div_(_per_member(c["bias_correction2_sqrt"][members], v)).add_(self.adam_eps)
+            p.add_(torch.mul(m, _per_member(c["neg_step_size"][members], m), out=tmp).div_(denom))
 
     def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
         """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""

@@ -88,7 +88,7 @@ class SweepConfig:
     device: str | None = None
     """cpu, cuda, cuda:N or mps (default: cuda when available)."""
     precision: str = field(default="fp32", metadata={"choices": list(PRECISIONS)})
-    """fp32; tf32 matmuls (GPU); bf16 autocast (GPU)."""
+    """fp32; tf32 matmuls (GPU); bf16 autocast (matmuls in bf16, parameters and Adam state in fp32)."""
     resume: bool = False
     """Continue the run in --output_dir from its last checkpoint (flags must match)."""
     overwrite: bool = False
@@ -335,15 +335,15 @@ class SweepResult:
 
 
 def setup_precision(cfg: SweepConfig, device: torch.device) -> Any:
-    """The autocast context for --precision (and the TF32 switch); bf16/tf32 need a GPU."""
+    """The autocast context for --precision (and the TF32 switch); tf32 needs a GPU."""
     import contextlib
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise UserError(f"--precision {cfg.precision} needs a CUDA device: use --precision fp32 on {device.type}")
+    if cfg.precision == "tf32" and device.type != "cuda":
+        raise UserError(f"--precision tf32 needs a CUDA device: use fp32 (or bf16) on {device.type}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.precision == "tf32"
         torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
     if cfg.precision == "bf16":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -363,7 +363,7 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
     hparams = {"lr": lr, "l1": torch.tensor(keys, dtype=torch.float64)} if cfg.architecture == "l1" else {"lr": lr}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens,
-                   backend="autograd" if cfg.precision == "bf16" else "fused")
+                   backend="fused")
     if cfg.center_init != "zero":
         ens.init_center(first_chunk.to(device, torch.float32), cfg.center_init)
     return ens
@@ -446,7 +446,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         from training.ensemble import Ensemble
         rng.set_state(state.pop("rng.resample"))
         ens = Ensemble.from_state_dict({k: v.to(device) for k, v in state.items()},
-                                       backend="autograd" if cfg.precision == "bf16" else "fused")
+                                       backend="fused")
         progress = Progress(**saved["progress"])
         truncate_metrics(out / METRICS, progress.step)
     else:
