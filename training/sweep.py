@@ -115,8 +115,8 @@ def l1_values(cfg: SweepConfig) -> list[float]:
     if cfg.l1_value_n == 1:
         return [10 ** cfg.l1_value_min]
     step = (cfg.l1_value_max - cfg.l1_value_min) / (cfg.l1_value_n - 1)
-    # rounded to 6 significant digits so that keys read back exactly as typed (e.g. saes[1e-3])
-    return [float(f"{10 ** (cfg.l1_value_min + i * step):.6g}") for i in range(cfg.l1_value_n)]
+    # rounded to 3 significant digits, as every table prints them, so that saes[1.39] finds the member
+    return [float(f"{10 ** (cfg.l1_value_min + i * step):.3g}") for i in range(cfg.l1_value_n)]
 
 
 def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
