@@ -318,6 +318,7 @@ class SweepResult:
     progress: Progress
     seconds: float
     architecture: str
+    tokens_this_run: int
 
     def table(self) -> str:
         """The end-of-run summary: one row per member."""
@@ -329,7 +330,7 @@ class SweepResult:
         return "\n".join(rows)
 
     def __str__(self) -> str:
-        rate = self.progress.tokens / self.seconds if self.seconds > 0 else 0.0
+        rate = self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
         return (f"trained {len(self.keys)} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} "
                 f"tokens each, {rate:,.0f} tokens/s) into {self.output_dir}\n{self.table()}")
 
@@ -504,4 +505,4 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
     if frozen:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
-    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture)
+    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - tokens0)
