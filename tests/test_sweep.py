@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import training.sweep as sweep_mod
 from training import load_sweep
-from training.chunks import atomic_write_json, save_tensors
+from bench.top_activations import write_synthetic_folder
+from training.chunks import atomic_write_json
 from training.cli import UserError, run_cli
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, l1_values, lr_scale, l1_scale, run_sweep
@@ -189,28 +190,14 @@ def test_wandb_missing_is_a_clear_error(chunk_root, tmp_path, monkeypatch):
         run_sweep(cfg_for(chunk_root, tmp_path / "o", wandb_project="x"))
 
 
-def write_synthetic_folder(root: Path, acts: torch.Tensor, chunk_size: int) -> None:
-    """A dataset folder in Stage 1's format holding `acts` [n, d] (float32) under one hook."""
-    hook = "synthetic"
-    (root / hook).mkdir(parents=True)
-    chunks = []
-    for i, part in enumerate(acts.split(chunk_size)):
-        n = len(part)
-        digest = save_tensors(root / hook / f"{i}.safetensors",
-                              {"activations": part.contiguous(), "token_ids": torch.zeros(n, dtype=torch.int32),
-                               "sequence_ids": torch.arange(n), "positions": torch.zeros(n, dtype=torch.int32)})
-        chunks.append({"file": f"{i}.safetensors", "rows": n, "sha256": digest})
-    atomic_write_json(root / "manifest.json", {"config": {}, "hooks": {hook: {"d": acts.shape[1], "mean": acts.mean(0).tolist(),
-                                                                                "chunks": chunks}}})
-
-
 def test_sweep_recovers_known_sparse_features(tmp_path):
     from training.metrics import cosine_matrix
     from training.toy import ToyConfig, make_features, make_generator, sample_batch
     toy = ToyConfig(n_features=48, d=24, avg_active=3, decay=0.99, seed=0)
     features = make_features(toy)
     acts, _ = sample_batch(toy, features, 48000, make_generator(toy))
-    write_synthetic_folder(tmp_path / "toy", acts, 12000)
+    write_synthetic_folder(tmp_path / "toy", len(acts), toy.d, model="none", vocab_size=2, chunk_size=12000,
+                           hook="synthetic", acts=acts)
     run_sweep(SweepConfig(dataset_dir=str(tmp_path / "toy"), output_dir=str(tmp_path / "o"), ratio=4,
                           l1_values=[0.1, 2.0, 30.0], batch_size=256, n_repetitions=8, adam_lr=1e-2, device="cpu",
                           center_init="zero", log_every=100))
