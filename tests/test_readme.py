@@ -13,7 +13,8 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepConfig"),
            ("training.evaluate", "EvaluateConfig"), ("training.tiny_lm", "TinyLMConfig"),
            ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig"),
-           ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig")]
+           ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig"),
+           ("training.activation_import", "ImportConfig")]
 
 
 @pytest.mark.parametrize("module, name", CONFIGS)

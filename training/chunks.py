@@ -8,6 +8,10 @@ Layout of a dataset folder written by `generate_test_data.py`:
                                                 that has a row in chunk i, so each row's context can be rebuilt
 
 Chunk i of every hook holds the same rows (same tokens, same order). Rows are shuffled within a chunk.
+
+A folder written by `import_activations.py` (training/activation_import.py) holds activations only: its chunks
+have no token_ids, sequence_ids or positions, there is no contexts/ folder, and its manifest says
+`"has_tokens": false` (a manifest without the key has tokens). Tools that need tokens call `require_tokens`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +97,9 @@ def mmap_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Memory-map every tensor of a safetensors file (no copy until touched); also return its `info` metadata."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+            raise ValueError(f"header of {n} bytes in a file of {size} bytes: not a safetensors file")
         header = json.loads(f.read(n))
     meta = json.loads((header.pop("__metadata__", None) or {}).get("info", "{}"))
     out: dict[str, torch.Tensor] = {}
@@ -137,14 +145,21 @@ class HookData:
         """Mean activation [d] over all stored rows, from the manifest."""
         return torch.tensor(self.manifest["hooks"][self.hook]["mean"])
 
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the chunks hold token ids, sequence ids and positions (False for imported activations)."""
+        return has_tokens(self.manifest)
+
     def load(self, i: int, verify: bool = False) -> dict[str, torch.Tensor]:
-        """Chunk i memory-mapped: activations [n, d], token_ids [n], sequence_ids [n], positions [n]."""
+        """Chunk i memory-mapped: activations [n, d], and token_ids [n], sequence_ids [n], positions [n] when
+        the folder has tokens."""
         info = self.chunks[i]
         if not info.path.exists():
             raise UserError(f"chunk {info.path} listed in the manifest is missing: regenerate the dataset")
         if verify and file_sha256(info.path) != info.sha256:
             raise UserError(f"chunk {info.path} does not match the checksum in the manifest (corrupt or "
-                            "modified): regenerate it with generate_test_data.py")
+                            "modified): regenerate it with generate_test_data.py (import_activations.py for "
+                            "imported activations)")
         tensors, _ = mmap_tensors(info.path)
         return tensors
 
@@ -155,6 +170,7 @@ class HookData:
 
     def context(self, chunk: int, row: int, before: int = 10, after: int = 4) -> tuple[list[int], int]:
         """Token ids around row `row` of chunk `chunk` (window clipped to its sequence) and the row's index in it."""
+        require_tokens(self.manifest, self.root / self.hook, "HookData.context")
         t = self.load(chunk)
         seq, pos = int(t["sequence_ids"][row]), int(t["positions"][row])
         ctx, _ = mmap_tensors(self.root / CONTEXTS / f"{chunk}.safetensors")
@@ -166,12 +182,36 @@ class HookData:
         return tokens[lo:hi].tolist(), pos - lo
 
 
+def has_tokens(manifest: dict[str, Any]) -> bool:
+    """Whether a dataset folder's chunks hold token ids, sequence ids and positions, with contexts/ beside them."""
+    return bool(manifest.get("has_tokens", True))
+
+
+def require_tokens(manifest: dict[str, Any], where: str | Path, tool: str, alternative: str = "") -> None:
+    """A one-line UserError when the folder `where` holds imported activations without token ids."""
+    if not has_tokens(manifest):
+        raise UserError(f"{where} holds imported activations without token ids: {tool} needs a folder written by "
+                        f"generate_test_data.py{', or ' + alternative if alternative else ''}")
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     """The manifest of dataset folder `root`; a missing one is a UserError."""
     path = root / MANIFEST
     if not path.exists():
         raise UserError(f"no {MANIFEST} in {root}: not a dataset folder written by generate_test_data.py")
     return json.loads(path.read_text())
+
+
+def remove_dataset(root: Path) -> None:
+    """Delete the dataset in folder `root`: its manifest first, then its chunk folders and contexts/."""
+    try:
+        hooks = list(json.loads((root / MANIFEST).read_text()).get("hooks", {}))
+    except (OSError, ValueError):
+        hooks = []
+    (root / MANIFEST).unlink(missing_ok=True)
+    for name in hooks + [CONTEXTS]:
+        if name and "/" not in name and name not in (".", ".."):
+            shutil.rmtree(root / name, ignore_errors=True)
 
 
 def list_hooks(root: str | Path) -> list[str]:

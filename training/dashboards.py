@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from training.chunks import has_tokens
 from training.cli import UserError
 from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
                                       select_member, visible_token)
@@ -588,7 +589,13 @@ def locate_features(cfg: DashboardConfig) -> Path:
         return p / FEATURES_JSON if p.is_dir() else p
     if cfg.sweep:
         key, _, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)
-        return Path(cfg.sweep) / "features" / key_label("l1" if meta["architecture"] == "l1" else "k", key) / FEATURES_JSON
+        label = key_label("l1" if meta["architecture"] == "l1" else "k", key)
+        path = Path(cfg.sweep) / "features" / label / FEATURES_JSON
+        if not path.exists() and not has_tokens(meta.get("source_manifest") or {}):
+            raise UserError(f"no {path}: the sweep was trained on imported activations without token ids, so "
+                            "gather its features with gather_high_activations.py --model and --dataset (running the "
+                            "model they came from on text) first")
+        return path
     raise UserError("give --features (a features.json from gather_high_activations.py) or --sweep with --l1/--k")
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import CONTEXTS, atomic_write_json, mmap_tensors
+from training.chunks import CONTEXTS, atomic_write_json, has_tokens, mmap_tensors
 from training.cli import UserError, config_to_dict
 from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
                               next_token_ce)
@@ -219,6 +219,14 @@ def resolve_text(cfg: EvaluateConfig, meta: dict[str, Any]) -> Evaluated:
     from training.text import available_splits
     manifest = meta.get("source_manifest", {}) or {}
     gen = manifest.get("config", {}) or {}
+    imported = not has_tokens(manifest)
+    if imported:
+        missing = [f"--{n}" for n in ("model", "dataset", "context_length") if getattr(cfg, n) is None]
+        if missing:
+            raise UserError(f"the sweep was trained on imported activations ({meta.get('dataset_dir')}), which "
+                            f"record no model or text: pass {', '.join(missing)} (the model they came from, text "
+                            "to run it on and its sequence length; the CE loss needs all three)")
+        gen = {}
     model = cfg.model or gen.get("model")
     if not model:
         raise UserError("the sweep's source manifest records no model: pass --model")
@@ -250,6 +258,8 @@ def resolve_text(cfg: EvaluateConfig, meta: dict[str, Any]) -> Evaluated:
                     "are skipped")
     elif same_dataset:
         held_out = f"held out from training (Stage 1 read split {train_split!r})"
+    elif imported:
+        held_out = "overlap with the training data unknown (the sweep was trained on imported activations)"
     else:
         held_out = f"another dataset than the training text (Stage 1 read {gen.get('dataset')!r})"
     return Evaluated(model=model, hook=hook, dataset=dataset, dataset_split=split, text_column=text_column,

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_json, read_manifest,
-                             save_tensors)
+from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_json, has_tokens, read_manifest,
+                             remove_dataset, save_tensors)
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
@@ -247,6 +247,7 @@ def new_manifest(cfg: GenerateConfig, model: Any, widths: dict[str, int], argv: 
         "model": {"name": cfg.model, "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
                   "d_vocab": model.cfg.d_vocab, "fingerprint": model_fingerprint(cfg.model)},
         "special_token_ids": sorted(special_token_ids(model.tokenizer)),
+        "has_tokens": True,
         "hooks": {h: {"d": d, "mean": [0.0] * d, "mean_norm": 0.0, "chunks": []} for h, d in widths.items()},
         "chunks": [],
         "total_tokens": 0,
@@ -260,6 +261,13 @@ def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
     if not (root / MANIFEST).exists():
         return None
     old = read_manifest(root)
+    if not has_tokens(old):
+        if not cfg.overwrite:
+            raise UserError(f"{root} holds imported activations (import_activations.py), which "
+                            "generate_test_data.py cannot resume: pass --overwrite to replace them, or another "
+                            "--dataset_folder")
+        remove_dataset(root)
+        return None
     diff = config_diff(config_from_dict(GenerateConfig, old["config"]), cfg, ignore=RESUMABLE_CHANGES)
     if old["model"].get("fingerprint") != model_fingerprint(cfg.model):
         diff["model weights"] = ("other weights", "the model's current weights")
@@ -268,10 +276,7 @@ def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
         raise UserError(f"{root} was made with other settings ({detail}): pass the same flags to resume, "
                         "--overwrite to replace it, or another --dataset_folder")
     if cfg.overwrite and diff:
-        for hook in old["hooks"]:
-            shutil.rmtree(root / hook, ignore_errors=True)
-        shutil.rmtree(root / CONTEXTS, ignore_errors=True)
-        (root / MANIFEST).unlink()
+        remove_dataset(root)
         return None
     return old
 

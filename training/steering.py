@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training.chunks import atomic_write_json
+from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.text import special_token_ids
 
@@ -527,12 +527,23 @@ def load_for_steering(sweep: str | Path, l1: float | None = None, k: int | None 
     from training.models import load_model, resolve_device
     dev = resolve_device(device)
     sae, meta, _ = select_dictionary(sweep, l1, k, dev)
-    return load_model(model_name(meta, model), dev, dtype), sae, meta["hook"]
+    loaded = load_model(model_name(meta, model), dev, dtype)
+    check_sweep_hook(loaded, meta)
+    return loaded, sae, meta["hook"]
 
 
 def save_result(path: str | Path, result: SteeringResult) -> None:
     """Write `result.to_dict()` as JSON, atomically."""
     atomic_write_json(Path(path), result.to_dict())
+
+
+def check_sweep_hook(model: Any, meta: dict[str, Any]) -> None:
+    """UserError when the model lacks the sweep's hook because the sweep's activations were imported under
+    another name (other cases are `check_hook`'s)."""
+    if not has_tokens(meta.get("source_manifest") or {}) and meta["hook"] not in model.hook_dict:
+        raise UserError(f"the sweep was trained on activations imported as hook {meta['hook']!r}, which this model "
+                        "does not have: import them with --hook set to the hook they came from (e.g. "
+                        "blocks.3.hook_resid_post) and train the sweep again")
 
 
 def hook_norm(meta: dict[str, Any]) -> float | None:
@@ -542,7 +553,12 @@ def hook_norm(meta: dict[str, Any]) -> float | None:
 
 def model_name(meta: dict[str, Any], override: str | None) -> str:
     """`override`, else the model recorded in the sweep's source manifest."""
-    name = override or ((meta.get("source_manifest") or {}).get("config") or {}).get("model")
+    if override:
+        return override
+    if not has_tokens(meta.get("source_manifest") or {}):
+        raise UserError("the sweep was trained on imported activations, which record no model: pass --model (the "
+                        "model they came from)")
+    name = ((meta.get("source_manifest") or {}).get("config") or {}).get("model")
     if not name:
         raise UserError("the sweep records no model: pass --model")
     return name
@@ -611,6 +627,7 @@ def run_steer(cfg: SteerConfig) -> SteeringResult:
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)
     model = load_model(name, device, cfg.dtype)
+    check_sweep_hook(model, meta)
     result = steer(model, sae, meta["hook"], runs, prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
                    seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    prepend_bos=cfg.prepend_bos, stop_at_eos=cfg.stop_at_eos, progress=True)

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook
+from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, require_tokens
 from training.cli import UserError, config_to_dict
 from training.models import resolve_device, resolve_model_path
 
@@ -376,6 +376,8 @@ class StoredSource:
     """Rows of a Stage 1 hook folder, in stored order, up to `n_tokens`."""
 
     def __init__(self, data: HookData, n_tokens: int, device: torch.device):
+        require_tokens(data.manifest, data.root / data.hook, "gather_high_activations.py",
+                       "--model and --dataset (run the model they came from on text)")
         self.data, self.n_tokens, self.device = data, n_tokens, device
         self.context_length = int(data.manifest["config"]["context_length"])
         self.d = data.d
@@ -856,9 +858,9 @@ def open_source(cfg: TopActivationsConfig, sweep_meta: dict[str, Any] | None, de
     if path is None:
         raise UserError("--neurons needs --dataset_dir (a Stage 1 hook folder) or --model with --dataset")
     data = open_hook(path)
+    src = StoredSource(data, cfg.n_tokens, device)
     model_name = data.manifest["config"]["model"]
     tokenizer = load_tokenizer(cfg.tokenizer or model_name)
-    src = StoredSource(data, cfg.n_tokens, device)
     return src, tokenizer, {"model": model_name, "dataset_dir": str(Path(data.root).resolve() / data.hook),
                             "hook": data.hook, "context_length": src.context_length}
 
