@@ -98,12 +98,14 @@ def test_aux_k_loss_by_hand():
     assert aux_k_loss(params, x, x_hat, pre, torch.zeros(3, dtype=torch.bool), k_aux=2) == 0
 
 
-def test_init_unit_decoder_and_topk_encoder_is_decoder_transpose():
+def test_init_small_decoder_and_encoder_is_decoder_transpose():
     torch.manual_seed(0)
     for sae in (SparseLinearAutoencoder(16, 64), TopKAutoencoder(16, 64, k=4)):
-        torch.testing.assert_close(sae.decoder.norm(dim=-1), torch.ones(64))
+        torch.testing.assert_close(sae.decoder.norm(dim=-1), torch.full((64,), 0.1))
         torch.testing.assert_close(sae.encoder, sae.decoder)      # stored [h, d]: W_enc = W_dec^T
         assert sae.center.abs().max() == 0 and sae.encoder_bias.abs().max() == 0
+    tied = SparseLinearAutoencoder(16, 64, tied=True)                  # tied dictionaries keep unit rows
+    torch.testing.assert_close(tied.decoder.norm(dim=-1), torch.ones(64))
 
 
 def test_init_center_mean_and_geometric_median():

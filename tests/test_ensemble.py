@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder
+from training.dictionary import (SparseLinearAutoencoder, TopKAutoencoder, decode_codes, pre_activations,
+                                 unit_norm_params)
 from training.ensemble import Ensemble, make_members
 
 F64 = torch.float64
@@ -24,8 +25,11 @@ def _data(n_steps: int, batch: int, d_in: int, seed: int = 0, dtype=F64) -> list
 
 
 def _train_alone(module, xs: list[torch.Tensor], lr: float, *, l1: float | None = None,
-                 dead_window: int = 10 ** 9, k_aux: int = 0, aux_coef: float = 1 / 32) -> None:
-    """Independent reference: module.loss + autograd + torch.optim.Adam + the decoder-norm constraint."""
+                 dead_window: int = 10 ** 9, k_aux: int = 0, aux_coef: float = 1 / 32,
+                 unit_decoder: bool = False) -> None:
+    """Independent reference: module.loss + autograd + torch.optim.Adam (+ the unit decoder-norm constraint
+    when `unit_decoder` or tied)."""
+    unit_decoder = unit_decoder or getattr(module, "tied", False)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     since = torch.zeros(module.d_hidden, dtype=torch.long)
     for x in xs:
@@ -37,9 +41,11 @@ def _train_alone(module, xs: list[torch.Tensor], lr: float, *, l1: float | None 
         with torch.no_grad():
             fired = (module.encode(x) > 0).any(0)
         loss.backward()
-        module.project_decoder_grad_()
+        if unit_decoder:
+            module.project_decoder_grad_()
         opt.step()
-        module.normalize_decoder_()
+        if unit_decoder:
+            module.normalize_decoder_()
         since += x.shape[0]
         since[fired] = 0
 
@@ -160,31 +166,33 @@ def test_adam_trajectory_float32_single_member():
 
 # ----------------------------------------------------------------------------- ensemble == separate runs
 
-@pytest.mark.parametrize("case", ["l1", "l1_tied", "topk"])
+@pytest.mark.parametrize("case", ["l1", "l1_tied", "l1_unit", "topk", "topk_unit"])
 def test_ensemble_equals_separately_trained_members(case):
     torch.manual_seed(0)
     n, d, h, batch = 3, 8, 24, 64
     xs = _data(25, batch, d)
     lrs = [1e-3, 1e-2, 3e-2]
-    if case == "topk":
+    unit = case.endswith("_unit")
+    init_norm = 1.0 if unit else 0.1
+    if case.startswith("topk"):
         ks = [1, 3, 4]
-        members = make_members("topk", n, d, h, k=ks, dtype=F64)
-        ens = Ensemble(copy.deepcopy(members), {"lr": lrs}, dead_window=3 * batch, k_aux=4)
+        members = make_members("topk", n, d, h, k=ks, dtype=F64, init_norm=init_norm)
+        ens = Ensemble(copy.deepcopy(members), {"lr": lrs}, dead_window=3 * batch, k_aux=4, unit_decoder=unit)
     else:
         l1s = [0.05, 0.2, 1.0]
-        members = make_members("l1", n, d, h, tied=case == "l1_tied", dtype=F64)
-        ens = Ensemble(copy.deepcopy(members), {"lr": lrs, "l1": l1s})
+        members = make_members("l1", n, d, h, tied=case == "l1_tied", dtype=F64, init_norm=init_norm)
+        ens = Ensemble(copy.deepcopy(members), {"lr": lrs, "l1": l1s}, unit_decoder=unit)
     stats = _train_ensemble(ens, xs)
     for i, module in enumerate(members):
-        if case == "topk":
-            _train_alone(module, xs, lrs[i], dead_window=3 * batch, k_aux=4)
+        if case.startswith("topk"):
+            _train_alone(module, xs, lrs[i], dead_window=3 * batch, k_aux=4, unit_decoder=unit)
         else:
-            _train_alone(module, xs, lrs[i], l1=l1s[i])
+            _train_alone(module, xs, lrs[i], l1=l1s[i], unit_decoder=unit)
         # TopK member 0 (k=1) starts with an analytically zero encoder gradient: roundoff (1e-16)
         # divided by Adam's eps moves it by ~1e-11, so TopK gets a looser (still float64-tight) bound.
-        tol = 1e-9 if case == "topk" else 1e-12
+        tol = 1e-9 if case.startswith("topk") else 1e-12
         _assert_params_equal(module, ens, i, rtol=tol, atol=tol)
-    if case == "topk":
+    if case.startswith("topk"):
         assert stats[-1]["n_dead"].sum() > 0 and (stats[-1]["aux"] > 0).any()   # aux-K was exercised
         assert (stats[-1]["l0"] <= torch.tensor(ks, dtype=F64)).all()
 
@@ -268,39 +276,37 @@ def test_hparams_are_checked():
 # ----------------------------------------------------------------------------- decoder-norm constraint
 
 def test_decoder_rows_stay_unit_norm_and_l1_cannot_be_gamed():
-    """With unit decoder rows, ||x_hat - center|| <= sum_j codes_j per token: code mass cannot be traded
-    for decoder norm. Plain Adam without the constraint does trade it (decoder rows grow, the bound breaks)."""
+    """Unit rows (`unit_decoder`): rows stay at norm 1 and ||x_hat - center|| <= sum_j codes_j per token.
+    Free rows (default): the L1 weights each code by its row's norm, so the same bound holds with the
+    weighted code mass, and folding the norms into the encoder (unit_norm_params) changes no output."""
     torch.manual_seed(0)
-    (member,) = make_members("l1", 1, 8, 32)
     xs = _data(150, 64, 8, dtype=torch.float32)
-    ens = Ensemble([copy.deepcopy(member)], {"lr": torch.tensor([3e-2]), "l1": torch.tensor([3.0])})
-    ens.init_center(xs[0])
-    _train_ensemble(ens, xs)
-    torch.testing.assert_close(ens.params["decoder"].norm(dim=-1), torch.ones(1, 32))
-    codes, x_hat = ens.encode(xs[0])[0], ens.predict(xs[0])[0]
-    assert x_hat.sub(ens.params["center"][0]).norm(dim=-1).max() > 0.5                # not a trivial solution
-    assert (codes.sum(-1) >= (x_hat - ens.params["center"][0]).norm(dim=-1) - 1e-4).all()
+    for unit in (True, False):
+        (member,) = make_members("l1", 1, 8, 32, init_norm=1.0 if unit else 0.1)
+        ens = Ensemble([member], {"lr": torch.tensor([3e-2]), "l1": torch.tensor([3.0])}, unit_decoder=unit)
+        ens.init_center(xs[0])
+        _train_ensemble(ens, xs)
+        norms = ens.params["decoder"].norm(dim=-1)
+        if unit:
+            torch.testing.assert_close(norms, torch.ones(1, 32))
+        else:
+            assert (norms - 1).abs().max() > 0.1                                      # rows really are free
+        codes, x_hat = ens.encode(xs[0])[0], ens.predict(xs[0])[0]
+        assert x_hat.sub(ens.params["center"][0]).norm(dim=-1).max() > 0.5            # not a trivial solution
+        mass = (codes * norms[0]).sum(-1)
+        assert (mass >= (x_hat - ens.params["center"][0]).norm(dim=-1) - 1e-4).all()
+        folded = unit_norm_params({n: t[0] for n, t in ens.params.items()})
+        torch.testing.assert_close(folded["decoder"].norm(dim=-1), torch.ones(32))
+        folded_codes = pre_activations(folded, xs[0]).relu()
+        torch.testing.assert_close(folded_codes.sum(-1), mass, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decode_codes(folded, folded_codes), x_hat, rtol=1e-5, atol=1e-5)
 
-    free = copy.deepcopy(member)
-    free.init_center(xs[0])
-    opt = torch.optim.Adam(free.parameters(), lr=3e-2)
-    for x in xs:
-        opt.zero_grad()
-        free.loss(x, 3.0)[0].backward()
-        opt.step()
-    with torch.no_grad():
-        codes, x_hat = free.encode(xs[0]), free(xs[0])
-        assert free.decoder.norm(dim=-1).max() > 2
-        assert (codes.sum(-1) < (x_hat - free.center).norm(dim=-1) - 1e-4).any()
-
-
-# ----------------------------------------------------------------------------- dead latents
 
 def test_dead_latents_are_tracked_and_resampled():
     torch.manual_seed(0)
     n, d, h, batch = 2, 8, 16, 32
-    ens = Ensemble(make_members("l1", n, d, h), {"lr": torch.full((n,), 1e-3), "l1": torch.full((n,), 0.1)},
-                   dead_window=2 * batch)
+    ens = Ensemble(make_members("l1", n, d, h, init_norm=1.0), {"lr": torch.full((n,), 1e-3),
+                   "l1": torch.full((n,), 0.1)}, dead_window=2 * batch, unit_decoder=True)
     never = torch.tensor([1, 5, 6])
     ens.params["encoder_bias"][0, never] = -1e4                     # member 0: three latents never fire
     xs = _data(3, batch, d, dtype=torch.float32)
@@ -334,6 +340,17 @@ def test_dead_latents_are_tracked_and_resampled():
         assert torch.equal(ens.params[name][1], before[f"param.{name}"][1])
 
 
+def test_resampled_rows_of_free_decoders_take_the_mean_live_norm():
+    torch.manual_seed(0)
+    d, h, batch = 8, 16, 32
+    ens = Ensemble(make_members("l1", 1, d, h), {"lr": [1e-3], "l1": [0.1]}, dead_window=batch)
+    ens.params["decoder"][0] *= torch.linspace(0.5, 2.0, h).unsqueeze(-1)
+    ens.tokens_since_fired[0, :3] = batch
+    live_norm = ens.params["decoder"][0, 3:].norm(dim=-1).mean()
+    assert ens.resample_dead(_data(1, 256, d, dtype=torch.float32)[0]).tolist() == [3]
+    torch.testing.assert_close(ens.params["decoder"][0, :3].norm(dim=-1), live_norm.expand(3))
+
+
 # ----------------------------------------------------------------------------- learning
 
 def _sparse_feature_data(seed: int = 0):
@@ -365,7 +382,8 @@ def test_learns_known_sparse_features(architecture):
         stats = ens.step(batch(512), lr_scale=min(1.0, 2 * (1 - i / steps)))
         if (i + 1) % 100 == 0:
             ens.resample_dead(batch(8192))
-    cosine = (ens.params["decoder"] @ truth.T).amax(1)                  # [N, 64]: best row per true feature
+    rows = ens.params["decoder"] / ens.params["decoder"].norm(dim=-1, keepdim=True)
+    cosine = (rows @ truth.T).amax(1)                                   # [N, 64]: best row per true feature
     matched = (cosine > 0.9).sum(-1)
     assert (matched >= 56).all(), matched.tolist()
     assert (stats["explained_variance"] > 0.8).all() and not stats["frozen"].any()

@@ -39,7 +39,7 @@ def test_report_alpha_maps_the_reports_loss_onto_ours() -> None:
     """d * (report loss with alpha) == our loss with l1 = alpha * d / d_hidden, on a random dictionary."""
     torch.manual_seed(0)
     d, h, alpha = 6, 15, 0.37
-    sae = SparseLinearAutoencoder(d, h)
+    sae = SparseLinearAutoencoder(d, h, init_norm=1.0)   # unit rows, as the replication trains
     x = torch.randn(40, d)
     codes = sae.encode(x)
     x_hat = sae.decode(codes)

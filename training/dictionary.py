@@ -1,27 +1,31 @@
 """Sparse autoencoder dictionaries: an L1-penalised ReLU SAE and a TopK SAE.
 
-Shapes: `x, acts: [n, d_in]`, `codes, pre: [n, d_hidden]`, `encoder, decoder: [d_hidden, d_in]`.
+Shapes: `x, acts: [n, d_in]`, `codes, pre: [n, d_hidden]`, `encoder, decoder: [d_hidden, d_in]`,
+`norms: [d_hidden]` = the L2 norms of the decoder rows.
 
 Maths shared by every code path (modules, the vmap ensemble, its fused kernels):
     pre    = (x - center) @ encoder.T + encoder_bias       (tied L1 SAE: encoder is decoder)
     codes  = ReLU(pre)                                     (L1 SAE)
-           = ReLU(pre) on the k largest entries of pre, 0 elsewhere   (TopK SAE)
+           = ReLU(pre) on the k entries with the largest pre * norms, 0 elsewhere   (TopK SAE)
     x_hat  = codes @ decoder + center
 
 Normalisations (one convention everywhere):
     MSE = mean over the batch of ||x - x_hat||_2^2 (squared error summed over d_in, not averaged),
-          as in Anthropic's "Towards Monosemanticity" and SAELens. The L1 coefficient then trades
-          one unit of squared reconstruction error per token against one unit of code mass per token,
-          independently of d_in.
-    L1  = mean over the batch of sum_j |codes_j|.  total = MSE + l1 * L1.
+          as in Anthropic's "Towards Monosemanticity" and SAELens.
+    L1  = mean over the batch of sum_j |codes_j| * ||decoder_j||  (each code weighted by its decoder row's
+          norm, Anthropic's April 2024 update and SAELens' standard SAE). total = MSE + l1 * L1.
     aux (TopK only, Gao et al. 2024) = mean over the batch of ||e - e_hat||_2^2 where
           e = x - x_hat (no gradient) and e_hat = (top-k_aux dead pre-activations, ReLU) @ decoder;
           total = MSE + aux_coef * aux, aux_coef = 1/32, and aux is 0 for a model with no dead latent.
-Decoder-norm constraint (why the L1 cannot be gamed by shrinking codes and growing the decoder):
-    decoder rows are kept at unit L2 norm. Before each optimiser step the gradient component
-    parallel to each decoder row is removed (`project_decoder_grad_`), after it the rows are
-    renormalised (`normalize_decoder_`), as in Bricken et al. 2023. With unit rows,
-    ||x_hat - center|| <= L1 per token, so code mass can only shrink with the reconstruction.
+Why the L1 cannot be gamed by shrinking codes and growing the decoder: the penalty is on codes times
+decoder norms, which is invariant to that rescaling. Decoder rows are therefore free during training
+(initialised small, at `init_norm` = 0.1, with the encoder its transpose: relative Adam steps on small
+rows are large, so the dictionary learns in few steps). TopK ranks latents by pre * norms, the size of
+their contribution, which makes the same rescaling invariance hold for it. `unit_norm_params` folds
+the norms into encoder and bias, exactly, so saved dictionaries have unit decoder rows and the codes
+are the contributions' sizes. The older recipe (Bricken et al. 2023) instead keeps rows at unit norm:
+the gradient component parallel to each row is removed before the step (`project_decoder_grad_`) and
+the rows renormalised after it (`normalize_decoder_`); with unit rows both formulations coincide.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
+INIT_NORM = 0.1
+"""Initial norm of the decoder rows (and encoder rows, their copy) of a free-norm dictionary."""
 PARAM_NAMES = ("center", "encoder", "encoder_bias", "decoder")
 
 
@@ -49,13 +55,19 @@ def pre_activations(params: Params, x: Tensor) -> Tensor:
     return (x - params["center"]) @ encoder_weight(params).T + params["encoder_bias"]
 
 
-def topk_mask_codes(pre: Tensor, k: int, rank_mask: Tensor | None = None) -> Tensor:
-    """Dense codes [n, d_hidden]: ReLU of the k largest pre-activations per row, zeros elsewhere.
+def topk_indices(pre: Tensor, k: int, norms: Tensor | None = None, sorted: bool = True) -> Tensor:
+    """idx: [n, k], the latents with the largest pre * norms per row (largest pre when `norms` is None)."""
+    score = pre if norms is None else pre * norms
+    return score.detach().topk(k, dim=-1, sorted=sorted).indices
+
+
+def topk_mask_codes(pre: Tensor, k: int, rank_mask: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
+    """Dense codes [n, d_hidden]: ReLU(pre) on the k latents with the largest pre * norms, zeros elsewhere.
 
     `rank_mask: [k]` (0/1) keeps only the first ranks (lets one traced function serve several k).
     """
-    vals, idx = pre.topk(k, dim=-1)
-    vals = vals.relu()
+    idx = topk_indices(pre, k, norms)
+    vals = pre.gather(-1, idx).relu()
     if rank_mask is not None:
         vals = vals * rank_mask
     return torch.zeros_like(pre).scatter(-1, idx, vals)
@@ -71,9 +83,15 @@ def mse_loss(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat - x).square().sum(-1).mean()
 
 
-def l1_penalty(codes: Tensor) -> Tensor:
-    """Mean over the batch of the sum of |codes| over d_hidden."""
-    return codes.abs().sum(-1).mean()
+def l1_penalty(codes: Tensor, norms: Tensor | None = None) -> Tensor:
+    """Mean over the batch of sum_j |codes_j| * norms_j (norms = 1 when None)."""
+    weighted = codes.abs() if norms is None else codes.abs() * norms
+    return weighted.sum(-1).mean()
+
+
+def decoder_norms(params: Params) -> Tensor:
+    """norms: [d_hidden], the L2 norm of each decoder row."""
+    return params["decoder"].norm(dim=-1)
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -82,20 +100,21 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def l1_loss(params: Params, x: Tensor, l1: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
-    """(MSE + l1 * L1, {"mse", "l1", "codes", "x_hat"}) of an L1 dictionary."""
+    """(MSE + l1 * L1, {"mse", "l1", "codes", "x_hat"}) of an L1 dictionary (L1 weighted by decoder norms)."""
     codes = pre_activations(params, x).relu()
     x_hat = decode_codes(params, codes)
-    mse, l1_term = mse_loss(x, x_hat), l1_penalty(codes)
+    mse, l1_term = mse_loss(x, x_hat), l1_penalty(codes, decoder_norms(params))
     return mse + l1 * l1_term, {"mse": mse, "l1": l1_term, "codes": codes, "x_hat": x_hat}
 
 
 def aux_k_loss(params: Params, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
     """Gao et al. aux-K: MSE of the detached residual x - x_hat against its reconstruction from the
-    top-k_aux dead latents (decoder only, no center); 0 when `dead: [d_hidden]` is all False."""
+    top-k_aux dead latents by pre * norms (decoder only, no center); 0 when `dead: [d_hidden]` is all False."""
     e = (x - x_hat).detach()
-    masked = pre.masked_fill(~dead, -math.inf)
-    vals, idx = masked.topk(min(k_aux, pre.shape[-1]), dim=-1)
-    z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    masked = (pre * decoder_norms(params)).masked_fill(~dead, -math.inf)
+    idx = masked.detach().topk(min(k_aux, pre.shape[-1]), dim=-1).indices
+    vals = pre.gather(-1, idx).relu() * dead[idx].to(pre.dtype)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals)
     e_hat = z @ params["decoder"]
     return mse_loss(e, e_hat) * dead.any().to(pre.dtype)
 
@@ -105,7 +124,7 @@ def topk_loss(params: Params, x: Tensor, k: int, *, rank_mask: Tensor | None = N
               ) -> tuple[Tensor, dict[str, Tensor]]:
     """(MSE + aux_coef * aux, {"mse", "aux", "codes", "x_hat"}) of a TopK dictionary."""
     pre = pre_activations(params, x)
-    codes = topk_mask_codes(pre, k, rank_mask)
+    codes = topk_mask_codes(pre, k, rank_mask, decoder_norms(params))
     x_hat = decode_codes(params, codes)
     mse = mse_loss(x, x_hat)
     aux = (aux_k_loss(params, x, x_hat, pre, dead, k_aux) if (dead is not None and k_aux > 0)
@@ -121,6 +140,24 @@ def project_decoder_grad_(decoder: Tensor, grad: Tensor) -> Tensor:
 def normalize_decoder_(decoder: Tensor) -> Tensor:
     """Rescale each decoder row ([..., d_hidden, d_in]) to unit L2 norm, in place."""
     return decoder.div_(decoder.norm(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def unit_norm_params(params: Params) -> Params:
+    """Equivalent params with unit decoder rows: decoder / norms, encoder and encoder_bias * norms (copies).
+
+    Exact for both architectures: pre and codes scale by the norms (ReLU and the TopK ranking by
+    pre * norms are unchanged), and codes @ decoder is unchanged. A tied dictionary is returned as is
+    (it is trained with unit rows). Works on single ([h, d]) and stacked ([N, h, d]) params.
+    """
+    out = {n: t.detach().clone() for n, t in params.items()}
+    if "encoder" not in params:
+        return out
+    norms = params["decoder"].norm(dim=-1).clamp_min(1e-12)                    # [..., h]
+    out["decoder"] = params["decoder"] / norms.unsqueeze(-1)
+    out["encoder"] = params["encoder"] * norms.unsqueeze(-1)
+    out["encoder_bias"] = params["encoder_bias"] * norms
+    return out
 
 
 def random_unit_rows(n_rows: int, dim: int, *, device=None, dtype=None) -> Tensor:
@@ -157,10 +194,10 @@ def init_center_value(acts: Tensor, method: Literal["mean", "geometric_median"] 
 class _Dictionary(nn.Module):
     """Parameters and methods shared by both dictionaries."""
 
-    def _init_params(self, d_in: int, d_hidden: int, tied: bool, device, dtype) -> None:
-        """Unit-norm random decoder rows, encoder = decoder copy (its transpose in x @ W convention)."""
+    def _init_params(self, d_in: int, d_hidden: int, tied: bool, init_norm: float, device, dtype) -> None:
+        """Random decoder rows of norm `init_norm`, encoder = decoder copy (its transpose in x @ W convention)."""
         self.d_in, self.d_hidden, self.tied = d_in, d_hidden, tied
-        decoder = random_unit_rows(d_hidden, d_in, device=device, dtype=dtype)
+        decoder = random_unit_rows(d_hidden, d_in, device=device, dtype=dtype) * init_norm
         self.center = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         if not tied:
             self.encoder = nn.Parameter(decoder.clone())
@@ -212,9 +249,10 @@ class SparseLinearAutoencoder(_Dictionary):
 
     architecture = "l1"
 
-    def __init__(self, d_in: int, d_hidden: int, tied: bool = False, *, device=None, dtype=None):
+    def __init__(self, d_in: int, d_hidden: int, tied: bool = False, *, init_norm: float = INIT_NORM,
+                 device=None, dtype=None):
         super().__init__()
-        self._init_params(d_in, d_hidden, tied, device, dtype)
+        self._init_params(d_in, d_hidden, tied, 1.0 if tied else init_norm, device, dtype)
 
     def encode(self, x: Tensor) -> Tensor:
         """codes: [n, d_hidden] = ReLU((x - center) @ encoder.T + encoder_bias)."""
@@ -231,21 +269,22 @@ class TopKAutoencoder(_Dictionary):
 
     architecture = "topk"
 
-    def __init__(self, d_in: int, d_hidden: int, k: int, *, device=None, dtype=None):
+    def __init__(self, d_in: int, d_hidden: int, k: int, *, init_norm: float = INIT_NORM, device=None, dtype=None):
         super().__init__()
         if not 0 < k <= d_hidden:
             raise ValueError(f"k={k} must be in [1, d_hidden={d_hidden}]")
         self.k = int(k)
-        self._init_params(d_in, d_hidden, False, device, dtype)
+        self._init_params(d_in, d_hidden, False, init_norm, device, dtype)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes: [n, d_hidden] with at most k non-zeros per row."""
-        return topk_mask_codes(pre_activations(self.params(), x), self.k)
+        return topk_mask_codes(pre_activations(self.params(), x), self.k, norms=decoder_norms(self.params()))
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values: [n, k] after ReLU, indices: [n, k]) of the active latents."""
-        vals, idx = pre_activations(self.params(), x).topk(self.k, dim=-1)
-        return vals.relu(), idx
+        pre = pre_activations(self.params(), x)
+        idx = topk_indices(pre, self.k, decoder_norms(self.params()))
+        return pre.gather(-1, idx).relu(), idx
 
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """x_hat: [n, d_in] from the k active rows only (embedding_bag gather, no dense matmul)."""

@@ -31,10 +31,13 @@ from training.dictionary import (
     Dictionary,
     Params,
     SparseLinearAutoencoder,
+    INIT_NORM,
     TopKAutoencoder,
     decode_codes,
+    decoder_norms,
     init_center_value,
     l1_loss,
+    l1_penalty,
     pre_activations,
     project_decoder_grad_,
     topk_loss,
@@ -111,7 +114,7 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
                    ) -> dict[str, Tensor]:
     """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats.
 
-    loss_i = MSE_i + l1_i * L1_i. Five batched matmuls per token chunk (2 forward, 3 backward;
+    loss_i = MSE_i + l1_i * L1_i, L1 weighted by decoder-row norms. Five batched matmuls per token chunk (2 forward, 3 backward;
     weight gradients accumulate over chunks of `ws.chunk` tokens), the centre's encoder-side
     gradient as a vector-matrix product; no host sync. Under autocast the matmuls and the [N, C, h]
     buffers use its dtype, as autograd under autocast would; gradients are accumulated in fp32, but
@@ -131,8 +134,9 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         dec_c = enc_c if tied else ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
         bias_c = bias.to(cd)
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
-    code_total, fired_count = x.new_zeros(n), x.new_zeros(n, h)
-    l1_grad = _per_member(l1 / batch, ws.big_a).to(cd)                               # d L1 / d codes
+    code_sum, fired_count = x.new_zeros(n, h), x.new_zeros(n, h)
+    norms = dec.norm(dim=-1)                                                         # [N, h]
+    l1_grad = (_per_member(l1 / batch, norms) * norms).unsqueeze(1).to(cd)           # d (l1 L1) / d codes: [N, 1, h]
     grads["encoder_bias"].zero_()
     grads["center"].zero_()
 
@@ -158,7 +162,7 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
 
         _accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
-        code_total.add_(codes.sum((1, 2)))
+        code_sum.add_(codes.sum(1, dtype=acc))
         gpre = ws.big_b[:, :m]
         torch.baddbmm(l1_grad, g_c, dec_c.transpose(1, 2), out=gpre)
         _relu_mask_(gpre, codes)                                                     # d loss / d pre
@@ -166,9 +170,11 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         _accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
         grads["encoder_bias"].add_(gpre.sum(1))
     grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
+    # the penalty's own decoder gradient: l1 / B * sum_b codes_bi * decoder_i / norms_i
+    grads["decoder"].add_(dec * (_per_member(l1 / batch, code_sum) * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
 
     mse = sq_err.mean(-1)
-    l1_term = code_total / batch
+    l1_term = (code_sum * norms).sum(-1) / batch
     return {"loss": mse + l1 * l1_term, "mse": mse, "l1": l1_term, "sq_err_sum": sq_err.sum(-1),
             "l0": fired_count.sum(-1) / batch, "fired": fired_count > 0}
 
@@ -245,7 +251,8 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     """Write d loss_i / d params_i for TopK members into `grads`; return per-member stats.
 
     `rank_mask: [N, k_max]` (1 for ranks < k_i) lets members differ in k (None: all k equal).
-    `dead: [N, h]` enables the aux-K term (None skips it). The decoder is applied to the k active
+    `dead: [N, h]` enables the aux-K term (None skips it). Latents are ranked by pre * decoder-row norm
+    (the pre-activation buffer is scaled in place, and the kept values divided back). The decoder is applied to the k active
     rows only (embedding_bag forward, CSR products backward), unless `decoder_impl == "dense"`
     (dense codes and decoder matmuls, kept for the benchmark's comparison).
     """
@@ -260,8 +267,11 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     pre.copy_(bias.unsqueeze(1).expand_as(pre))
     enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc) if low else enc
     pre.baddbmm_(ws.xc.copy_(xc) if low else xc, enc_c.transpose(1, 2))
-    vals, idx = pre.topk(k_max, dim=-1, sorted=rank_mask is not None)                 # [N, B, k]
-    vals = vals.to(acc).relu_()
+    norms = dec.norm(dim=-1)                                                         # [N, h]
+    pre.mul_(norms.unsqueeze(1).to(cd))                                              # ranking scores
+    scores, idx = pre.topk(k_max, dim=-1, sorted=rank_mask is not None)              # [N, B, k]
+    picked_norms = norms.gather(1, idx.view(n, -1)).view_as(scores)
+    vals = scores.to(acc).relu_().div_(picked_norms.clamp_min(1e-12))
     if rank_mask is not None:
         vals.mul_(rank_mask.unsqueeze(1))
     sp = _SparseCodes.build(idx, h)
@@ -296,28 +306,29 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     mse = sq_err.mean(-1)
     aux = torch.zeros_like(mse)
     if dead is not None and k_aux > 0:
-        aux = _aux_k_grads(pre, dead, k_aux, aux_coef, resid, xc, params, grads)
+        aux = _aux_k_grads(pre, norms, dead, k_aux, aux_coef, resid, xc, params, grads)
     grads["center"].sub_(torch.bmm(gbias.unsqueeze(1), enc).squeeze(1))
 
     active = (vals > 0).to(x.dtype)                                                 # [N, B, k]
     fired_count = torch.zeros(n * h, device=x.device, dtype=x.dtype)
     fired_count.index_add_(0, sp.flat_idx.view(-1), active.view(-1))
-    return {"loss": mse + aux_coef * aux, "mse": mse, "aux": aux, "l1": vals.sum((1, 2)) / batch,
+    return {"loss": mse + aux_coef * aux, "mse": mse, "aux": aux, "l1": (vals * picked_norms).sum((1, 2)) / batch,
             "sq_err_sum": sq_err.sum(-1), "l0": active.sum((1, 2)) / batch,
             "fired": fired_count.view(n, h) > 0}
 
 
-def _aux_k_grads(pre: Tensor, dead: Tensor, k_aux: int, aux_coef: float, resid: Tensor, xc: Tensor,
-                 params: Params, grads: Params) -> Tensor:
+def _aux_k_grads(scores: Tensor, norms: Tensor, dead: Tensor, k_aux: int, aux_coef: float, resid: Tensor,
+                 xc: Tensor, params: Params, grads: Params) -> Tensor:
     """Add aux_coef * d aux / d params to `grads`; return aux: [N].
 
-    `resid: [N, B, d]` = x - x_hat (no gradient through it), `dead: [N, h]`.
+    `scores: [N, B, h]` = pre * norms (overwritten), `norms: [N, h]`, `resid: [N, B, d]` = x - x_hat (no
+    gradient through it), `dead: [N, h]`.
     """
-    n, batch, h = pre.shape
+    n, batch, h = scores.shape
     d = xc.shape[-1]
-    masked = pre.masked_fill_(~dead.unsqueeze(1), -math.inf)                         # pre is not needed after
+    masked = scores.masked_fill_(~dead.unsqueeze(1), -math.inf)                      # not needed after
     vals, idx = masked.topk(min(k_aux, h), dim=-1, sorted=False)
-    vals = vals.to(xc.dtype).relu_()
+    vals = vals.to(xc.dtype).relu_().div_(norms.gather(1, idx.view(n, -1)).view_as(vals).clamp_min(1e-12))
     sp = _SparseCodes.build(idx, h)
     dec_flat = params["decoder"].view(n * h, d)
     e_hat = sp.gather_sum(dec_flat, vals.view(n * batch, -1)).view(n, batch, d)
@@ -344,14 +355,16 @@ class Ensemble:
     dead once it has not fired for this many tokens; `k_aux` (default d_in // 2) and `aux_coef` (1/32)
     of the TopK aux-K loss; `backend`; `topk_decoder` ("sparse": decode only the k active rows);
     `chunk_tokens`: the fused L1 step processes the batch in chunks of this many tokens (weight
-    gradients accumulate), bounding its [N, chunk, d_hidden] buffers.
+    gradients accumulate), bounding its [N, chunk, d_hidden] buffers; `unit_decoder`: keep decoder rows
+    at unit norm (Bricken et al. 2023; always so for tied members) instead of leaving them free (the
+    default, see training.dictionary).
     """
 
     def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor | list[float]], *,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                  backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse",
-                 chunk_tokens: int = 1 << 30):
+                 chunk_tokens: int = 1 << 30, unit_decoder: bool = False):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         first = members[0]
@@ -366,6 +379,7 @@ class Ensemble:
         self.dead_window, self.aux_coef = int(dead_window), float(aux_coef)
         self.k_aux = min(self.d_hidden, self.d_in // 2 if k_aux is None else int(k_aux))
         self.backend, self.topk_decoder, self.chunk_tokens = backend, topk_decoder, int(chunk_tokens)
+        self.unit_decoder = bool(unit_decoder) or self.tied
 
         stacked, _ = torch.func.stack_module_state(members)
         self.params: Params = {n: t.detach().clone().contiguous() for n, t in stacked.items()}
@@ -460,23 +474,23 @@ class Ensemble:
 
     def _autograd_gradients(self, x: Tensor, l1_scale: float, dead: Tensor | None) -> dict[str, Tensor]:
         """vmap(grad(loss)) over the stacked params: the reference the fused kernels are tested against."""
-        def stats_of(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        def stats_of(parts: dict[str, Tensor], p: Params) -> dict[str, Tensor]:
             codes = parts["codes"]
-            return {"mse": parts["mse"], "l1": codes.abs().sum(-1).mean(),
+            return {"mse": parts["mse"], "l1": l1_penalty(codes, decoder_norms(p)),
                     "l0": (codes > 0).sum(-1).to(codes.dtype).mean(), "fired": (codes > 0).any(0),
                     "sq_err_sum": (parts["x_hat"] - x).square().sum(), "aux": parts.get("aux", parts["mse"])}
 
         if self.architecture == "l1":
             def loss_fn(p: Params, l1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
                 total, parts = l1_loss(p, x, l1)
-                return total, {**stats_of(parts), "loss": total}
+                return total, {**stats_of(parts, p), "loss": total}
             args: tuple = ((self.hparams["l1"] * l1_scale).to(x.dtype),)
         else:
             k_max, k_aux, coef = self.k_max, self.k_aux, self.aux_coef
 
             def loss_fn(p: Params, rank_mask: Tensor, dead_i: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
                 total, parts = topk_loss(p, x, k_max, rank_mask=rank_mask, dead=dead_i, k_aux=k_aux, aux_coef=coef)
-                return total, {**stats_of(parts), "loss": total}
+                return total, {**stats_of(parts, p), "loss": total}
             args = (self.rank_mask, dead)
         in_dims = (0,) + tuple(None if a is None else 0 for a in args)
         grads, stats = torch.func.vmap(torch.func.grad(loss_fn, has_aux=True), in_dims=in_dims)(self.params, *args)
@@ -487,9 +501,12 @@ class Ensemble:
         return stats
 
     def _update_(self, active: Tensor, lr_scale: float) -> None:
-        """Decoder-gradient projection, Adam, decoder renormalisation, in place, a group of members at a
-        time (groups of about 4 MiB per tensor stay in cache across the three); frozen members untouched."""
+        """Adam in place (with `unit_decoder`: decoder-gradient projection, Adam, decoder renormalisation, a
+        group of members at a time: groups of about 4 MiB per tensor stay in cache); frozen members untouched."""
         coefs = self._adam_coefficients(active, lr_scale)
+        if not self.unit_decoder:
+            self._adam_members_(slice(None), coefs)
+            return
         dec_all = self.params["decoder"]
         per_group = max(1, (4 << 20) // (dec_all[0].numel() * dec_all.element_size()))
         for start in range(0, self.n_models, per_group):
@@ -548,8 +565,8 @@ class Ensemble:
         """Revive dead latents; returns how many each member has ([N]). Call every few thousand steps.
 
         L1: Anthropic's resampling ("Towards Monosemanticity"): each dead latent gets a decoder row
-        = a centred input x - center, unit norm, drawn with probability proportional to the square
-        of that input's squared reconstruction error; its encoder row = the same direction scaled to
+        = a centred input x - center, at the mean norm of the live decoder rows (1 with `unit_decoder`),
+        drawn with probability proportional to the square of that input's squared reconstruction error; its encoder row = the same direction scaled to
         0.2 x the mean norm of the live encoder rows; its bias = 0; its Adam moments = 0. `x` should
         be many tokens ([n, d_in], tens of thousands or more). One host sync.
         TopK: latents are revived by the aux-K loss instead; this only refreshes whether any member
@@ -576,7 +593,14 @@ class Ensemble:
             mean_norm = (enc.norm(dim=-1) * alive).sum(-1) / alive.sum(-1).clamp_min(1)
             mean_norm = torch.where(alive.sum(-1) > 0, mean_norm, torch.ones_like(mean_norm))
             enc[member, latent] = directions * (0.2 * mean_norm[member]).unsqueeze(-1)
-        self.params["decoder"][member, latent] = directions
+        dec = self.params["decoder"]
+        if self.unit_decoder:
+            dec[member, latent] = directions
+        else:
+            alive = (~dead).to(dec.dtype)
+            dec_norm = (dec.norm(dim=-1) * alive).sum(-1) / alive.sum(-1).clamp_min(1)
+            dec_norm = torch.where(alive.sum(-1) > 0, dec_norm, torch.full_like(dec_norm, INIT_NORM))
+            dec[member, latent] = directions * dec_norm[member].unsqueeze(-1)
         self.params["encoder_bias"][member, latent] = 0
         for state in (self.exp_avg, self.exp_avg_sq):
             for name in ("encoder", "decoder", "encoder_bias"):
@@ -592,8 +616,9 @@ class Ensemble:
         """codes: [N, batch, d_hidden] of every member."""
         if self.architecture == "l1":
             return torch.func.vmap(lambda p: pre_activations(p, x).relu())(self.params)
-        return torch.stack([topk_mask_codes(pre_activations({n: t[i] for n, t in self.params.items()}, x), k)
-                            for i, k in enumerate(self.hparams["k"].tolist())])
+        members = [{n: t[i] for n, t in self.params.items()} for i in range(self.n_models)]
+        return torch.stack([topk_mask_codes(pre_activations(p, x), k, norms=decoder_norms(p))
+                            for p, k in zip(members, self.hparams["k"].tolist())])
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -631,6 +656,7 @@ class Ensemble:
         out["option.dead_window"] = torch.tensor(self.dead_window, dtype=torch.long)
         out["option.k_aux"] = torch.tensor(self.k_aux, dtype=torch.long)
         out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
+        out["option.unit_decoder"] = torch.tensor(self.unit_decoder)
         return {n: t.detach().clone().contiguous() for n, t in out.items()}
 
     @torch.no_grad()
@@ -655,6 +681,7 @@ class Ensemble:
         self.dead_window = int(state["option.dead_window"])
         self.k_aux = int(state["option.k_aux"])
         self.aux_coef = float(state["option.aux_coef"])
+        self.unit_decoder = bool(state["option.unit_decoder"])
         self._aux_on = bool(self.dead_mask().any())
 
     @classmethod
@@ -668,21 +695,23 @@ class Ensemble:
         ens = cls(members, hparams, adam_betas=tuple(state["option.adam_betas"].tolist()),  # type: ignore[arg-type]
                   adam_eps=float(state["option.adam_eps"]), dead_window=int(state["option.dead_window"]),
                   k_aux=int(state["option.k_aux"]), aux_coef=float(state["option.aux_coef"]),
-                  backend=backend, topk_decoder=topk_decoder)
+                  backend=backend, topk_decoder=topk_decoder, unit_decoder=bool(state["option.unit_decoder"]))
         ens.load_state_dict(state)
         return ens
 
 
 def make_members(architecture: Architecture, n_models: int, d_in: int, d_hidden: int, *,
-                 k: list[int] | None = None, tied: bool = False, seed: int = 0, device=None,
-                 dtype=None) -> list[Dictionary]:
-    """n_models freshly initialised dictionaries; member i is drawn after torch.manual_seed(seed + i)."""
+                 k: list[int] | None = None, tied: bool = False, seed: int = 0, init_norm: float = INIT_NORM,
+                 device=None, dtype=None) -> list[Dictionary]:
+    """n_models freshly initialised dictionaries (decoder rows of norm `init_norm`, 1 when tied); member i is
+    drawn after torch.manual_seed(seed + i)."""
     members: list[Dictionary] = []
     for i in range(n_models):
         torch.manual_seed(seed + i)
         if architecture == "l1":
-            members.append(SparseLinearAutoencoder(d_in, d_hidden, tied, device=device, dtype=dtype))
+            members.append(SparseLinearAutoencoder(d_in, d_hidden, tied, init_norm=init_norm, device=device,
+                                                   dtype=dtype))
         else:
             assert k is not None, "TopK members need k"
-            members.append(TopKAutoencoder(d_in, d_hidden, k[i], device=device, dtype=dtype))
+            members.append(TopKAutoencoder(d_in, d_hidden, k[i], init_norm=init_norm, device=device, dtype=dtype))
     return members

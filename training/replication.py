@@ -216,10 +216,10 @@ def build_ensembles(cfg: ReplicationConfig, device: torch.device) -> list[Ensemb
     for r_index, ratio in enumerate(sorted_ratios(cfg)):
         d_hidden = round(ratio * cfg.n_features)
         members = make_members("l1", len(l1s), cfg.d, d_hidden, seed=cfg.seed + r_index * RATIO_SEED_STRIDE,
-                               device=device)
+                               init_norm=1.0, device=device)
         hparams = {"lr": torch.full((len(l1s),), cfg.lr, dtype=torch.float64),
                    "l1": torch.tensor(l1s, dtype=torch.float64)}
-        out.append(Ensemble(members, hparams))
+        out.append(Ensemble(members, hparams, unit_decoder=True))   # the report's recipe: unit decoder rows
     return out
 
 
