@@ -36,7 +36,7 @@ def chunk_root(tiny_neox_dir, tmp_path_factory) -> Path:
 def cfg_for(root: Path, out: Path, **kw) -> SweepConfig:
     """A small, fast sweep config."""
     base = dict(dataset_dir=str(root / HOOK), output_dir=str(out), ratio=2, l1_value_min=-3, l1_value_max=-1,
-                l1_value_n=3, batch_size=250, log_every=2, device="cpu", center_init="mean")
+                l1_value_n=3, batch_size=250, log_every=2, device="cpu", center_init="mean", holdout_rows=0)
     base.update(kw)
     return SweepConfig(**base)
 
@@ -50,21 +50,28 @@ def test_schedules():
     assert l1_values(SweepConfig(l1_values=[0.5, 2.0])) == [0.5, 2.0]
 
 
-def test_raw_space_params_fold_the_input_scale():
-    from training.dictionary import SparseLinearAutoencoder
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_raw_space_params_fold_the_input_scale_and_decoder_norms(architecture):
+    from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder
     from training.sweep import raw_space_params
+
+    def make():
+        return SparseLinearAutoencoder(6, 10) if architecture == "l1" else TopKAutoencoder(6, 10, k=3)
     torch.manual_seed(0)
-    trained = SparseLinearAutoencoder(6, 10)
+    trained = make()
     with torch.no_grad():
         trained.center.normal_()
         trained.encoder_bias.normal_()
+        trained.decoder.mul_(torch.linspace(0.05, 3.0, 10).unsqueeze(-1))   # free rows of different norms
+    norms = trained.decoder.norm(dim=-1).detach()
     scale = 2.5
-    raw = SparseLinearAutoencoder(6, 10)
+    raw = make()
     raw.load_state_dict(raw_space_params(dict(trained.named_parameters()), scale))
     x = torch.randn(7, 6)
-    assert torch.allclose(raw.encode(x), trained.encode(scale * x) / scale, atol=1e-6)
+    assert torch.allclose(raw.encode(x), trained.encode(scale * x) * norms / scale, atol=1e-6)
     assert torch.allclose(raw(x), trained(scale * x) / scale, atol=1e-6)
-    assert torch.equal(raw.decoder, trained.decoder)
+    assert torch.allclose(raw.decoder.norm(dim=-1), torch.ones(10))
+    assert torch.allclose(raw.decoder * norms.unsqueeze(-1), trained.decoder, atol=1e-6)
 
 
 def test_cli_end_to_end_and_load(chunk_root, tmp_path, capsys):
@@ -74,13 +81,15 @@ def test_cli_end_to_end_and_load(chunk_root, tmp_path, capsys):
              "--l1_value_max", "-1", "--l1_value_n", "3", "--batch_size", "250", "--n_repetitions", "2",
              "--log_every", "4", "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "trained 3 dictionaries for 32 steps" in printed and "expl. var" in printed
+    # 4 chunks of 1000 rows, the last 500 held out: 4 + 4 + 4 + 2 batches of 250 per repetition
+    assert "trained 3 dictionaries for 28 steps" in printed and "expl. var" in printed
+    assert "scored on 500 held-out rows" in printed and "tokens/s per member" in printed
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["finished"] and meta["keys"] == [1e-3, 1e-2, 1e-1] and meta["d_hidden"] == 64 and meta["hook"] == HOOK
     assert meta["source_manifest"]["config"]["chunk_size"] == 1000
     assert {"l0", "explained_variance", "mse", "dead_fraction"} <= set(meta["members"][0])
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [ln["step"] for ln in lines] == [s for s in range(4, 33, 4) for _ in range(3)]
+    assert [ln["step"] for ln in lines] == [s for s in range(4, 29, 4) for _ in range(3)]
     assert {"loss", "mse", "explained_variance", "l0", "dead_fraction", "l1"} <= set(lines[0])
     saes = load_sweep(out)
     assert list(saes) == [1e-3, 1e-2, 1e-1]
@@ -199,13 +208,13 @@ def test_sweep_recovers_known_sparse_features(tmp_path):
     write_synthetic_folder(tmp_path / "toy", len(acts), toy.d, model="none", vocab_size=2, chunk_size=12000,
                            hook="synthetic", acts=acts)
     run_sweep(SweepConfig(dataset_dir=str(tmp_path / "toy"), output_dir=str(tmp_path / "o"), ratio=4,
-                          l1_values=[0.1, 2.0, 30.0], batch_size=256, n_repetitions=8, adam_lr=1e-2, device="cpu",
+                          l1_values=[0.02, 0.4, 6.0], batch_size=256, n_repetitions=8, adam_lr=1e-2, device="cpu",
                           center_init="zero", log_every=100))
     saes = load_sweep(tmp_path / "o")
     matched = {l1: (cosine_matrix(features, sae.decoder.detach()).amax(1) > 0.9).float().mean().item()
                for l1, sae in saes.items()}
-    assert matched[2.0] > 0.9, matched
-    assert matched[0.1] < matched[2.0] and matched[30.0] < matched[2.0]
+    assert matched[0.4] > 0.9, matched
+    assert matched[0.02] < matched[0.4] and matched[6.0] < matched[0.4]
 
 
 def test_bf16_autocast_trains(chunk_root, tmp_path):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import training
 from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
-from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unstack_dictionaries
+from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
 from training.models import resolve_device
 
 ARCHITECTURES = ("l1", "topk")
@@ -44,9 +44,9 @@ class SweepConfig:
     """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
-    l1_value_min: float = -1.0
+    l1_value_min: float = -1.5
     """log10 of the smallest L1 penalty."""
-    l1_value_max: float = 1.0
+    l1_value_max: float = 0.0
     """log10 of the largest L1 penalty."""
     l1_value_n: int = 8
     """Number of L1 penalties, log-spaced between min and max."""
@@ -66,9 +66,15 @@ class SweepConfig:
     """Fraction of the steps at the end over which the learning rate decays linearly to 0."""
     l1_warmup_fraction: float = 0.05
     """Fraction of the steps over which the L1 penalty rises linearly from 0."""
-    normalize_activations: bool = True
-    """Train on activations scaled so that E||x||^2 = d_in, so L1 values mean the same across models and layers;
-    the saved dictionaries take raw activations (the scale is folded into center and encoder bias)."""
+    activation_norm: float = 1.0
+    """Train on activations scaled so that E||x||^2 equals this (0: raw activations), so L1 values mean the same
+    across models and layers; the saved dictionaries take raw activations (the scale is folded into center and
+    encoder bias)."""
+    decoder_init_norm: float = 0.1
+    """Initial norm of the decoder rows (the encoder starts as their transpose); small rows learn fast."""
+    unit_decoder: bool = False
+    """Keep decoder rows at unit norm during training (Bricken et al. 2023) instead of leaving them free with the
+    L1 weighted by their norms (Anthropic 2024, SAELens); tied dictionaries always keep unit rows."""
     center_init: str = field(default="geometric_median", metadata={"choices": ["geometric_median", "mean", "zero"]})
     """Initial center (pre-encoder bias): geometric median or mean of the first chunk's rows, or zero."""
     dead_window_tokens: int = 1_000_000
@@ -77,6 +83,9 @@ class SweepConfig:
     """L1 only: resample dead features every this many steps (0: never), until the learning-rate decay starts."""
     n_repetitions: int = 1
     """Passes over the data."""
+    holdout_rows: int = 65536
+    """Rows held out from training (the tail of the dataset's last chunk, at most half of it) for the end-of-run
+    table; 0 scores the first training rows instead."""
     max_tokens: int | None = None
     """Stop after training on this many tokens (per member)."""
     save_after_every: bool = False
@@ -162,30 +171,49 @@ def chunk_order(n_chunks: int, seed: int, repetition: int) -> list[int]:
     return torch.randperm(n_chunks, generator=g).tolist()
 
 
-def load_chunk(data: HookData, index: int, seed: int, repetition: int) -> torch.Tensor:
-    """Chunk `index` verified against its checksum, rows shuffled for this repetition: [n, d_in] (stored dtype)."""
+def holdout_size(data: HookData, requested: int) -> int:
+    """Rows held out from training: the last `requested` rows of the last chunk, at most half of it."""
+    if requested < 0:
+        raise UserError(f"--holdout_rows must not be negative (got {requested})")
+    return min(requested, data.chunks[-1].rows // 2)
+
+
+def heldout_rows(data: HookData, held: int) -> torch.Tensor:
+    """The held-out rows [held, d_in] (stored dtype): the tail of the last chunk, in stored order."""
+    acts = data.load(len(data.chunks) - 1, verify=True)["activations"]
+    return acts[len(acts) - held:]
+
+
+def load_chunk(data: HookData, index: int, seed: int, repetition: int, held: int = 0) -> torch.Tensor:
+    """Chunk `index` verified against its checksum, less the held-out tail if it is the last chunk, rows shuffled
+    for this repetition: [n, d_in] (stored dtype)."""
     acts = data.load(index, verify=True)["activations"]
+    if index == len(data.chunks) - 1 and held:
+        acts = acts[:len(acts) - held]
     g = torch.Generator().manual_seed(seed * 104729 + repetition * 1009 + index)
     return acts[torch.randperm(len(acts), generator=g)]
 
 
-def iter_chunks(data: HookData, seed: int, repetition: int, start: int) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_chunks(data: HookData, seed: int, repetition: int, start: int, held: int = 0
+                ) -> Iterator[tuple[int, torch.Tensor]]:
     """(position in this repetition's order, chunk rows) from position `start` on; the next chunk is read
     in a background thread while the caller trains on this one, so at most two chunks are in memory."""
     order = chunk_order(len(data.chunks), seed, repetition)
     with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-        pending: Future | None = pool.submit(load_chunk, data, order[start], seed, repetition) if start < len(order) else None
+        pending: Future | None = pool.submit(load_chunk, data, order[start], seed, repetition, held) if start < len(order) else None
         for pos in range(start, len(order)):
             assert pending is not None
             chunk = pending.result()
-            pending = pool.submit(load_chunk, data, order[pos + 1], seed, repetition) if pos + 1 < len(order) else None
+            pending = pool.submit(load_chunk, data, order[pos + 1], seed, repetition, held) if pos + 1 < len(order) else None
             yield pos, chunk
             del chunk
 
 
-def steps_per_repetition(data: HookData, batch_size: int) -> int:
-    """Full batches in one pass (the remainder of each chunk, under one batch, is left out)."""
-    return sum(c.rows // batch_size for c in data.chunks)
+def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
+    """Full batches in one pass over the training rows (the remainder of each chunk, under one batch, is left out)."""
+    rows = [c.rows for c in data.chunks]
+    rows[-1] -= held
+    return sum(r // batch_size for r in rows)
 
 
 # ------------------------------------------------------------------------------------- output
@@ -205,6 +233,7 @@ class Progress:
     step: int = 0
     tokens: int = 0
     input_scale: float = 1.0
+    eval_rows: str = ""
 
 
 def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
@@ -263,23 +292,26 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
 
 
-def input_scale(acts: torch.Tensor, enabled: bool) -> float:
-    """The factor s with E||s x||^2 = d_in over `acts` [n, d_in] (1 when normalisation is off)."""
-    if not enabled:
+def input_scale(acts: torch.Tensor, target: float) -> float:
+    """The factor s with E||s x||^2 = target over `acts` [n, d_in] (1 when target is 0: no normalisation)."""
+    if target < 0:
+        raise UserError(f"--activation_norm must be positive, or 0 for raw activations (got {target})")
+    if target == 0:
         return 1.0
     mean_sq = acts.float().square().sum(1).mean().item()
     if not math.isfinite(mean_sq) or mean_sq <= 0:
         raise UserError("the activations are all zero or not finite: regenerate the dataset")
-    return math.sqrt(acts.shape[1] / mean_sq)
+    return math.sqrt(target / mean_sq)
 
 
 def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Weights that act on raw activations x, for a dictionary trained on s * x.
+    """Weights with unit decoder rows that act on raw activations x, for a dictionary trained on s * x.
 
-    With center c / s and encoder bias b / s the codes come out as codes(s x) / s and the reconstruction as
-    x_hat(s x) / s, while encoder and (unit-norm) decoder rows are unchanged; TopK picks the same features.
+    First the decoder norms are folded into encoder and bias (`unit_norm_params`, exact); then with center
+    c / s and encoder bias b / s the codes come out as codes(s x) / s and the reconstruction as x_hat(s x) / s,
+    while encoder and decoder rows are unchanged; TopK picks the same features.
     """
-    out = {n: t.detach().cpu().clone() for n, t in params.items()}
+    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()})
     out["center"] /= scale
     out["encoder_bias"] /= scale
     return out
@@ -331,8 +363,10 @@ class SweepResult:
 
     def __str__(self) -> str:
         rate = self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
-        return (f"trained {len(self.keys)} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} "
-                f"tokens each, {rate:,.0f} tokens/s) into {self.output_dir}\n{self.table()}")
+        n = len(self.keys)
+        return (f"trained {n} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} tokens each; "
+                f"{rate:,.0f} tokens/s per member, {n * rate:,.0f} tokens/s in all) into {self.output_dir}\n"
+                f"scored on {self.progress.eval_rows}:\n{self.table()}")
 
 
 def setup_precision(cfg: SweepConfig, device: torch.device) -> Any:
@@ -359,12 +393,15 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     d_hidden = max(1, round(cfg.ratio * d_in))
     if cfg.architecture == "topk" and max(keys) > d_hidden:
         raise UserError(f"--k_values {max(keys)} exceeds the dictionary size {d_hidden}")
+    if cfg.decoder_init_norm <= 0:
+        raise UserError(f"--decoder_init_norm must be positive (got {cfg.decoder_init_norm})")
     members = make_members(cfg.architecture, len(keys), d_in, d_hidden, k=keys if cfg.architecture == "topk" else None,
-                           tied=cfg.tied, seed=cfg.seed, device=device)
+                           tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else cfg.decoder_init_norm,
+                           device=device)
     lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
     hparams = {"lr": lr, "l1": torch.tensor(keys, dtype=torch.float64)} if cfg.architecture == "l1" else {"lr": lr}
-    ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens,
-                   backend="fused")
+    ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
+                   unit_decoder=cfg.unit_decoder)
     if cfg.center_init != "zero":
         ens.init_center(first_chunk.to(device, torch.float32), cfg.center_init)
     return ens
@@ -436,7 +473,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     out.mkdir(parents=True, exist_ok=True)
     saved, state = prepare_output(cfg, out)
 
-    per_rep = steps_per_repetition(data, cfg.batch_size)
+    held = holdout_size(data, cfg.holdout_rows)
+    per_rep = steps_per_repetition(data, cfg.batch_size, held)
     total = per_rep * cfg.n_repetitions
     if cfg.max_tokens is not None:
         total = min(total, cfg.max_tokens // cfg.batch_size)
@@ -451,19 +489,19 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         progress = Progress(**saved["progress"])
         truncate_metrics(out / METRICS, progress.step)
     else:
-        first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)
-        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.normalize_activations))
+        first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0, held)
+        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm))
         ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
         del first
     key_name = "l1" if cfg.architecture == "l1" else "k"
     decay_start = total - round(cfg.lr_decay_fraction * total)
     wandb_run = start_wandb(cfg)
     t0, tokens0 = time.perf_counter(), progress.tokens
-    bar = tqdm(total=total * cfg.batch_size, initial=progress.tokens, unit="tok", unit_scale=True, desc="training",
-               dynamic_ncols=True)
+    bar = tqdm(total=total * cfg.batch_size, initial=progress.tokens, unit="tok/member", unit_scale=True,
+               desc=f"training {len(keys)} members", dynamic_ncols=True)
     try:
         while progress.repetition < cfg.n_repetitions and progress.step < total:
-            for pos, chunk in iter_chunks(data, cfg.seed, progress.repetition, progress.chunk_position):
+            for pos, chunk in iter_chunks(data, cfg.seed, progress.repetition, progress.chunk_position, held):
                 for b in range(len(chunk) // cfg.batch_size):
                     if progress.step >= total:
                         break
@@ -497,8 +535,12 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    eval_chunk = data.load(chunk_order(len(data.chunks), cfg.seed, 0)[0])["activations"][:EVAL_ROWS]
-    metrics = evaluate(ens, eval_chunk, device, progress.input_scale)
+    if held:
+        eval_rows, progress.eval_rows = heldout_rows(data, held), f"{held:,} held-out rows (tail of the last chunk)"
+    else:
+        eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
+        progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
+    metrics = evaluate(ens, eval_rows, device, progress.input_scale)
     save_sweep(out, cfg, ens, data, progress, rng, metrics, finished=True)
     if wandb_run is not None:
         wandb_run.finish()
