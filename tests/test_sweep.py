@@ -77,29 +77,29 @@ def test_raw_space_params_fold_the_input_scale_and_decoder_norms(architecture):
 def test_cli_end_to_end_and_load(chunk_root, tmp_path, capsys):
     out = tmp_path / "out"
     run_cli(lambda c: print(run_sweep(c)), "", SweepConfig,
-            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "2", "--l1_value_min", "-3",
-             "--l1_value_max", "-1", "--l1_value_n", "3", "--batch_size", "250", "--n_repetitions", "2",
+            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "2", "--l1_value_min", "-2",
+             "--l1_value_max", "0", "--l1_value_n", "3", "--batch_size", "250", "--n_repetitions", "2",
              "--log_every", "4", "--device", "cpu"])
     printed = capsys.readouterr().out
     # 4 chunks of 1000 rows, the last 500 held out: 4 + 4 + 4 + 2 batches of 250 per repetition
     assert "trained 3 dictionaries for 28 steps" in printed and "expl. var" in printed
     assert "scored on 500 held-out rows" in printed and "tokens/s per member" in printed
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta["finished"] and meta["keys"] == [1e-3, 1e-2, 1e-1] and meta["d_hidden"] == 64 and meta["hook"] == HOOK
+    assert meta["finished"] and meta["keys"] == [0.01, 0.1, 1.0] and meta["d_hidden"] == 64 and meta["hook"] == HOOK
     assert meta["source_manifest"]["config"]["chunk_size"] == 1000
     assert {"l0", "explained_variance", "mse", "dead_fraction"} <= set(meta["members"][0])
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [s for s in range(4, 29, 4) for _ in range(3)]
     assert {"loss", "mse", "explained_variance", "l0", "dead_fraction", "l1"} <= set(lines[0])
     saes = load_sweep(out)
-    assert list(saes) == [1e-3, 1e-2, 1e-1]
+    assert list(saes) == [0.01, 0.1, 1.0]
     stacked = load_file(str(out / "sweep.safetensors"))
-    assert torch.equal(saes[1e-2].decoder, stacked["decoder"][1])
+    assert torch.equal(saes[0.1].decoder, stacked["decoder"][1])
     acts = torch.randn(5, 32)
-    codes = saes[1e-3].encode(acts)
+    codes = saes[0.01].encode(acts)
     assert codes.shape == (5, 64) and (codes >= 0).all()
-    assert torch.allclose(saes[1e-3].decode(codes), saes[1e-3](acts))
-    assert torch.allclose(saes[1e-3].decoder.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(saes[0.01].decode(codes), saes[0.01](acts))
+    assert torch.allclose(saes[0.01].decoder.norm(dim=1), torch.ones(64), atol=1e-5)
     # larger penalties give sparser codes
     l0 = [m["l0"] for m in meta["members"]]
     assert l0[0] > l0[-1]
