@@ -10,8 +10,11 @@ from training.dictionary import (
     TopKAutoencoder,
     aux_k_loss,
     geometric_median,
+    l1_penalty,
     normalize_decoder_,
     project_decoder_grad_,
+    topk_mask_codes,
+    unit_norm_params,
     unstack_dictionaries,
 )
 
@@ -148,3 +151,54 @@ def test_unstack_dictionaries():
     tied = SparseLinearAutoencoder(4, 8, tied=True)
     (back_tied,) = unstack_dictionaries({n: p.detach()[None] for n, p in tied.params().items()}, "l1")
     assert back_tied.tied and torch.equal(back_tied.decoder, tied.decoder)
+
+
+def test_l1_penalty_weights_codes_by_decoder_norms_hand_computed():
+    codes = torch.tensor([[1.0, 0.0, 2.0], [0.5, 3.0, 0.0]])
+    norms = torch.tensor([0.5, 2.0, 1.0])
+    # row 0: 1*0.5 + 2*1 = 2.5; row 1: 0.5*0.5 + 3*2 = 6.25; mean 4.375
+    assert l1_penalty(codes, norms).item() == pytest.approx(4.375)
+    assert l1_penalty(codes).item() == pytest.approx((3.0 + 3.5) / 2)
+
+
+def test_loss_is_invariant_to_trading_code_scale_for_decoder_norm():
+    """Scaling encoder row and bias by c and decoder row by 1/c leaves MSE and the weighted L1 unchanged."""
+    torch.manual_seed(0)
+    sae = SparseLinearAutoencoder(6, 10)
+    x = torch.randn(20, 6)
+    before, parts = sae.loss(x, 0.7)
+    with torch.no_grad():
+        c = torch.linspace(0.2, 5.0, 10)
+        sae.encoder.mul_(c[:, None])
+        sae.encoder_bias.mul_(c)
+        sae.decoder.div_(c[:, None])
+    after, parts_after = sae.loss(x, 0.7)
+    assert after.item() == pytest.approx(before.item(), rel=1e-5)
+    assert parts_after["l1"].item() == pytest.approx(parts["l1"].item(), rel=1e-5)
+
+
+def test_topk_ranks_by_contribution_size():
+    """pre = [3, 2, 1] with decoder norms [0.1, 1, 5]: contributions 0.3, 2, 5 -> k=2 keeps latents 2 and 1."""
+    pre = torch.tensor([[3.0, 2.0, 1.0]])
+    norms = torch.tensor([0.1, 1.0, 5.0])
+    assert topk_mask_codes(pre, 2, norms=norms).tolist() == [[0.0, 2.0, 1.0]]
+    assert topk_mask_codes(pre, 2).tolist() == [[3.0, 2.0, 0.0]]
+
+
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_unit_norm_params_is_exact(architecture):
+    torch.manual_seed(0)
+    sae = SparseLinearAutoencoder(8, 16) if architecture == "l1" else TopKAutoencoder(8, 16, k=3)
+    with torch.no_grad():
+        sae.decoder.mul_(torch.linspace(0.05, 4.0, 16)[:, None])
+        sae.encoder_bias.normal_()
+    folded = unit_norm_params(sae.params())
+    twin = SparseLinearAutoencoder(8, 16) if architecture == "l1" else TopKAutoencoder(8, 16, k=3)
+    twin.load_state_dict(folded)
+    x = torch.randn(32, 8)
+    norms = sae.decoder.norm(dim=-1).detach()
+    torch.testing.assert_close(twin(x), sae(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twin.encode(x), sae.encode(x) * norms, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twin.decoder.norm(dim=-1), torch.ones(16))
+    tied = SparseLinearAutoencoder(8, 16, tied=True)
+    assert "encoder" not in unit_norm_params(tied.params())                       # tied rows are unit already
