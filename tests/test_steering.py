@@ -289,7 +289,7 @@ def embedded_sweep(tmp_path_factory) -> Path:
     generate(GenerateConfig(model=str(EMBEDDED), dataset="python-docs", dataset_folder=str(root / "chunks"),
                             layers=[1], n_chunks=8, chunk_size=2000, context_length=64, device="cpu"), argv=["x"])
     run_sweep(SweepConfig(dataset_dir=str(root / "chunks" / EMBEDDED_HOOK), output_dir=str(root / "sweep"), ratio=4,
-                          l1_values=[3.0], batch_size=500, n_repetitions=8, adam_lr=3e-3, device="cpu",
+                          l1_values=[0.3], batch_size=500, n_repetitions=8, adam_lr=3e-3, device="cpu",
                           center_init="mean", log_every=1000))
     return root
 
@@ -326,7 +326,7 @@ def steering_effects(model, sae, features: list[int], strength: float, seed: int
 
 def test_positive_strength_raises_the_feature_on_the_steered_text(embedded_sweep):
     model = load_model(str(EMBEDDED), "cpu")
-    sae = load_sweep(embedded_sweep / "sweep")[3.0]
+    sae = load_sweep(embedded_sweep / "sweep")[0.3]
     tokens = load_file(str(embedded_sweep / "chunks" / "contexts" / "0.safetensors"))["tokens"][:64]
     features = persistent_features(model, sae, tokens, 8)
     effects = steering_effects(model, sae, features, 16.0)
