@@ -30,8 +30,8 @@ from torch import Tensor
 from training.dictionary import (
     Dictionary,
     Params,
-    SparseLinearAutoencoder,
     INIT_NORM,
+    SparseLinearAutoencoder,
     TopKAutoencoder,
     decode_codes,
     decoder_norms,
@@ -114,9 +114,9 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
                    ) -> dict[str, Tensor]:
     """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats.
 
-    loss_i = MSE_i + l1_i * L1_i, L1 weighted by decoder-row norms. Five batched matmuls per token chunk (2 forward, 3 backward;
-    weight gradients accumulate over chunks of `ws.chunk` tokens), the centre's encoder-side
-    gradient as a vector-matrix product; no host sync. Under autocast the matmuls and the [N, C, h]
+    loss_i = MSE_i + l1_i * L1_i (L1 weighted by decoder-row norms). Five batched matmuls per token
+    chunk (2 forward, 3 backward; weight gradients accumulate over chunks of `ws.chunk` tokens), the
+    centre's encoder-side gradient as a vector-matrix product; no host sync. Under autocast the matmuls and the [N, C, h]
     buffers use its dtype, as autograd under autocast would; gradients are accumulated in fp32, but
     the batch sums over [N, C, h] (bias gradient, L1 and L0 stats) come out in that dtype (bf16: ~3
     significant digits), like autocast's.
@@ -251,10 +251,10 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     """Write d loss_i / d params_i for TopK members into `grads`; return per-member stats.
 
     `rank_mask: [N, k_max]` (1 for ranks < k_i) lets members differ in k (None: all k equal).
-    `dead: [N, h]` enables the aux-K term (None skips it). Latents are ranked by pre * decoder-row norm
-    (the pre-activation buffer is scaled in place, and the kept values divided back). The decoder is applied to the k active
-    rows only (embedding_bag forward, CSR products backward), unless `decoder_impl == "dense"`
-    (dense codes and decoder matmuls, kept for the benchmark's comparison).
+    `dead: [N, h]` enables the aux-K term (None skips it). Latents are ranked by pre * decoder-row
+    norm (the pre-activation buffer is scaled in place and the kept values divided back). The decoder
+    is applied to the k active rows only (embedding_bag forward, CSR products backward), unless
+    `decoder_impl == "dense"` (dense codes and decoder matmuls, kept for the benchmark's comparison).
     """
     n, batch = params["decoder"].shape[0], x.shape[0]
     h, d = params["decoder"].shape[1:]
@@ -566,11 +566,11 @@ class Ensemble:
 
         L1: Anthropic's resampling ("Towards Monosemanticity"): each dead latent gets a decoder row
         = a centred input x - center, at the mean norm of the live decoder rows (1 with `unit_decoder`),
-        drawn with probability proportional to the square of that input's squared reconstruction error; its encoder row = the same direction scaled to
-        0.2 x the mean norm of the live encoder rows; its bias = 0; its Adam moments = 0. `x` should
-        be many tokens ([n, d_in], tens of thousands or more). One host sync.
-        TopK: latents are revived by the aux-K loss instead; this only refreshes whether any member
-        has dead latents (the aux-K term is computed only while some have).
+        drawn with probability proportional to the square of that input's squared reconstruction error; its encoder
+        row = the same direction scaled to 0.2 x the mean norm of the live encoder rows; its bias = 0; its
+        Adam moments = 0. `x` should be many tokens ([n, d_in], tens of thousands or more). One host sync.
+        TopK: latents are revived by the aux-K loss instead; this only refreshes whether any member has dead
+        latents (the aux-K term is computed only while some have).
         """
         dead = self.dead_mask() & ~self.frozen.unsqueeze(1)                            # [N, h]
         n_dead = dead.sum(-1)

@@ -204,11 +204,13 @@ def iter_chunks(data: HookData, seed: int, repetition: int, start: int, held: in
     in a background thread while the caller trains on this one, so at most two chunks are in memory."""
     order = chunk_order(len(data.chunks), seed, repetition)
     with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-        pending: Future | None = pool.submit(load_chunk, data, order[start], seed, repetition, held) if start < len(order) else None
+        pending: Future | None = (pool.submit(load_chunk, data, order[start], seed, repetition, held)
+                                  if start < len(order) else None)
         for pos in range(start, len(order)):
             assert pending is not None
             chunk = pending.result()
-            pending = pool.submit(load_chunk, data, order[pos + 1], seed, repetition, held) if pos + 1 < len(order) else None
+            pending = (pool.submit(load_chunk, data, order[pos + 1], seed, repetition, held)
+                       if pos + 1 < len(order) else None)
             yield pos, chunk
             del chunk
 
