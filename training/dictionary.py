@@ -90,7 +90,7 @@ def l1_penalty(codes: Tensor, norms: Tensor | None = None) -> Tensor:
 
 
 def decoder_norms(params: Params) -> Tensor:
-    """norms: [d_hidden], the L2 norm of each decoder row."""
+    """norms: [..., d_hidden], the L2 norm of each decoder row (single or stacked params)."""
     return params["decoder"].norm(dim=-1)
 
 
@@ -153,7 +153,7 @@ def unit_norm_params(params: Params) -> Params:
     out = {n: t.detach().clone() for n, t in params.items()}
     if "encoder" not in params:
         return out
-    norms = params["decoder"].norm(dim=-1).clamp_min(1e-12)                    # [..., h]
+    norms = decoder_norms(params).clamp_min(1e-12)                             # [..., h]
     out["decoder"] = params["decoder"] / norms.unsqueeze(-1)
     out["encoder"] = params["encoder"] * norms.unsqueeze(-1)
     out["encoder_bias"] = params["encoder_bias"] * norms

@@ -57,6 +57,15 @@ def _per_member(values: Tensor, like: Tensor) -> Tensor:
     return values.view(values.shape[0], *([1] * (like.dim() - 1)))
 
 
+def _mean_live_norm(rows: Tensor, dead: Tensor, fallback: float) -> Tensor:
+    """[N]: the mean L2 norm of each member's rows (`rows: [N, h, d]`) that are not `dead: [N, h]`
+    (`fallback` for a member with no live row)."""
+    alive = (~dead).to(rows.dtype)
+    n_alive = alive.sum(-1)
+    mean = (rows.norm(dim=-1) * alive).sum(-1) / n_alive.clamp_min(1)
+    return torch.where(n_alive > 0, mean, torch.full_like(mean, fallback))
+
+
 def _encoder_name(params: Params) -> str:
     """Name of the stacked encoder matrix ("decoder" when tied)."""
     return "encoder" if "encoder" in params else "decoder"
@@ -135,7 +144,7 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         bias_c = bias.to(cd)
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
     code_sum, fired_count = x.new_zeros(n, h), x.new_zeros(n, h)
-    norms = dec.norm(dim=-1)                                                         # [N, h]
+    norms = decoder_norms(params)                                                    # [N, h]
     l1_grad = (_per_member(l1 / batch, norms) * norms).unsqueeze(1).to(cd)           # d (l1 L1) / d codes: [N, 1, h]
     grads["encoder_bias"].zero_()
     grads["center"].zero_()
@@ -267,7 +276,7 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     pre.copy_(bias.unsqueeze(1).expand_as(pre))
     enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc) if low else enc
     pre.baddbmm_(ws.xc.copy_(xc) if low else xc, enc_c.transpose(1, 2))
-    norms = dec.norm(dim=-1)                                                         # [N, h]
+    norms = decoder_norms(params)                                                    # [N, h]
     pre.mul_(norms.unsqueeze(1).to(cd))                                              # ranking scores
     scores, idx = pre.topk(k_max, dim=-1, sorted=rank_mask is not None)              # [N, B, k]
     picked_norms = norms.gather(1, idx.view(n, -1)).view_as(scores)
@@ -588,19 +597,13 @@ class Ensemble:
         centred = x[pick[member, rank]] - self.params["center"][member]                 # [n_dead_total, d_in]
         directions = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         if "encoder" in self.params:
-            enc = self.params["encoder"]
-            alive = (~dead).to(enc.dtype)
-            mean_norm = (enc.norm(dim=-1) * alive).sum(-1) / alive.sum(-1).clamp_min(1)
-            mean_norm = torch.where(alive.sum(-1) > 0, mean_norm, torch.ones_like(mean_norm))
-            enc[member, latent] = directions * (0.2 * mean_norm[member]).unsqueeze(-1)
+            enc_norm = _mean_live_norm(self.params["encoder"], dead, 1.0)
+            self.params["encoder"][member, latent] = directions * (0.2 * enc_norm[member]).unsqueeze(-1)
         dec = self.params["decoder"]
         if self.unit_decoder:
             dec[member, latent] = directions
         else:
-            alive = (~dead).to(dec.dtype)
-            dec_norm = (dec.norm(dim=-1) * alive).sum(-1) / alive.sum(-1).clamp_min(1)
-            dec_norm = torch.where(alive.sum(-1) > 0, dec_norm, torch.full_like(dec_norm, INIT_NORM))
-            dec[member, latent] = directions * dec_norm[member].unsqueeze(-1)
+            dec[member, latent] = directions * _mean_live_norm(dec, dead, INIT_NORM)[member].unsqueeze(-1)
         self.params["encoder_bias"][member, latent] = 0
         for state in (self.exp_avg, self.exp_avg_sq):
             for name in ("encoder", "decoder", "encoder_bias"):
