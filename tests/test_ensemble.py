@@ -26,12 +26,13 @@ def _data(n_steps: int, batch: int, d_in: int, seed: int = 0, dtype=F64) -> list
 
 def _train_alone(module, xs: list[torch.Tensor], lr: float, *, l1: float | None = None,
                  dead_window: int = 10 ** 9, k_aux: int = 0, aux_coef: float = 1 / 32,
-                 unit_decoder: bool = False) -> None:
-    """Independent reference: module.loss + autograd + torch.optim.Adam (+ the unit decoder-norm constraint
-    when `unit_decoder` or tied)."""
+                 unit_decoder: bool = False, grad_clip: float = 0.0) -> list[float]:
+    """Independent reference: module.loss + autograd (+ torch's clip_grad_norm_) + torch.optim.Adam (+ the unit
+    decoder-norm constraint when `unit_decoder` or tied); returns the gradient norm of each step."""
     unit_decoder = unit_decoder or getattr(module, "tied", False)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     since = torch.zeros(module.d_hidden, dtype=torch.long)
+    norms = []
     for x in xs:
         opt.zero_grad()
         if l1 is not None:
@@ -41,6 +42,7 @@ def _train_alone(module, xs: list[torch.Tensor], lr: float, *, l1: float | None 
         with torch.no_grad():
             fired = (module.encode(x) > 0).any(0)
         loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip or float("inf"))))
         if unit_decoder:
             module.project_decoder_grad_()
         opt.step()
@@ -48,6 +50,7 @@ def _train_alone(module, xs: list[torch.Tensor], lr: float, *, l1: float | None 
             module.normalize_decoder_()
         since += x.shape[0]
         since[fired] = 0
+    return norms
 
 
 def _train_ensemble(ens: Ensemble, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -166,32 +169,38 @@ def test_adam_trajectory_float32_single_member():
 
 # ----------------------------------------------------------------------------- ensemble == separate runs
 
-@pytest.mark.parametrize("case", ["l1", "l1_tied", "l1_unit", "topk", "topk_unit"])
+@pytest.mark.parametrize("case", ["l1", "l1_tied", "l1_unit", "l1_clip", "topk", "topk_unit", "topk_clip"])
 def test_ensemble_equals_separately_trained_members(case):
     torch.manual_seed(0)
     n, d, h, batch = 3, 8, 24, 64
     xs = _data(25, batch, d)
     lrs = [1e-3, 1e-2, 3e-2]
     unit = case.endswith("_unit")
+    clip = 2.0 if case.endswith("_clip") else 0.0   # between the members' smallest and largest gradient norms
     init_norm = 1.0 if unit else 0.1
     if case.startswith("topk"):
         ks = [1, 3, 4]
         members = make_members("topk", n, d, h, k=ks, dtype=F64, init_norm=init_norm)
-        ens = Ensemble(copy.deepcopy(members), {"lr": lrs}, dead_window=3 * batch, k_aux=4, unit_decoder=unit)
+        ens = Ensemble(copy.deepcopy(members), {"lr": lrs}, dead_window=3 * batch, k_aux=4, unit_decoder=unit,
+                       grad_clip=clip)
     else:
         l1s = [0.05, 0.2, 1.0]
         members = make_members("l1", n, d, h, tied=case == "l1_tied", dtype=F64, init_norm=init_norm)
-        ens = Ensemble(copy.deepcopy(members), {"lr": lrs, "l1": l1s}, unit_decoder=unit)
+        ens = Ensemble(copy.deepcopy(members), {"lr": lrs, "l1": l1s}, unit_decoder=unit, grad_clip=clip)
     stats = _train_ensemble(ens, xs)
+    norms = []
     for i, module in enumerate(members):
         if case.startswith("topk"):
-            _train_alone(module, xs, lrs[i], dead_window=3 * batch, k_aux=4, unit_decoder=unit)
+            norms += _train_alone(module, xs, lrs[i], dead_window=3 * batch, k_aux=4, unit_decoder=unit,
+                                  grad_clip=clip)
         else:
-            _train_alone(module, xs, lrs[i], l1=l1s[i], unit_decoder=unit)
+            norms += _train_alone(module, xs, lrs[i], l1=l1s[i], unit_decoder=unit, grad_clip=clip)
         # TopK member 0 (k=1) starts with an analytically zero encoder gradient: roundoff (1e-16)
         # divided by Adam's eps moves it by ~1e-11, so TopK gets a looser (still float64-tight) bound.
         tol = 1e-9 if case.startswith("topk") else 1e-12
         _assert_params_equal(module, ens, i, rtol=tol, atol=tol)
+    if clip:
+        assert min(norms) < clip < max(norms)   # some steps were clipped and some were not
     if case.startswith("topk"):
         assert stats[-1]["n_dead"].sum() > 0 and (stats[-1]["aux"] > 0).any()   # aux-K was exercised
         assert (stats[-1]["l0"] <= torch.tensor(ks, dtype=F64)).all()

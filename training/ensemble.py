@@ -366,14 +366,15 @@ class Ensemble:
     `chunk_tokens`: the fused L1 step processes the batch in chunks of this many tokens (weight
     gradients accumulate), bounding its [N, chunk, d_hidden] buffers; `unit_decoder`: keep decoder rows
     at unit norm (Bricken et al. 2023; always so for tied members) instead of leaving them free (the
-    default, see training.dictionary).
+    default, see training.dictionary); `grad_clip`: scale each member's gradient to global norm at most this
+    before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off).
     """
 
     def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor | list[float]], *,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                  backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse",
-                 chunk_tokens: int = 1 << 30, unit_decoder: bool = False):
+                 chunk_tokens: int = 1 << 30, unit_decoder: bool = False, grad_clip: float = 0.0):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         first = members[0]
@@ -389,6 +390,7 @@ class Ensemble:
         self.k_aux = min(self.d_hidden, self.d_in // 2 if k_aux is None else int(k_aux))
         self.backend, self.topk_decoder, self.chunk_tokens = backend, topk_decoder, int(chunk_tokens)
         self.unit_decoder = bool(unit_decoder) or self.tied
+        self.grad_clip = float(grad_clip)
 
         stacked, _ = torch.func.stack_module_state(members)
         self.params: Params = {n: t.detach().clone().contiguous() for n, t in stacked.items()}
@@ -513,6 +515,8 @@ class Ensemble:
         """Adam in place (with `unit_decoder`: decoder-gradient projection, Adam, decoder renormalisation, a
         group of members at a time: groups of about 4 MiB per tensor stay in cache); frozen members untouched."""
         coefs = self._adam_coefficients(active, lr_scale)
+        if self.grad_clip > 0:
+            self._clip_grads_()
         if not self.unit_decoder:
             self._adam_members_(slice(None), coefs)
             return
@@ -525,6 +529,13 @@ class Ensemble:
             self._adam_members_(members, coefs)
             norm = dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active[members], dec), 1)
             dec.div_(norm)
+
+    def _clip_grads_(self) -> None:
+        """Scale each member's gradients by min(1, grad_clip / (norm + 1e-6)), norm over all its parameters."""
+        sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in self._grads.values())   # [N]
+        scale = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp_max(1)
+        for g in self._grads.values():
+            g.mul_(_per_member(scale, g))
 
     def _adam_(self, active: Tensor, lr_scale: float) -> None:
         """One in-place Adam step of every member with the gradients in self._grads (no constraint)."""
@@ -660,6 +671,7 @@ class Ensemble:
         out["option.k_aux"] = torch.tensor(self.k_aux, dtype=torch.long)
         out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
         out["option.unit_decoder"] = torch.tensor(self.unit_decoder)
+        out["option.grad_clip"] = torch.tensor(self.grad_clip, dtype=torch.float64)
         return {n: t.detach().clone().contiguous() for n, t in out.items()}
 
     @torch.no_grad()
@@ -685,6 +697,7 @@ class Ensemble:
         self.k_aux = int(state["option.k_aux"])
         self.aux_coef = float(state["option.aux_coef"])
         self.unit_decoder = bool(state["option.unit_decoder"])
+        self.grad_clip = float(state["option.grad_clip"])
         self._aux_on = bool(self.dead_mask().any())
 
     @classmethod
@@ -698,7 +711,8 @@ class Ensemble:
         ens = cls(members, hparams, adam_betas=tuple(state["option.adam_betas"].tolist()),  # type: ignore[arg-type]
                   adam_eps=float(state["option.adam_eps"]), dead_window=int(state["option.dead_window"]),
                   k_aux=int(state["option.k_aux"]), aux_coef=float(state["option.aux_coef"]),
-                  backend=backend, topk_decoder=topk_decoder, unit_decoder=bool(state["option.unit_decoder"]))
+                  backend=backend, topk_decoder=topk_decoder, unit_decoder=bool(state["option.unit_decoder"]),
+                  grad_clip=float(state["option.grad_clip"]))
         ens.load_state_dict(state)
         return ens
 
