@@ -28,5 +28,5 @@ def test_readme_has_the_flag_table(module, name):
 def test_flags_markdown_lists_every_field():
     from training.sweep import SweepConfig
     table = flags_markdown(SweepConfig)
-    assert "| `--l1_value_min` | `-1.5` | log10 of the smallest L1 penalty. |" in table
+    assert "| `--l1_value_min` | `-2.0` | log10 of the smallest L1 penalty. |" in table
     assert "| `--k_values` | `16 32 64 128` |" in table

@@ -46,9 +46,9 @@ class SweepConfig:
     """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
-    l1_value_min: float = -1.5
+    l1_value_min: float = -2.0
     """log10 of the smallest L1 penalty."""
-    l1_value_max: float = 0.0
+    l1_value_max: float = -0.5
     """log10 of the largest L1 penalty."""
     l1_value_n: int = 8
     """Number of L1 penalties, log-spaced between min and max."""
