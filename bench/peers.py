@@ -41,6 +41,7 @@ Smoke test (by hand; installs the side venvs, needs PyPI):  python bench/peers.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -224,7 +225,7 @@ def _pump(stream, sink, tail: deque | None) -> None:
 def train_peer(name: str, train_file: Path, out: Path, *, tokens: int, batch_size: int = 4096, lr: float = 1e-3,
                d_hidden: int, k: int | None = None, l1: float | None = None, seed: int = 0,
                options: dict | None = None, env_root: Path | None = None, timeout: float | None = None,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, reuse: bool = False) -> dict:
     """Train one SAE of peer `name` on the first `tokens` rows of `train_file` (float32 .npy [n, d_in]) and
     write weights.safetensors + spec.json into `out`; returns the spec. Runs bench/peers/run_<name>.py in the
     peer's side venv (created on first use), streaming its output; raises RuntimeError with the tail of its
@@ -233,7 +234,10 @@ def train_peer(name: str, train_file: Path, out: Path, *, tokens: int, batch_siz
     library folds back: saelens {"normalize_activations": "expected_average_only_in"}, dictionary_learning
     {"normalize_activations": True}, reference {"normalize": True}. `timeout`: seconds, None for no limit.
     `threads`: torch's CPU threads in the runner (OMP_NUM_THREADS; default: inherited) - on a shared machine
-    give every peer the same number, and 1 when other jobs hold the cores (spinning threads then cost 10-50x)."""
+    give every peer the same number, and 1 when other jobs hold the cores (spinning threads then cost 10-50x).
+    `reuse`: return the SAE already in `out` when its request.json records this very request (same training
+    file, size and modification time, runner source, library environment and arguments) instead of training
+    again; peer training is deterministic, so this only saves time."""
     import threading
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; expected one of {PEERS}")
@@ -241,6 +245,17 @@ def train_peer(name: str, train_file: Path, out: Path, *, tokens: int, batch_siz
     runner = RUNNERS / f"run_{name}.py"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    train = Path(train_file).resolve()
+    request = {"peer": name, "train_file": str(train), "train_size": train.stat().st_size,
+               "train_mtime_ns": train.stat().st_mtime_ns, "tokens": tokens, "batch_size": batch_size,
+               "lr": float(lr), "d_hidden": d_hidden, "k": k, "l1": None if l1 is None else float(l1), "seed": seed,
+               "options": options or {}, "python": str(py),
+               "runner_sha256": hashlib.sha256(runner.read_bytes() + (RUNNERS / "_common.py").read_bytes()).hexdigest()}
+    if reuse and (out / "weights.safetensors").exists() and (out / "spec.json").exists() \
+            and (out / "request.json").exists() and json.loads((out / "request.json").read_text()) == request:
+        print(f"[{name}] reusing the SAE in {out} (request.json matches)", flush=True)
+        return json.loads((out / "spec.json").read_text())
+    (out / "request.json").unlink(missing_ok=True)
     for stale in ("weights.safetensors", "spec.json"):
         (out / stale).unlink(missing_ok=True)
     cmd = [str(py), str(runner), "--train_file", str(Path(train_file).resolve()), "--out", str(out.resolve()),
@@ -274,6 +289,7 @@ def train_peer(name: str, train_file: Path, out: Path, *, tokens: int, batch_siz
         why = "timed out" if rc is None else f"exited with status {rc}"
         raise RuntimeError(f"peer {name!r} {why} ({runner.name} in {py}); last lines of its stderr:\n"
                            + "".join(tail))
+    (out / "request.json").write_text(json.dumps(request, indent=1))
     return json.loads((out / "spec.json").read_text())
 
 

@@ -472,7 +472,8 @@ def train_peers(ds: Dataset, out: Path, tokens: int, args: argparse.Namespace, t
         try:
             spec = train_peer(name, ds.train_npy, out / name, tokens=tokens, batch_size=args.batch_size, lr=args.lr,
                               d_hidden=d_hidden, k=None if relu else TOPK_PEER_K,
-                              l1=args.peer_l1.get(name) if relu else None, seed=0, threads=threads)
+                              l1=args.peer_l1.get(name) if relu else None, seed=0, threads=threads,
+                              reuse=args.reuse_peers)
         except RuntimeError as e:  # one peer failing must not lose the hours spent on the others
             print(f"[{name}] FAILED: {e}", flush=True)
             points.append({"system": name, "key": args.peer_l1.get(name) if relu else TOPK_PEER_K,
@@ -650,6 +651,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k_values", type=int, nargs="+", default=[16, 32, 64, 128], help="our TopK members")
     ap.add_argument("--ratio", type=float, default=8.0, help="d_hidden = ratio * d, for every system")
     ap.add_argument("--peers", action="store_true", help="also train the peers (bench/peers.py)")
+    ap.add_argument("--reuse_peers", action="store_true",
+                    help="keep a peer SAE already in --out/work when it was trained on the same request")
     ap.add_argument("--peer_l1", nargs="+", default=[], metavar="NAME=VALUE",
                     help=f"l1 of a ReLU peer ({', '.join(RELU_PEERS)}); default: the library's default")
     ap.add_argument("--out", type=Path, default=None,

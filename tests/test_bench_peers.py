@@ -104,3 +104,16 @@ def test_ensure_env_reference_is_our_python():
     assert str(ensure_env("reference")) == sys.executable
     with pytest.raises(ValueError):
         ensure_env("nope")
+
+
+def test_train_peer_reuses_only_an_identical_request(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "acts.npy", n=6_000, d_in=8, n_dirs=16, mean_active=2.0)
+    out = tmp_path / "ref"
+    kw = dict(tokens=4_096, batch_size=256, lr=3e-3, d_hidden=16, l1=1.0, threads=1)
+    first = train_peer("reference", data, out, **kw)
+    again = train_peer("reference", data, out, reuse=True, **kw)
+    assert again == first and "reusing" in capsys.readouterr().out
+    changed = train_peer("reference", data, out, reuse=True, **{**kw, "l1": 0.5})   # another request: retrained
+    assert changed["settings"]["l1"] == 0.5 and "reusing" not in capsys.readouterr().out
+    train_peer("reference", data, out, **{**kw, "l1": 0.5})                         # reuse off: always retrained
+    assert "reusing" not in capsys.readouterr().out
