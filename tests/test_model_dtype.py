@@ -74,6 +74,7 @@ def test_evaluate_uses_the_manifest_dtype(bf16_sweep, loaded, capsys):
     evaluate_sweep(EvaluateConfig(sweep=str(folder), n_tokens=200, batch_size=8, device="cpu", with_error=False))
     report = json.loads((folder / "report.json").read_text())
     assert loaded == [torch.bfloat16] and report["evaluated"]["dtype"] == "bfloat16"
+    assert f"- model `{bf16_sweep['model']}` in bfloat16, hook" in (folder / "report.md").read_text()
     assert all(0 < m["ce_clean"] < 10 and m["explained_variance"] > -1 for m in report["members"])
     run_cli(evaluate_sweep, "", EvaluateConfig, ["--sweep", str(folder), "--n_tokens", "200", "--batch_size", "8",
                                                   "--device", "cpu", "--no-with_error", "--dtype", "float32"])

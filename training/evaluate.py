@@ -547,7 +547,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     arch = ev["architecture"]
     name = "L1 penalty" if arch == "l1" else "k"
     lines = [f"# Sweep evaluation: `{ev['sweep']}`", "",
-             f"- model `{ev['model']}`, hook `{ev['hook']}`, {ev['architecture']} dictionaries",
+             f"- model `{ev['model']}`" + (f" in {ev['dtype']}" if ev.get("dtype") else "")
+             + f", hook `{ev['hook']}`, {ev['architecture']} dictionaries",
              f"- text: `{ev['dataset']}` split `{ev['dataset_split']}`: {ev['held_out']}",
              f"- {ev['n_tokens']:,} token positions in {ev['n_sequences']:,} sequences of {ev['context_length']}",
              f"- excluded: {ev['exclusion']}",
