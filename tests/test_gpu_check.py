@@ -89,3 +89,29 @@ def test_junit_counts(tmp_path):
                    'tests="8"></testsuite></testsuites>')
     assert junit_counts(xml) == {"tests": 8, "failures": 1, "errors": 0, "skipped": 2}
     assert junit_counts(tmp_path / "missing.xml") == {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+
+
+def test_full_plan_on_a_gpu(tmp_path, monkeypatch):
+    """With CUDA (faked), the driver runs the issue's sizes and precisions and checks the targets from them."""
+    import bench.gpu_check as gc
+    calls: list[tuple] = []
+    fake_rows = {(512, 8): row(512, 4096, 0.3, 4.0), (2048, 16): row(2048, 32768, 0.6, 7.0)}
+    monkeypatch.setattr(gc, "machine", lambda: {"cuda_available": True, "gpu": "NVIDIA H200", "gpu_memory_gib": 139.8,
+                                                "capability": "9.0", "torch": "t", "cuda_build": "12", "python": "3"})
+    monkeypatch.setattr(gc, "gpu_tests", lambda out, timeout_s: {
+        "name": "gpu_tests", "status": "ok", "passed": 8, "failures": 0, "errors": 0, "skipped": 0, "log": "l"})
+    monkeypatch.setattr(gc, "stage1", lambda out, dtype, smoke, device, timeout_s: calls.append(
+        ("stage1", dtype, smoke, device)) or {"name": "s", "status": "ok", "dtype": dtype, "figures": None})
+    monkeypatch.setattr(gc, "sweep_bench", lambda out, precision, d_in, ratio, device, timeout_s: calls.append(
+        ("sweep", precision, d_in, ratio, device)) or {"name": "w", "status": "ok", "precision": precision,
+                                                        "rows": [fake_rows[(d_in, ratio)]]})
+    res = gc.main([str(tmp_path)])
+    assert calls == [("stage1", "float32", False, "cuda"), ("sweep", "tf32", 512, 8, "cuda"),
+                     ("sweep", "tf32", 2048, 16, "cuda"), ("sweep", "bf16", 512, 8, "cuda"),
+                     ("sweep", "bf16", 2048, 16, "cuda"), ("stage1", "bfloat16", False, "cuda")]
+    assert res["mode"] == "full" and res["skipped"] == [] and gc.failed_steps(res) == []
+    assert [t["met"] for t in res["targets"]] == [True, True, True]
+    assert "- bf16 ensemble at 2048 x 32768: MFU >= 50%: met (measured 60.0%)" in (tmp_path / "results.md").read_text()
+    calls.clear()
+    res = gc.main([str(tmp_path), "--budget_s", "0"])                 # out of time: nothing starts, and it says so
+    assert calls == [] and sum("past the 0 s budget" in s for s in res["skipped"]) == 6
