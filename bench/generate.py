@@ -33,19 +33,20 @@ from training.hooks import resolve_hooks, stop_at_layer  # noqa: E402
 from training.models import REPO_ROOT, load_model  # noqa: E402
 
 
-PYTHIA_70M = dict(d_model=512, n_layers=6, n_heads=8)
-"""Pythia-70M's shape (d_mlp = 4 d_model, vocab 50304)."""
-SMOKE = dict(d_model=64, n_layers=4, n_heads=4)
-"""A small shape for smoke runs on a CPU."""
+PYTHIA_70M = dict(d_model=512, n_layers=6, n_heads=8, vocab_size=50304)
+"""Pythia-70M's shape (d_mlp = 4 d_model)."""
+SMOKE = dict(d_model=64, n_layers=4, n_heads=4, vocab_size=4096)
+"""A small shape for smoke runs on a CPU (the vocabulary of the embedded tokenizer)."""
 
 
-def build_pythia70m_shape(folder: Path, d_model: int = 512, n_layers: int = 6, n_heads: int = 8) -> None:
+def build_pythia70m_shape(folder: Path, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
+                          vocab_size: int = 50304) -> None:
     """Save a random GPT-NeoX model of Pythia-70M's shape (or a smaller one), with the embedded model's tokenizer,
     to `folder`."""
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=d_model, num_hidden_layers=n_layers,
+    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers,
                         num_attention_heads=n_heads, intermediate_size=4 * d_model, max_position_embeddings=2048,
                         rotary_pct=0.25, bos_token_id=0, eos_token_id=0)
     GPTNeoXForCausalLM(cfg).save_pretrained(folder)
