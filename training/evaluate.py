@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 import training
 from training.chunks import CONTEXTS, atomic_write_json, has_tokens, mmap_tensors
 from training.cli import UserError, config_to_dict
-from training.models import DTYPE_CHOICES
 from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
                               next_token_ce)
+from training.models import DTYPE_CHOICES
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 PLOTS = {"ev": "ev_vs_l0.png", "ce": "ce_score_vs_l0.png", "dead": "dead_vs_key.png",
