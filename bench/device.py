@@ -32,7 +32,7 @@ def sync(device: torch.device | str) -> None:
 def reset_peak_memory(device: torch.device | str) -> None:
     """Start a new peak-memory measurement on `device` (CUDA; the host RSS peak cannot be reset)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_initialized():    # before CUDA starts nothing has been allocated
         torch.cuda.reset_peak_memory_stats(device)
 
 
