@@ -15,11 +15,14 @@ decoder (k active rows: embedding_bag forward, CSR products backward) against th
 
 The machine may be shared, so every kind of a size lives in one process and the kinds are timed
 round-robin, one step each per round: a burst of foreign load hits all of them alike. The table shows
-medians over --rounds rounds after a warm-up round. Peak RSS comes from a separate short run per
-kind (a fresh process each).
+medians over --rounds rounds after a warm-up round. Peak memory comes from a separate short run per
+kind (a fresh process each): device memory (torch.cuda.max_memory_allocated) on CUDA, else the host's peak
+RSS, labelled so. MFU (model FLOP utilisation) = model FLOPs per step (bench/device.py: 10 B d_in d_hidden
+per L1 member) / seconds / the device's peak: the datasheet dense peak of a known GPU at the precision
+(H100/H200 SXM, A100; bf16, tf32), else the matmul rate (c) measured in the same run.
 
     python bench/sweep.py [--sizes 128 512] [--ratio 8] [--n_models 8] [--rounds 5] [--batch 4096]
-                          [--device cpu|cuda] [--precision fp32|tf32|bf16] [--k 32] [--quick]
+                          [--device cpu|cuda] [--precision fp32|tf32|bf16] [--k 32] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.device import member_step_flops, mfu, peak_flops, reset_peak_memory, sync  # noqa: E402
+from bench.device import peak_memory as device_peak_memory  # noqa: E402
 from training.ensemble import Ensemble, make_members  # noqa: E402
 
 KINDS = ("matmul", "ensemble", "sequential", "vmap_autograd", "torch_sequential", "topk_sparse", "topk_dense")
@@ -47,12 +52,6 @@ Step = Callable[[torch.Tensor], Any]
 
 
 # ----------------------------------------------------------------------------- the things timed
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work (CUDA), so wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _batches(n: int, batch: int, d_in: int, device: torch.device) -> list[torch.Tensor]:
     """n synthetic batches [batch, d_in]: anisotropic Gaussian around an offset (the same for every kind)."""
@@ -154,28 +153,30 @@ def time_size(spec: dict[str, Any]) -> dict[str, list[float]]:
             for kind, step in steps.items():
                 for _ in range(2 if r == 0 else 1):
                     x = xs[(r + len(times[kind])) % len(xs)]
-                    _sync(device)
+                    sync(device)
                     t = time.perf_counter()
                     step(x)
-                    _sync(device)
+                    sync(device)
                     if r:
                         times[kind].append(time.perf_counter() - t)
     return times
 
 
-def peak_memory(spec: dict[str, Any]) -> dict[str, float]:
-    """Peak RSS (and CUDA memory) in MiB of a fresh process doing two steps of one kind."""
+def peak_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of a fresh process doing two steps of one kind: {"peak_mib", "peak_kind" ("device" on CUDA,
+    else "host RSS"), "peak_rss_mb"}."""
     device = torch.device(spec["device"])
+    reset_peak_memory(device)
     xs = _batches(2, spec["batch"], spec["d_in"], device)
     step = build(spec["kind"], spec["d_in"], spec["d_hidden"], spec["n_models"], spec["batch"], device,
                  spec["precision"], spec["k"], xs[0])
     with _precision_context(spec["precision"], device):
         for x in xs:
             step(x)
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return out
+    sync(device)
+    peak = device_peak_memory(device)
+    return {"peak_mib": peak["mib"], "peak_kind": peak["kind"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def worker(spec: dict[str, Any]) -> None:
@@ -196,6 +197,11 @@ def run_worker(spec: dict[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- report
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name (what the datasheet table is keyed by), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
 
 def machine_line(device: torch.device, threads: int) -> str:
     """One line describing the hardware and software."""
@@ -220,23 +226,56 @@ def fmt_rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s / 1e3:.2f}k" if tokens_per_s < 1e4 else f"{tokens_per_s / 1e3:.1f}k"
 
 
-def print_tables(rows: list[tuple[int, int, dict[str, float], dict[str, dict[str, float]]]], args: Any,
-                 kinds: tuple[str, ...]) -> None:
-    """The L1 table ((a), (b), (c)) and the context table, from median seconds per step."""
+def summarise(d_in: int, d_hidden: int, seconds: dict[str, float], memory: dict[str, dict[str, Any]],
+              n_models: int, batch: int, precision: str, name: str) -> dict[str, Any]:
+    """The derived figures of one size: tokens/s per member, MFU against the device's peak, peak memory."""
+    flops = member_step_flops("l1", d_in, d_hidden, batch)              # one member's step
+    matmul_rate = flops / seconds["matmul"]
+    peak, peak_source = peak_flops(name, precision, matmul_rate)
+    out: dict[str, Any] = {
+        "d_in": d_in, "d_hidden": d_hidden, "n_models": n_models, "batch": batch, "precision": precision,
+        "device_name": name, "seconds": seconds, "memory": memory, "member_step_flops": flops,
+        "matmul_flops_per_s": matmul_rate, "peak_flops_per_s": peak, "peak_source": peak_source,
+        "limit_tokens_per_s_per_member": matmul_rate / (10 * d_in * d_hidden * n_models)}
+    for kind in ("ensemble", "sequential"):
+        if kind in seconds:
+            out[f"{kind}_tokens_per_s_per_member"] = batch / seconds[kind]
+            out[f"{kind}_mfu"] = mfu(n_models * flops, seconds[kind], peak)
+    if "ensemble" in seconds and "sequential" in seconds:
+        out["ensemble_over_sequential"] = seconds["sequential"] / seconds["ensemble"]
+    return out
+
+
+def size_label(row: dict[str, Any]) -> str:
+    """"d_in x d_hidden" of a summary row."""
+    return f"{row['d_in']} x {row['d_hidden']}"
+
+
+def _memory_cell(mem: dict[str, dict[str, Any]], kinds: tuple[str, ...]) -> str:
+    """"a / b MiB" of the kinds' peak memory."""
+    return " / ".join(f"{mem[k]['peak_mib']:.0f}" for k in kinds) + " MiB"
+
+
+def print_tables(rows: list[dict[str, Any]], args: Any, kinds: tuple[str, ...]) -> None:
+    """The L1 table ((a), (b), (c), MFU, peak memory) and the context table, from median seconds per step."""
+    where = rows[0]["memory"]["ensemble"]["peak_kind"] if rows else "device"
+    mem_head = "peak dev mem a / b" if where == "device" else "peak host RSS a / b"
     print("L1 dictionaries: (a) ensemble, (b) the same members one after another, (c) the matmul limit.\n"
           f"tok/s = tokens each member trains on per second; limit = matmul rate / (10 d_in d_hidden "
-          f"x {args.n_models} members)")
+          f"x {args.n_models} members); MFU against {rows[0]['peak_source'] if rows else '-'}"
+          + ("" if where == "device" else "; device memory n/a on this device: host peak RSS shown instead"))
     head = (f"{'d_in x d_hidden':>16} | {'mm GFLOP/s':>10} | {'limit tok/s':>11} | {'(a) ens':>8} | "
-            f"{'(b) seq':>8} | {'(a)/(b)':>7} | {'(a)/limit':>9} | {'(b)/limit':>9} | {'peak RSS a / b':>14}")
+            f"{'(b) seq':>8} | {'(a)/(b)':>7} | {'(a)/limit':>9} | {'(b)/limit':>9} | {'MFU a / b':>11} | "
+            f"{mem_head:>20}")
     print(head)
     print("-" * len(head))
-    for d_in, d_hidden, sec, mem in rows:
-        rate = 10 * args.batch * d_in * d_hidden / sec["matmul"]
-        limit = rate / (10 * d_in * d_hidden * args.n_models)       # n_models members share the machine
-        a, b = args.batch / sec["ensemble"], args.batch / sec["sequential"]
-        rss = f"{mem['ensemble']['peak_rss_mb']:.0f} / {mem['sequential']['peak_rss_mb']:.0f} MB"
-        print(f"{f'{d_in} x {d_hidden}':>16} | {rate / 1e9:10.1f} | {fmt_rate(limit):>11} | {fmt_rate(a):>8} | "
-              f"{fmt_rate(b):>8} | {a / b:7.2f} | {a / limit:9.0%} | {b / limit:9.0%} | {rss:>14}")
+    for r in rows:
+        a, b = r["ensemble_tokens_per_s_per_member"], r["sequential_tokens_per_s_per_member"]
+        limit = r["limit_tokens_per_s_per_member"]
+        m = "n/a" if r["ensemble_mfu"] is None else f"{r['ensemble_mfu']:.0%} / {r['sequential_mfu']:.0%}"
+        print(f"{size_label(r):>16} | {r['matmul_flops_per_s'] / 1e9:10.1f} | "
+              f"{fmt_rate(limit):>11} | {fmt_rate(a):>8} | {fmt_rate(b):>8} | {a / b:7.2f} | {a / limit:9.0%} | "
+              f"{b / limit:9.0%} | {m:>11} | {_memory_cell(r['memory'], ('ensemble', 'sequential')):>20}")
     if len(kinds) <= 3:
         return
     print(f"\ncontext: tok/s per member (fraction of the L1 matmul limit); TopK k={args.k}")
@@ -244,22 +283,23 @@ def print_tables(rows: list[tuple[int, int, dict[str, float], dict[str, dict[str
             f"{'TopK sparse dec':>16} | {'TopK dense dec':>16} | {'sparse/dense':>12}")
     print(head)
     print("-" * len(head))
-    for d_in, d_hidden, sec, _ in rows:
+    for r in rows:
+        sec = r["seconds"]
         limit = args.batch / sec["matmul"] / args.n_models
 
         def cell(kind: str, width: int) -> str:
             tps = args.batch / sec[kind]
             return f"{fmt_rate(tps)} ({tps / limit:.0%})".rjust(width)
-        print(f"{f'{d_in} x {d_hidden}':>16} | {cell('vmap_autograd', 16)} | {cell('torch_sequential', 16)} | "
-              f"{sec['torch_sequential'] / sec['ensemble']:12.1f}x | {cell('topk_sparse', 16)} | "
-              f"{cell('topk_dense', 16)} | {sec['topk_dense'] / sec['topk_sparse']:11.2f}x")
-    print("\npeak RSS MB: " + "; ".join(
-        f"{d}x{h}: " + ", ".join(f"{k} {m[k]['peak_rss_mb']:.0f}" for k in kinds if k != "matmul")
-        for d, h, _, m in rows))
+        print(f"{size_label(r):>16} | {cell('vmap_autograd', 16)} | "
+              f"{cell('torch_sequential', 16)} | {sec['torch_sequential'] / sec['ensemble']:12.1f}x | "
+              f"{cell('topk_sparse', 16)} | {cell('topk_dense', 16)} | {sec['topk_dense'] / sec['topk_sparse']:11.2f}x")
+    print(f"\npeak memory MiB ({where}): " + "; ".join(
+        size_label(r).replace(" ", "") + ": " + ", ".join(f"{k} {r['memory'][k]['peak_mib']:.0f}"
+                                                     for k in kinds if k != "matmul") for r in rows))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags, run every measurement, print the tables."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512], help="d_in values")
@@ -274,20 +314,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="tf32: CUDA only; bf16: autocast (CPU or CUDA), matmul limit from bf16 torch.mm")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="only (a), (b), (c): skip the context rows")
+    p.add_argument("--json", help="also write the figures of every size to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        worker(json.loads(args.worker))
-        return
-    device = torch.device(args.device)
-    if args.precision == "tf32" and device.type != "cuda":
+    if not args.worker and args.precision == "tf32" and torch.device(args.device).type != "cuda":
         p.error("--precision tf32 needs a CUDA device")
-    threads = args.threads or torch.get_num_threads()
-    kinds = KINDS[:3] if args.quick else KINDS
-    print(machine_line(device, threads))
-    print(f"batch {args.batch}, n_models {args.n_models}, precision {args.precision}, medians of {args.rounds} "
-          f"round-robin rounds after a warm-up round; {load_line()} at start")
+    return args
 
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time every kind at every size (one worker process per size, one per kind for memory); the summaries."""
+    device = torch.device(args.device)
+    kinds = KINDS[:3] if args.quick else KINDS
     rows = []
     for d_in in args.sizes:
         d_hidden = args.ratio * d_in
@@ -298,9 +336,29 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {d_in}x{d_hidden} seconds per round: "
               + ", ".join(f"{k} {[round(v, 4) for v in t]}" for k, t in times.items()), file=sys.stderr, flush=True)
         memory = {kind: run_worker({**base, "job": "memory", "kind": kind}) for kind in kinds if kind != "matmul"}
-        rows.append((d_in, d_hidden, seconds, memory))
+        rows.append(summarise(d_in, d_hidden, seconds, memory, args.n_models, args.batch, args.precision,
+                              device_name(device)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]] | None:
+    """Parse flags, run every measurement, print the tables (and write --json); the summaries."""
+    args = parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return None
+    device = torch.device(args.device)
+    threads = args.threads or torch.get_num_threads()
+    kinds = KINDS[:3] if args.quick else KINDS
+    print(machine_line(device, threads))
+    print(f"batch {args.batch}, n_models {args.n_models}, precision {args.precision}, medians of {args.rounds} "
+          f"round-robin rounds after a warm-up round; {load_line()} at start")
+    rows = measure(args)
     print(f"{load_line()} at end\n")
     print_tables(rows, args, kinds)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_line(device, threads), "rows": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

@@ -74,6 +74,11 @@ def make_tiny_hf_model(arch: str, folder: Path, d_model: int = 32, n_layers: int
     return folder
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the `gpu` marker: tests that need a CUDA GPU (skipped without one; `pytest -m gpu` runs them)."""
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); run with pytest -m gpu")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """One torch thread for the whole suite: the tests' tensors are tiny, and on a shared 2-core machine two

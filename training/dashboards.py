@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from training.chunks import has_tokens
 from training.cli import UserError
+from training.models import DTYPE_CHOICES
 from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
                                       select_member, visible_token)
 
@@ -95,6 +96,8 @@ class DashboardConfig:
     """Site title (default: from the sweep member or hook)."""
     device: str | None = None
     """Device for the model and the prompt encoding (default: cuda when available)."""
+    dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
+    """Precision to run the model in; auto: the one features.json or Stage 1 records (float32 when no manifest records one)."""
 
 
 # ------------------------------------------------------------------------------------- numbers
@@ -631,9 +634,11 @@ def make_dashboards(cfg: DashboardConfig) -> DashboardResult:
     from training.models import resolve_device
     device = resolve_device(cfg.device)
     decoder = scorer = shift = None
+    manifest = None
     if src["kind"] == "sae":
         sweep = cfg.sweep or src["sweep"]
-        _, module, _ = select_member(sweep, key=str(src["key"]))
+        _, module, sweep_meta = select_member(sweep, key=str(src["key"]))
+        manifest = sweep_meta.get("source_manifest")
         decoder = module.decoder.detach().float()
         if decoder.shape[0] != doc["n_features"]:
             raise UserError(f"the dictionary in {sweep} has {decoder.shape[0]} features but {path} has "
@@ -652,12 +657,12 @@ def make_dashboards(cfg: DashboardConfig) -> DashboardResult:
 
     model = None
     if cfg.logits or cfg.prompt:
-        from training.models import load_model
+        from training.models import analysis_dtype, load_model
         name = cfg.model or src.get("model")
         if not name:
             raise UserError(f"{path} names no model: pass --model (or --no-logits without --prompt)")
         try:
-            model = load_model(name, device)
+            model = load_model(name, device, analysis_dtype(cfg.dtype, manifest, src.get("dtype")))
         except UserError as e:
             raise UserError(f"{e} (pass --model, or --no-logits to build without logit effects)") from None
     if cfg.logits and model is not None:

@@ -35,6 +35,7 @@ from training.chunks import CONTEXTS, atomic_write_json, has_tokens, mmap_tensor
 from training.cli import UserError, config_to_dict
 from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
                               next_token_ce)
+from training.models import DTYPE_CHOICES
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 PLOTS = {"ev": "ev_vs_l0.png", "ce": "ce_score_vs_l0.png", "dead": "dead_vs_key.png",
@@ -74,6 +75,8 @@ class EvaluateConfig:
     """Sequences per forward pass."""
     device: str | None = None
     """cpu, cuda, cuda:N or mps (default: cuda when available)."""
+    dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
+    """Precision to run the model in; auto: the one Stage 1 ran it in (float32 when no manifest records one)."""
     dense_threshold: float = 0.1
     """A feature is dense when active on more than this fraction of the evaluated tokens."""
     histogram_bins: int = 30
@@ -425,7 +428,7 @@ def _json_safe(obj: Any) -> Any:
 def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
     """Evaluate every member of the sweep in cfg.sweep and write report.json, report.md and the plots there."""
     from training.hooks import describe_valid_hooks
-    from training.models import load_model, resolve_device
+    from training.models import analysis_dtype, load_model, resolve_device
     from training.sweep import load_sweep
 
     for name in ("n_tokens", "batch_size", "histogram_bins"):
@@ -437,7 +440,8 @@ def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
     meta = read_sweep(folder, cfg.allow_unfinished)
     ev = resolve_text(cfg, meta)
     device = resolve_device(cfg.device)
-    model = load_model(ev.model, device)
+    dtype = analysis_dtype(cfg.dtype, meta.get("source_manifest"))
+    model = load_model(ev.model, device, dtype)
     if ev.hook not in model.hook_dict:
         raise UserError(f"hook {ev.hook!r} is not in model {ev.model!r}; valid hooks: "
                         f"{describe_valid_hooks(list(model.hook_dict))}")
@@ -489,6 +493,7 @@ def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
             "skip_sequences": ev.skip_sequences, "n_tokens": n_tok, "n_tokens_requested": cfg.n_tokens,
             "n_sequences": n_seq, "excluded_token_ids": ev.special_token_ids if ev.exclude_special else [],
             "exclusion": exclusion_note(ev), "dense_threshold": cfg.dense_threshold, "device": str(device),
+            "dtype": dtype,
             "seconds": seconds, "config": config_to_dict(cfg)},
         "clean": {"ce_clean": first["ce_clean"], "ce_zero": first["ce_zero"], "kl_zero": first["kl_zero"]},
         "knee": {"index": knee.index, "key": None if knee.index is None else keys[knee.index],
@@ -542,7 +547,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     arch = ev["architecture"]
     name = "L1 penalty" if arch == "l1" else "k"
     lines = [f"# Sweep evaluation: `{ev['sweep']}`", "",
-             f"- model `{ev['model']}`, hook `{ev['hook']}`, {ev['architecture']} dictionaries",
+             f"- model `{ev['model']}`" + (f" in {ev['dtype']}" if ev.get("dtype") else "")
+             + f", hook `{ev['hook']}`, {ev['architecture']} dictionaries",
              f"- text: `{ev['dataset']}` split `{ev['dataset_split']}`: {ev['held_out']}",
              f"- {ev['n_tokens']:,} token positions in {ev['n_sequences']:,} sequences of {ev['context_length']}",
              f"- excluded: {ev['exclusion']}",

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +16,8 @@ from training.cli import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "models/tiny-stdlib"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+"""Values of the analysis tools' --dtype flag (auto: the dtype Stage 1 ran the model in)."""
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -40,6 +43,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def manifest_dtype(manifest: dict[str, Any] | None) -> str | None:
+    """The dtype Stage 1 ran its model in, as its manifest records it (None: no manifest, or imported activations)."""
+    if not manifest or not manifest.get("has_tokens", True):
+        return None
+    name = (manifest.get("config") or {}).get("dtype")
+    return name if name in DTYPES else None
+
+
+def analysis_dtype(flag: str, manifest: dict[str, Any] | None, recorded: str | None = None) -> str:
+    """The dtype an analysis tool loads the model in: `flag`; for "auto" the `recorded` one (a dtype an earlier
+    tool wrote down), else the Stage 1 manifest's, else float32."""
+    if flag == "auto":
+        return (recorded if recorded in DTYPES else None) or manifest_dtype(manifest) or "float32"
+    if flag not in DTYPES:
+        raise UserError(f"unknown --dtype {flag!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    return flag
 
 
 def resolve_model_path(name: str) -> str:

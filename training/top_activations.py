@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, require_tokens
 from training.cli import UserError, config_to_dict
-from training.models import resolve_device, resolve_model_path
+from training.models import DTYPE_CHOICES, analysis_dtype, manifest_dtype, resolve_device, resolve_model_path
 
 POSITIVE_BY = ("abs", "relu", "affine")
 BLOCKS = "".join(chr(0x2581 + i) for i in range(8))
@@ -126,6 +126,8 @@ class TopActivationsConfig:
     """Seed of the random sample."""
     device: str | None = None
     """cpu, cuda, cuda:N or mps (default: cuda when available)."""
+    dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
+    """Precision to run --model in; auto: the one Stage 1 ran it in (float32 when no manifest records one)."""
     output: str | None = None
     """Output file (or folder to put features.json in); default: {sweep}/features/{l1_X|k_X}/features.json,
     or outputs/neurons/{hook}-{make_positive_by}/features.json for --neurons."""
@@ -849,11 +851,12 @@ def open_source(cfg: TopActivationsConfig, sweep_meta: dict[str, Any] | None, de
             raise UserError("--neurons with --model needs --hook (e.g. blocks.0.hook_resid_post)")
         L = cfg.context_length or int(((sweep_meta or {}).get("source_manifest") or {}).get("config", {})
                                       .get("context_length", 128))
-        model = load_model(cfg.model, device)
+        dtype = analysis_dtype(cfg.dtype, (sweep_meta or {}).get("source_manifest"))
+        model = load_model(cfg.model, device, dtype)
         docs = iter_documents(cfg.dataset, cfg.dataset_split, cfg.text_column)  # type: ignore[arg-type]
         src = TextSource(model, hook, docs, L, cfg.n_tokens, device)
         return src, model.tokenizer, {"model": cfg.model, "dataset": cfg.dataset, "dataset_split": cfg.dataset_split,
-                                      "hook": hook, "context_length": L}
+                                      "hook": hook, "context_length": L, "dtype": dtype}
     path = cfg.dataset_dir or (sweep_meta or {}).get("dataset_dir")
     if path is None:
         raise UserError("--neurons needs --dataset_dir (a Stage 1 hook folder) or --model with --dataset")
@@ -862,7 +865,8 @@ def open_source(cfg: TopActivationsConfig, sweep_meta: dict[str, Any] | None, de
     model_name = data.manifest["config"]["model"]
     tokenizer = load_tokenizer(cfg.tokenizer or model_name)
     return src, tokenizer, {"model": model_name, "dataset_dir": str(Path(data.root).resolve() / data.hook),
-                            "hook": data.hook, "context_length": src.context_length}
+                            "hook": data.hook, "context_length": src.context_length,
+                            "dtype": manifest_dtype(data.manifest)}
 
 
 def gather(cfg: TopActivationsConfig) -> GatherResult:
