@@ -66,6 +66,11 @@ def _mean_live_norm(rows: Tensor, dead: Tensor, fallback: float) -> Tensor:
     return torch.where(n_alive > 0, mean, torch.full_like(mean, fallback))
 
 
+def _rank_mask(ks: list[int], dtype: torch.dtype) -> Tensor:
+    """[N, max(ks)] on the CPU: 1 where rank < k_i (member i keeps its first k_i ranks)."""
+    return (torch.arange(max(ks)) < torch.tensor(ks)[:, None]).to(dtype)
+
+
 def _encoder_name(params: Params) -> str:
     """Name of the stacked encoder matrix ("decoder" when tied)."""
     return "encoder" if "encoder" in params else "decoder"
@@ -112,7 +117,7 @@ def _relu_mask_(grad: Tensor, output: Tensor) -> Tensor:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matmuls on `device` right now, or None when autocast is off."""
-    if torch.is_autocast_enabled(device.type):
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -426,13 +431,13 @@ class Ensemble:
                 raise ValueError(f"hparam {name!r} must have shape [{self.n_models}], got {tuple(t.shape)}")
             out[name] = t.to(torch.long if name == "k" else torch.float64).clone()
         if self.architecture == "topk":
-            ks = torch.tensor([m.k for m in members], device=dev)
+            k_list = [int(m.k) for m in members]
+            ks = torch.tensor(k_list, device=dev)
             if "k" in out and not torch.equal(out["k"], ks):
-                raise ValueError(f"hparams['k'] {out['k'].tolist()} != members' k {ks.tolist()}")
+                raise ValueError(f"hparams['k'] {out['k'].tolist()} != members' k {k_list}")
             out["k"] = ks
-            self.k_max, self._uniform_k = int(ks.max()), bool((ks == ks[0]).all())
-            ranks = torch.arange(self.k_max, device=dev)
-            self.rank_mask = (ranks < ks[:, None]).to(self.params["decoder"].dtype)   # [N, k_max]
+            self.k_max, self._uniform_k = max(k_list), len(set(k_list)) == 1
+            self.rank_mask = _rank_mask(k_list, self.params["decoder"].dtype).to(dev)   # [N, k_max]
         return out
 
     # ------------------------------------------------------------------ training
@@ -655,9 +660,8 @@ class Ensemble:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Flat {name: tensor} (copies; safetensors-ready): params, Adam state, hparams, dead counters,
-        frozen flags and options. `Ensemble.from_state_dict` rebuilds the ensemble from it alone."""
+    def _state_refs(self) -> dict[str, Tensor]:
+        """The tensors `state_dict` copies, uncopied (options as small new CPU tensors)."""
         out: dict[str, Tensor] = {}
         for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
                               ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
@@ -672,25 +676,32 @@ class Ensemble:
         out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
         out["option.unit_decoder"] = torch.tensor(self.unit_decoder)
         out["option.grad_clip"] = torch.tensor(self.grad_clip, dtype=torch.float64)
-        return {n: t.detach().clone().contiguous() for n, t in out.items()}
+        return out
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
-        mine = self.state_dict()
+    def state_dict(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Flat {name: tensor} (copies; safetensors-ready): params, Adam state, hparams, dead counters,
+        frozen flags and options. `Ensemble.from_state_dict` rebuilds the ensemble from it alone.
+
+        `device` (e.g. "cpu" to save): each tensor is copied straight there, one at a time, so the ensemble's
+        device needs no extra memory; None: clones where the tensors are.
+        """
+        refs = self._state_refs()
+        if device is None:
+            return {n: t.detach().clone().contiguous() for n, t in refs.items()}
+        return {n: t.detach().to(device, copy=True).contiguous() for n, t in refs.items()}
+
+    def _check_state(self, state: dict[str, Tensor]) -> None:
+        """ValueError unless `state` has this ensemble's state_dict names and shapes (nothing is copied)."""
+        mine = self._state_refs()
         if set(state) != set(mine):
             raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(state))}, "
                              f"unexpected {sorted(set(state) - set(mine))}")
         for name, t in state.items():
             if t.shape != mine[name].shape:
                 raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(mine[name].shape)}")
-        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
-                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
-            for n, t in group.items():
-                t.copy_(state[prefix + n])
-        self.adam_step.copy_(state["adam.step"])
-        self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
-        self.frozen.copy_(state["frozen"])
+
+    def _load_options(self, state: dict[str, Tensor]) -> None:
+        """The host-side options of a state_dict."""
         self.adam_betas = tuple(state["option.adam_betas"].tolist())  # type: ignore[assignment]
         self.adam_eps = float(state["option.adam_eps"])
         self.dead_window = int(state["option.dead_window"])
@@ -698,22 +709,60 @@ class Ensemble:
         self.aux_coef = float(state["option.aux_coef"])
         self.unit_decoder = bool(state["option.unit_decoder"])
         self.grad_clip = float(state["option.grad_clip"])
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
+        self._check_state(state)
+        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
+                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
+            for n, t in group.items():
+                t.copy_(state[prefix + n])
+        self.adam_step.copy_(state["adam.step"])
+        self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
+        self.frozen.copy_(state["frozen"])
+        self._load_options(state)
         self._aux_on = bool(self.dead_mask().any())
 
     @classmethod
+    @torch.no_grad()
     def from_state_dict(cls, state: dict[str, Tensor], *, backend: Backend = "fused",
-                        topk_decoder: TopKDecoder = "sparse") -> "Ensemble":
-        """Rebuild an ensemble (architecture, tying, shapes, options) from `state_dict()` output."""
-        params = {n[len("param."):]: t for n, t in state.items() if n.startswith("param.")}
-        hparams = {n[len("hparam."):]: t for n, t in state.items() if n.startswith("hparam.")}
-        architecture: Architecture = "topk" if "k" in hparams else "l1"
-        members = unstack_dictionaries(params, architecture, hparams.get("k"))
-        ens = cls(members, hparams, adam_betas=tuple(state["option.adam_betas"].tolist()),  # type: ignore[arg-type]
-                  adam_eps=float(state["option.adam_eps"]), dead_window=int(state["option.dead_window"]),
-                  k_aux=int(state["option.k_aux"]), aux_coef=float(state["option.aux_coef"]),
-                  backend=backend, topk_decoder=topk_decoder, unit_decoder=bool(state["option.unit_decoder"]),
-                  grad_clip=float(state["option.grad_clip"]))
-        ens.load_state_dict(state)
+                        topk_decoder: TopKDecoder = "sparse", device: torch.device | str | None = None) -> "Ensemble":
+        """Rebuild an ensemble (architecture, tying, shapes, options) from `state_dict()` output, on `device`
+        (default: where the state's tensors are).
+
+        No random initialisation and no second copy: the ensemble is laid out on the meta device, then each
+        state tensor is copied to `device` once (the entries of `state` are consumed, so a host copy is freed
+        as soon as it is on the device); only the gradient and scratch buffers are new.
+        """
+        state = dict(state)
+        device = torch.device(device) if device is not None else state["param.decoder"].device
+        meta = {n: torch.empty_like(t, device="meta") for n, t in state.items()
+                if n.startswith(("param.", "hparam."))}
+        params = {n[len("param."):]: t for n, t in meta.items() if n.startswith("param.")}
+        architecture: Architecture = "topk" if "hparam.k" in state else "l1"
+        k = state["hparam.k"].tolist() if architecture == "topk" else None
+        members = unstack_dictionaries(params, architecture, k)
+        hparams = {n[len("hparam."):]: t for n, t in meta.items() if n.startswith("hparam.") and n != "hparam.k"}
+        ens = cls(members, hparams, backend=backend, topk_decoder=topk_decoder)
+        ens._check_state(state)
+        ens._load_options(state)
+        del members, params, meta
+
+        def take(name: str) -> Tensor:
+            t = state.pop(name)
+            return torch.empty_like(t, device=device).copy_(t)
+        for prefix, group in (("param.", ens.params), ("adam.exp_avg.", ens.exp_avg),
+                              ("adam.exp_avg_sq.", ens.exp_avg_sq), ("hparam.", ens.hparams)):
+            for n in list(group):
+                group[n] = take(prefix + n)
+        ens.adam_step, ens.tokens_since_fired = take("adam.step"), take("dead.tokens_since_fired")
+        ens.frozen = take("frozen")
+        if architecture == "topk":
+            ens.rank_mask = _rank_mask(k, ens.params["decoder"].dtype).to(device)
+        ens._grads = {n: torch.zeros_like(p) for n, p in ens.params.items()}
+        ens._scratch = {n: torch.empty_like(p) for n, p in ens.params.items()}
+        ens._aux_on = bool(ens.dead_mask().any())
         return ens
 
 
