@@ -221,3 +221,51 @@ def test_bf16_autocast_trains(chunk_root, tmp_path):
     result = run_sweep(cfg_for(chunk_root, tmp_path / "o", precision="bf16", max_tokens=2000))
     assert result.progress.step == 8 and all(torch.isfinite(torch.tensor(m["explained_variance"])) for m in result.metrics)
     assert load_sweep(tmp_path / "o")[1e-3].decoder.dtype == torch.float32
+
+
+def test_dry_run_prints_the_estimate_and_trains_nothing(chunk_root, tmp_path, capsys):
+    from training.memory import estimate_sweep, format_bytes
+    from training.sweep import main_sweep
+    out = tmp_path / "o"
+    run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "2", "--l1_value_n", "3",
+             "--batch_size", "250", "--device", "cpu", "--dry_run"])
+    printed = capsys.readouterr().out
+    est = estimate_sweep("l1", 3, 250, 32, 64)
+    assert "3 l1 members x d_in 32 x d_hidden 64, batch 250, fp32 on cpu" in printed
+    for part in (est.params, est.optimizer, est.workspace, est.peak):
+        assert format_bytes(part) in printed
+    assert "(MemAvailable in /proc/meminfo): fits" in printed or "available" in printed
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+                ["--dataset_dir", str(chunk_root / HOOK), "--ratio", "-1", "--dry_run", "--device", "cpu"])
+    assert capsys.readouterr().err.strip() == "error: --ratio must be positive (got -1.0)"
+
+
+def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run(chunk_root, tmp_path, monkeypatch):
+    kw = dict(n_repetitions=2, save_after_every=True, resample_every=3, dead_window_tokens=500,
+              l1_value_min=-1, l1_value_max=0.5)
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", **kw))
+    run_sweep(cfg_for(chunk_root, tmp_path / "never", **{**kw, "resample_every": 0}))
+    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
+
+    def dying_iter(*args, **kwargs):
+        for item in real_iter(*args, **kwargs):
+            seen["n"] += 1
+            if seen["n"] == 6:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw))
+    checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
+    assert not [k for k in checkpoint if k.startswith("rng")]          # nothing device-specific is stored
+    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
+    run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw, device="cpu:0", resume=True))
+    a, b = (load_file(str(tmp_path / name / "sweep.safetensors")) for name in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    never = load_file(str(tmp_path / "never" / "sweep.safetensors"))
+    assert not torch.equal(a["decoder"], never["decoder"])                 # resampling did happen
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()

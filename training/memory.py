@@ -118,19 +118,24 @@ def available_bytes(device: torch.device) -> tuple[int | None, str]:
     return None, "unknown"
 
 
+def format_bytes(n: int) -> str:
+    """n bytes in MiB below 1 GiB, else GiB (right-aligned, 9 characters for the number)."""
+    return f"{n / GiB:9.2f} GiB" if n >= GiB else f"{n / (1 << 20):9.2f} MiB"
+
+
 def memory_report(est: MemoryEstimate, available: int | None, source: str, headline: str) -> str:
     """The --dry_run printout: each part in GiB, the peak, and whether it fits in `available` bytes."""
     rows = [headline,
-            f"  parameters          {est.params / GiB:9.2f} GiB",
-            f"  optimizer           {est.optimizer / GiB:9.2f} GiB   (Adam moments, gradients, scratch, counters)",
-            f"  step workspace      {est.workspace / GiB:9.2f} GiB",
-            f"  step temporaries    {est.transient / GiB:9.2f} GiB",
-            f"  peak (estimate)     {est.peak / GiB:9.2f} GiB   (saving, evaluation, resampling and resume stay below)"]
+            f"  parameters          {format_bytes(est.params)}",
+            f"  optimizer           {format_bytes(est.optimizer)}   (Adam moments, gradients, scratch, counters)",
+            f"  step workspace      {format_bytes(est.workspace)}",
+            f"  step temporaries    {format_bytes(est.transient)}",
+            f"  peak (estimate)     {format_bytes(est.peak)}   (saving, evaluation, resampling and resume stay below)"]
     if available is None:
         rows.append("  available           unknown: cannot say whether it fits")
     else:
         verdict = "fits" if est.peak <= available else "does NOT fit: lower --batch_size, --ratio or the members"
-        rows.append(f"  available           {available / GiB:9.2f} GiB   ({source}): {verdict}")
+        rows.append(f"  available           {format_bytes(available)}   ({source}): {verdict}")
     return "\n".join(rows)
 
 
@@ -207,10 +212,12 @@ class DeviceMemoryTracker(TorchDispatchMode):
             inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         out = func(*args, **kwargs)
         tags = {self._tag(t) for t in inputs if t.numel() > 1 and t.layout == torch.strided}
-        if to_host or kwargs.get("device") is not None:                                  # placed explicitly
+        if not meta:
+            host = False
+        elif to_host or kwargs.get("device") is not None:                                # placed explicitly
             host = to_host or torch.device(kwargs["device"]).type == "cpu"
         else:
-            host = meta and "host" in tags and "device" not in tags
+            host = "host" in tags and "device" not in tags
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device == self.device and t.layout == torch.strided:
                 self._track(t, host)

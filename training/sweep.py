@@ -26,7 +26,7 @@ import training
 from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
-from training.memory import eval_block_rows
+from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
 from training.models import resolve_device
 
 ARCHITECTURES = ("l1", "topk")
@@ -111,12 +111,15 @@ class SweepConfig:
     """Continue the run in --output_dir from its last checkpoint (flags must match)."""
     overwrite: bool = False
     """Replace a finished or different sweep in --output_dir."""
+    dry_run: bool = False
+    """Print the estimated device memory (parameters, optimizer, step workspace, peak) for these flags and the
+    device, say whether it fits, and exit without training."""
     wandb_project: str | None = None
     """Also log metrics to this Weights & Biases project (needs wandb installed)."""
 
 
 # Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every")
+RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every", "dry_run")
 
 
 def l1_values(cfg: SweepConfig) -> list[float]:
@@ -593,3 +596,27 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     if frozen:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
     return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - tokens0)
+
+
+def sweep_memory_report(cfg: SweepConfig) -> str:
+    """The --dry_run printout: the device-memory estimate of the sweep `cfg` describes, and whether it fits."""
+    if cfg.ratio <= 0:
+        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {cfg.batch_size})")
+    keys = member_keys(cfg)
+    data = open_dataset(cfg)
+    device = resolve_device(cfg.device)
+    d_hidden = max(1, round(cfg.ratio * data.d))
+    compute = 2 if cfg.precision == "bf16" else 4
+    k_max = int(max(keys)) if cfg.architecture == "topk" else 0
+    est = estimate_sweep(cfg.architecture, len(keys), cfg.batch_size, data.d, d_hidden, cfg.tied, compute, k_max)
+    available, source = available_bytes(device)
+    headline = (f"dry run: {len(keys)} {cfg.architecture} members x d_in {data.d} x d_hidden {d_hidden}, "
+                f"batch {cfg.batch_size}, {cfg.precision} on {device} (nothing trained)")
+    return memory_report(est, available, source, headline)
+
+
+def main_sweep(cfg: SweepConfig) -> str:
+    """What basic_l1_sweep.py prints: the memory estimate with --dry_run, else the summary of the trained sweep."""
+    return sweep_memory_report(cfg) if cfg.dry_run else str(run_sweep(cfg))
