@@ -269,3 +269,22 @@ def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run
     never = load_file(str(tmp_path / "never" / "sweep.safetensors"))
     assert not torch.equal(a["decoder"], never["decoder"])                 # resampling did happen
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+def test_a_crash_in_the_final_evaluation_loses_nothing(chunk_root, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(sweep_mod, "evaluate", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))       # 4 steps, no save on the way
+    assert json.loads((tmp_path / "o" / "checkpoint.json").read_text())["progress"]["step"] == 4
+    assert not json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
+    trained = load_file(str(tmp_path / "o" / "sweep.safetensors"))
+    monkeypatch.undo()
+    resumed = run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True))
+    whole = run_sweep(cfg_for(chunk_root, tmp_path / "whole", max_tokens=1000))
+    assert resumed.progress.step == 4 and resumed.metrics == whole.metrics
+    final = load_file(str(tmp_path / "o" / "sweep.safetensors"))
+    assert all(torch.equal(trained[k], final[k]) for k in trained)
+    assert json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]

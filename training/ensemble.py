@@ -18,6 +18,7 @@ Shapes: `x: [batch, d_in]`; stacked params `center: [N, d_in]`, `encoder, decode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
@@ -126,6 +127,11 @@ def _workspace(n_models: int, batch: int, chunk: int, d_in: int, d_hidden: int, 
 def _relu_mask_(grad: Tensor, output: Tensor) -> Tensor:
     """grad *= (output > 0), in place, one fused pass (ReLU's backward)."""
     return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device` (nothing to switch on the meta device, which has no autocast)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -268,7 +274,7 @@ class _SparseCodes:
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             matrix = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order], (self.n_rows, rows.shape[0]),
                                              check_invariants=False)
-        with torch.autocast(rows.device.type, enabled=False):                          # sparse kernels: fp32
+        with _no_autocast(rows.device):                                                 # sparse kernels: fp32
             return torch.addmm(out, matrix, rows, beta=1 if accumulate else 0, out=out)
 
 
@@ -811,6 +817,7 @@ class Ensemble:
         architecture: Architecture = "topk" if "hparam.k" in state else "l1"
         ks = state["hparam.k"].tolist() if architecture == "topk" else None
         params, hparams = take("param."), take("hparam.")
+        hparams.pop("k", None)                                    # the members' k (ks) is the k
         moments = take("adam.exp_avg."), take("adam.exp_avg_sq.")
         ens = cls.__new__(cls)
         ens._init_from(params, hparams, architecture, ks, backend=backend, topk_decoder=topk_decoder,

@@ -210,7 +210,12 @@ class DeviceMemoryTracker(TorchDispatchMode):
         if meta and any(t.is_meta for t in inputs) and any(not t.is_meta and t.numel() > 1 for t in inputs):
             args, kwargs = tree_map(self._as_meta, (args, kwargs))                       # real CPU meets meta
             inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except NotImplementedError:
+            if not (meta and "out" in kwargs):             # sparse kernels lack meta versions: their out= result
+                raise                                       # is all they would leave behind
+            out = kwargs["out"]
         tags = {self._tag(t) for t in inputs if t.numel() > 1 and t.layout == torch.strided}
         if not meta:
             host = False
