@@ -288,3 +288,14 @@ def test_a_crash_in_the_final_evaluation_loses_nothing(chunk_root, tmp_path, mon
     final = load_file(str(tmp_path / "o" / "sweep.safetensors"))
     assert all(torch.equal(trained[k], final[k]) for k in trained)
     assert json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
+
+
+def test_a_checkpoint_with_an_older_versions_generator_state_resumes(chunk_root, tmp_path, monkeypatch):
+    from training.chunks import save_tensors
+    monkeypatch.setattr(sweep_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))
+    path = tmp_path / "o" / "checkpoint.safetensors"
+    save_tensors(path, {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})  # as stored before
+    monkeypatch.undo()
+    assert run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4

@@ -432,7 +432,8 @@ def eval_sums(ens: Any, acts: torch.Tensor, device: torch.device, scale: float =
               block: int = 4096) -> dict[str, torch.Tensor]:
     """Float64 device sums over `acts` [n, d_in] (raw; the ensemble sees scale * acts), `block` rows at a time,
     no host sync: "sse" [N] squared errors, "l1" [N] code sums, "fired" [N, d_hidden] tokens each latent fired
-    on, "x" [d_in] and "x_sq" [] sums of the inputs and of their squares."""
+    on, "x" [d_in] and "x_sq" [] sums of the inputs less "shift" [d_in] (the first block's mean) and of their
+    squares (shifted so that the variance does not cancel)."""
     f64 = dict(device=device, dtype=torch.float64)
     sums = {"sse": torch.zeros(ens.n_models, **f64), "l1": torch.zeros(ens.n_models, **f64),
             "fired": torch.zeros(ens.n_models, ens.d_hidden, **f64), "x": torch.zeros(ens.d_in, **f64),
@@ -446,8 +447,11 @@ def eval_sums(ens: Any, acts: torch.Tensor, device: torch.device, scale: float =
         del codes
         sums["sse"] += x_hat.sub_(x).square_().sum((1, 2), dtype=torch.float64)
         del x_hat
-        sums["x"] += x.sum(0, dtype=torch.float64)
-        sums["x_sq"] += x.square().sum(dtype=torch.float64)
+        if "shift" not in sums:
+            sums["shift"] = x.mean(0, dtype=torch.float64)
+        centred = x.double().sub_(sums["shift"])                                       # [b, d_in]
+        sums["x"] += centred.sum(0)
+        sums["x_sq"] += centred.square_().sum()
     return sums
 
 
