@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -235,8 +236,12 @@ def test_dry_run_prints_the_estimate_and_trains_nothing(chunk_root, tmp_path, ca
     assert "3 l1 members x d_in 32 x d_hidden 64, batch 250, fp32 on cpu" in printed
     for part in (est.params, est.optimizer, est.workspace, est.peak):
         assert format_bytes(part) in printed
-    assert "(MemAvailable in /proc/meminfo): fits" in printed or "available" in printed
+    assert re.search(r"available .* GiB   \(.+\): (fits|does NOT fit)", printed)
     assert not out.exists()
+    run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "1e7", "--batch_size", "250",
+             "--device", "cpu", "--dry_run"])
+    assert "does NOT fit: lower --batch_size, --ratio or the members" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
                 ["--dataset_dir", str(chunk_root / HOOK), "--ratio", "-1", "--dry_run", "--device", "cpu"])
