@@ -195,38 +195,52 @@ class DeviceMemoryTracker(TorchDispatchMode):
             return t
         return a
 
+    def _host_copy(self, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
+        """Meta simulation of `t.to("cpu")`: a real CPU tensor of `fill` when small, else None (kept on meta)."""
+        return torch.full(t.shape, self.fill, dtype=dtype or t.dtype) if t.numel() <= self.small_host else None
+
+    def _output_is_host(self, inputs: list[torch.Tensor], kwargs: dict, to_host: bool) -> bool:
+        """Meta simulation: does an op's new output live on the host? Yes when copied or placed there, or when
+        its inputs (of more than one element) are all on the host."""
+        if to_host or kwargs.get("device") is not None:
+            return to_host or torch.device(kwargs["device"]).type == "cpu"
+        tags = {self._tag(t) for t in inputs if t.numel() > 1 and t.layout == torch.strided}
+        return "host" in tags and "device" not in tags
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         meta = self.device.type == "meta"
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        if meta and func is torch.ops.aten._local_scalar_dense.default and inputs[0].is_meta:
-            return type(torch.tensor(0, dtype=inputs[0].dtype).item())(self.fill)
-        to_host = (meta and func is torch.ops.aten._to_copy.default and inputs[0].is_meta
-                   and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu")
-        if to_host and inputs[0].numel() <= self.small_host:
-            return torch.full(inputs[0].shape, self.fill, dtype=kwargs.get("dtype") or inputs[0].dtype)
-        if to_host:
-            kwargs = {**kwargs, "device": self.device}
+        inputs = _tensors((args, kwargs))
+        to_host = False
+        if meta and inputs and inputs[0].is_meta:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return type(torch.tensor(0, dtype=inputs[0].dtype).item())(self.fill)
+            to_host = (func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None
+                       and torch.device(kwargs["device"]).type == "cpu")
+            if to_host:
+                small = self._host_copy(inputs[0], kwargs.get("dtype"))
+                if small is not None:
+                    return small
+                kwargs = {**kwargs, "device": self.device}
         if meta and any(t.is_meta for t in inputs) and any(not t.is_meta and t.numel() > 1 for t in inputs):
             args, kwargs = tree_map(self._as_meta, (args, kwargs))                       # real CPU meets meta
-            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            inputs = _tensors((args, kwargs))
         try:
             out = func(*args, **kwargs)
         except NotImplementedError:
             if not (meta and "out" in kwargs):             # sparse kernels lack meta versions: their out= result
                 raise                                       # is all they would leave behind
             out = kwargs["out"]
-        tags = {self._tag(t) for t in inputs if t.numel() > 1 and t.layout == torch.strided}
-        if not meta:
-            host = False
-        elif to_host or kwargs.get("device") is not None:                                # placed explicitly
-            host = to_host or torch.device(kwargs["device"]).type == "cpu"
-        else:
-            host = "host" in tags and "device" not in tags
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device == self.device and t.layout == torch.strided:
+        host = meta and self._output_is_host(inputs, kwargs, to_host)
+        for t in _tensors(out):
+            if t.device == self.device and t.layout == torch.strided:
                 self._track(t, host)
         return out
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in a nest of tuples, lists and dicts."""
+    return [a for a in tree_flatten(tree)[0] if isinstance(a, torch.Tensor)]
 
 
 def measure_peak(fn: Any, tracker: DeviceMemoryTracker) -> tuple[Any, int]:
