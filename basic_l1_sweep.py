@@ -2,12 +2,12 @@
 """Stage 2: train an ensemble of sparse autoencoders, one per L1 penalty (or k), on activation chunks."""
 
 from training.cli import run_cli
-from training.sweep import SweepConfig, run_sweep
+from training.sweep import SweepConfig, main_sweep
 
 
 def main(cfg: SweepConfig) -> None:
-    """Train (or resume) the sweep and print its summary table."""
-    print(run_sweep(cfg))
+    """Train (or resume) the sweep and print its summary table (or, with --dry_run, its memory estimate)."""
+    print(main_sweep(cfg))
 
 
 if __name__ == "__main__":

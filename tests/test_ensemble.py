@@ -396,3 +396,35 @@ def test_learns_known_sparse_features(architecture):
     matched = (cosine > 0.9).sum(-1)
     assert (matched >= 56).all(), matched.tolist()
     assert (stats["explained_variance"] > 0.8).all() and not stats["frozen"].any()
+
+
+def test_resampling_draws_depend_only_on_seed_step_and_the_global_member_index():
+    from training.ensemble import member_generator
+    torch.manual_seed(0)
+    n, d, h = 3, 8, 16
+    members = make_members("l1", n, d, h)
+    pool = _data(1, 256, d, seed=1, dtype=torch.float32)[0]
+
+    def resampled(idx: list[int], step: int = 7, member_ids: list[int] | None = None) -> Ensemble:
+        ens = Ensemble([members[i] for i in idx], {"lr": [1e-3] * len(idx), "l1": [0.1] * len(idx)}, dead_window=1)
+        ens.tokens_since_fired.fill_(1)                                     # every latent is dead
+        assert ens.resample_dead(pool, seed=5, step=step, member_ids=member_ids).tolist() == [h] * len(idx)
+        return ens
+
+    full = resampled([0, 1, 2])
+    for i in range(n):                      # a member alone (as on another rank) gets the same rows by its index
+        alone = resampled([i], member_ids=[i])
+        for name in alone.params:
+            assert torch.equal(alone.params[name][0], full.params[name][i]), (i, name)
+    assert not torch.equal(resampled([2], member_ids=[0]).params["decoder"][0], full.params["decoder"][2])
+    assert not torch.equal(resampled([0, 1, 2], step=8).params["decoder"], full.params["decoder"])
+    # the rows are the documented draws: a CPU generator seeded from (seed, step, member)
+    weights = Ensemble([members[1]], {"lr": [1e-3], "l1": [0.1]}).per_token_sq_err(pool)[0].square()
+    picks = torch.multinomial((weights + weights.max() * 1e-12).double(), h, replacement=True,
+                              generator=member_generator(5, 7, 1))
+    centred = pool[picks] - full.params["center"][1]
+    expected = centred / centred.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(full.params["decoder"][1] / full.params["decoder"][1].norm(dim=-1, keepdim=True),
+                               expected)
+    with pytest.raises(ValueError, match="member_ids has 1 entries for 3 members"):
+        resampled([0, 1, 2], member_ids=[0])

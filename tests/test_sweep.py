@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -221,3 +222,85 @@ def test_bf16_autocast_trains(chunk_root, tmp_path):
     result = run_sweep(cfg_for(chunk_root, tmp_path / "o", precision="bf16", max_tokens=2000))
     assert result.progress.step == 8 and all(torch.isfinite(torch.tensor(m["explained_variance"])) for m in result.metrics)
     assert load_sweep(tmp_path / "o")[1e-3].decoder.dtype == torch.float32
+
+
+def test_dry_run_prints_the_estimate_and_trains_nothing(chunk_root, tmp_path, capsys):
+    from training.memory import estimate_sweep, format_bytes
+    from training.sweep import main_sweep
+    out = tmp_path / "o"
+    run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "2", "--l1_value_n", "3",
+             "--batch_size", "250", "--device", "cpu", "--dry_run"])
+    printed = capsys.readouterr().out
+    est = estimate_sweep("l1", 3, 250, 32, 64)
+    assert "3 l1 members x d_in 32 x d_hidden 64, batch 250, fp32 on cpu" in printed
+    for part in (est.params, est.optimizer, est.workspace, est.peak):
+        assert format_bytes(part) in printed
+    assert re.search(r"available .* GiB   \(.+\): (fits|does NOT fit)", printed)
+    assert not out.exists()
+    run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+            ["--dataset_dir", str(chunk_root / HOOK), "--output_dir", str(out), "--ratio", "1e7", "--batch_size", "250",
+             "--device", "cpu", "--dry_run"])
+    assert "does NOT fit: lower --batch_size, --ratio or the members" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+                ["--dataset_dir", str(chunk_root / HOOK), "--ratio", "-1", "--dry_run", "--device", "cpu"])
+    assert capsys.readouterr().err.strip() == "error: --ratio must be positive (got -1.0)"
+
+
+def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run(chunk_root, tmp_path, monkeypatch):
+    kw = dict(n_repetitions=2, save_after_every=True, resample_every=3, dead_window_tokens=500,
+              l1_value_min=-1, l1_value_max=0.5)
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", **kw))
+    run_sweep(cfg_for(chunk_root, tmp_path / "never", **{**kw, "resample_every": 0}))
+    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
+
+    def dying_iter(*args, **kwargs):
+        for item in real_iter(*args, **kwargs):
+            seen["n"] += 1
+            if seen["n"] == 6:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw))
+    checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
+    assert not [k for k in checkpoint if k.startswith("rng")]          # nothing device-specific is stored
+    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
+    run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw, device="cpu:0", resume=True))
+    a, b = (load_file(str(tmp_path / name / "sweep.safetensors")) for name in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    never = load_file(str(tmp_path / "never" / "sweep.safetensors"))
+    assert not torch.equal(a["decoder"], never["decoder"])                 # resampling did happen
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+def test_a_crash_in_the_final_evaluation_loses_nothing(chunk_root, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(sweep_mod, "evaluate", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))       # 4 steps, no save on the way
+    assert json.loads((tmp_path / "o" / "checkpoint.json").read_text())["progress"]["step"] == 4
+    assert not json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
+    trained = load_file(str(tmp_path / "o" / "sweep.safetensors"))
+    monkeypatch.undo()
+    resumed = run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True))
+    whole = run_sweep(cfg_for(chunk_root, tmp_path / "whole", max_tokens=1000))
+    assert resumed.progress.step == 4 and resumed.metrics == whole.metrics
+    final = load_file(str(tmp_path / "o" / "sweep.safetensors"))
+    assert all(torch.equal(trained[k], final[k]) for k in trained)
+    assert json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
+
+
+def test_a_checkpoint_with_an_older_versions_generator_state_resumes(chunk_root, tmp_path, monkeypatch):
+    from training.chunks import save_tensors
+    monkeypatch.setattr(sweep_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))
+    path = tmp_path / "o" / "checkpoint.safetensors"
+    save_tensors(path, {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})  # as stored before
+    monkeypatch.undo()
+    assert run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4

@@ -18,10 +18,12 @@ Shapes: `x: [batch, d_in]`; stacked params `center: [N, d_in]`, `encoder, decode
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ from training.dictionary import (
     TopKAutoencoder,
     decode_codes,
     decoder_norms,
+    encoder_weight,
     init_center_value,
     l1_loss,
     l1_penalty,
@@ -64,6 +67,22 @@ def _mean_live_norm(rows: Tensor, dead: Tensor, fallback: float) -> Tensor:
     n_alive = alive.sum(-1)
     mean = (rows.norm(dim=-1) * alive).sum(-1) / n_alive.clamp_min(1)
     return torch.where(n_alive > 0, mean, torch.full_like(mean, fallback))
+
+
+_ORDER = {name: i for i, name in enumerate(("center", "encoder", "encoder_bias", "decoder", "lr", "l1", "k"))}
+"""Canonical order of params (as the modules register them) and hparams in the ensemble's dicts."""
+
+
+def _rank_mask(ks: list[int], dtype: torch.dtype) -> Tensor:
+    """[N, max(ks)] on the CPU: 1 where rank < k_i (member i keeps its first k_i ranks)."""
+    return (torch.arange(max(ks)) < torch.tensor(ks)[:, None]).to(dtype)
+
+
+def member_generator(seed: int, step: int, member: int, stream: str = "resample") -> torch.Generator:
+    """A CPU generator for one random stream of one member at one step, seeded from a hash of
+    (stream, seed, step, member): derivable again on any machine, so no generator state is ever stored."""
+    digest = hashlib.blake2b(f"{stream}/{seed}/{step}/{member}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _encoder_name(params: Params) -> str:
@@ -110,9 +129,14 @@ def _relu_mask_(grad: Tensor, output: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device` (nothing to switch on the meta device, which has no autocast)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matmuls on `device` right now, or None when autocast is off."""
-    if torch.is_autocast_enabled(device.type):
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -250,7 +274,7 @@ class _SparseCodes:
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             matrix = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order], (self.n_rows, rows.shape[0]),
                                              check_invariants=False)
-        with torch.autocast(rows.device.type, enabled=False):                          # sparse kernels: fp32
+        with _no_autocast(rows.device):                                                 # sparse kernels: fp32
             return torch.addmm(out, matrix, rows, beta=1 if accumulate else 0, out=out)
 
 
@@ -381,10 +405,27 @@ class Ensemble:
         for m in members:
             if type(m) is not type(first) or m.decoder.shape != first.decoder.shape or m.tied != first.tied:
                 raise ValueError("ensemble members must share architecture, shapes and tying")
+        stacked, _ = torch.func.stack_module_state(members)
+        params = {n: t.detach().clone().contiguous() for n, t in stacked.items()}
+        del stacked
+        self._init_from(params, hparams, first.architecture, [m.k for m in members] if first.architecture == "topk"
+                        else None, adam_betas=adam_betas, adam_eps=adam_eps, dead_window=dead_window, k_aux=k_aux,
+                        aux_coef=aux_coef, backend=backend, topk_decoder=topk_decoder, chunk_tokens=chunk_tokens,
+                        unit_decoder=unit_decoder, grad_clip=grad_clip)
+
+    def _init_from(self, params: Params, hparams: dict[str, Tensor | list[float]], architecture: Architecture,
+                   ks: list[int] | None, *, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                   dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
+                   backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse", chunk_tokens: int = 1 << 30,
+                   unit_decoder: bool = False, grad_clip: float = 0.0, moments: tuple[Params, Params] | None = None
+                   ) -> None:
+        """Set every field around stacked `params` {name: [N, ...]} (adopted, not copied) and Adam `moments`
+        (exp_avg, exp_avg_sq; default zeros); `ks`: each TopK member's k."""
         if backend not in ("fused", "autograd") or topk_decoder not in ("sparse", "dense"):
             raise ValueError(f"unknown backend {backend!r} or topk_decoder {topk_decoder!r}")
-        self.architecture: Architecture = first.architecture
-        self.n_models, self.d_in, self.d_hidden, self.tied = len(members), first.d_in, first.d_hidden, first.tied
+        self.architecture: Architecture = architecture
+        self.n_models, self.d_hidden, self.d_in = params["decoder"].shape
+        self.tied = "encoder" not in params
         self.adam_betas, self.adam_eps = (float(adam_betas[0]), float(adam_betas[1])), float(adam_eps)
         self.dead_window, self.aux_coef = int(dead_window), float(aux_coef)
         self.k_aux = min(self.d_hidden, self.d_in // 2 if k_aux is None else int(k_aux))
@@ -392,12 +433,12 @@ class Ensemble:
         self.unit_decoder = bool(unit_decoder) or self.tied
         self.grad_clip = float(grad_clip)
 
-        stacked, _ = torch.func.stack_module_state(members)
-        self.params: Params = {n: t.detach().clone().contiguous() for n, t in stacked.items()}
+        self.params: Params = params
         like = self.params["decoder"]
-        self.hparams: dict[str, Tensor] = self._checked_hparams(hparams, members)
-        self.exp_avg: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.exp_avg_sq: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.hparams: dict[str, Tensor] = self._checked_hparams(hparams, ks)
+        self.exp_avg, self.exp_avg_sq = moments if moments is not None else (
+            {n: torch.zeros_like(p) for n, p in self.params.items()},
+            {n: torch.zeros_like(p) for n, p in self.params.items()})
         self.adam_step = torch.zeros(self.n_models, dtype=torch.float64, device=like.device)
         self.frozen = torch.zeros(self.n_models, dtype=torch.bool, device=like.device)
         self.tokens_since_fired = torch.zeros(self.n_models, self.d_hidden, dtype=torch.long, device=like.device)
@@ -408,7 +449,7 @@ class Ensemble:
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _checked_hparams(self, hparams: dict[str, Tensor | list[float]], members: list[Dictionary]
+    def _checked_hparams(self, hparams: dict[str, Tensor | list[float]], ks: list[int] | None
                          ) -> dict[str, Tensor]:
         """Validate and store hparams: lr/l1 as float64 [N], k as int64 [N]."""
         dev = self.params["decoder"].device
@@ -426,13 +467,14 @@ class Ensemble:
                 raise ValueError(f"hparam {name!r} must have shape [{self.n_models}], got {tuple(t.shape)}")
             out[name] = t.to(torch.long if name == "k" else torch.float64).clone()
         if self.architecture == "topk":
-            ks = torch.tensor([m.k for m in members], device=dev)
+            assert ks is not None, "TopK members need k"
+            k_list = [int(k) for k in ks]
+            ks = torch.tensor(k_list, device=dev)
             if "k" in out and not torch.equal(out["k"], ks):
-                raise ValueError(f"hparams['k'] {out['k'].tolist()} != members' k {ks.tolist()}")
+                raise ValueError(f"hparams['k'] {out['k'].tolist()} != members' k {k_list}")
             out["k"] = ks
-            self.k_max, self._uniform_k = int(ks.max()), bool((ks == ks[0]).all())
-            ranks = torch.arange(self.k_max, device=dev)
-            self.rank_mask = (ranks < ks[:, None]).to(self.params["decoder"].dtype)   # [N, k_max]
+            self.k_max, self._uniform_k = max(k_list), len(set(k_list)) == 1
+            self.rank_mask = _rank_mask(k_list, self.params["decoder"].dtype).to(dev)   # [N, k_max]
         return out
 
     # ------------------------------------------------------------------ training
@@ -581,14 +623,18 @@ class Ensemble:
     # ------------------------------------------------------------------ dead-latent revival
 
     @torch.no_grad()
-    def resample_dead(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    def resample_dead(self, x: Tensor, *, seed: int = 0, step: int = 0,
+                      member_ids: Sequence[int] | None = None) -> Tensor:
         """Revive dead latents; returns how many each member has ([N]). Call every few thousand steps.
 
         L1: Anthropic's resampling ("Towards Monosemanticity"): each dead latent gets a decoder row
         = a centred input x - center, at the mean norm of the live decoder rows (1 with `unit_decoder`),
         drawn with probability proportional to the square of that input's squared reconstruction error; its encoder
         row = the same direction scaled to 0.2 x the mean norm of the live encoder rows; its bias = 0; its
-        Adam moments = 0. `x` should be many tokens ([n, d_in], tens of thousands or more). One host sync.
+        Adam moments = 0. `x` should be many tokens ([n, d_in], tens of thousands or more). The draws of member i
+        come from `member_generator(seed, step, member_ids[i])` on the CPU (global member indices, default
+        0..N-1), so they depend on no device and no stored generator state. Frees the step workspace (the
+        error pass reuses its memory); two host syncs.
         TopK: latents are revived by the aux-K loss instead; this only refreshes whether any member has dead
         latents (the aux-K term is computed only while some have).
         """
@@ -597,52 +643,80 @@ class Ensemble:
         if self.architecture == "topk":
             self._aux_on = bool(n_dead.any())
             return n_dead
-        if not bool(n_dead.any()):
+        dead_host = dead.cpu()                                                         # [N, h], one sync
+        counts = dead_host.sum(-1).tolist()
+        if not any(counts):
             return n_dead
-        sq_err = self.per_token_sq_err(x)                                              # [N, n]
-        weights = sq_err.square().nan_to_num_(0, 0, 0)
+        ids = list(range(self.n_models)) if member_ids is None else [int(i) for i in member_ids]
+        if len(ids) != self.n_models:
+            raise ValueError(f"member_ids has {len(ids)} entries for {self.n_models} members")
+        self.release_workspace()
+        weights = self.per_token_sq_err(x).square_().nan_to_num_(0, 0, 0)              # [N, n]
         weights += weights.amax(-1, keepdim=True).clamp_min(1e-30) * 1e-12           # no all-zero rows
-        pick = torch.multinomial(weights, int(n_dead.max()), replacement=True, generator=generator)
-        member, latent = dead.nonzero(as_tuple=True)                                   # [n_dead_total]
-        rank = (dead.cumsum(-1) - 1)[member, latent]                                    # i-th dead latent of its member
-        centred = x[pick[member, rank]] - self.params["center"][member]                 # [n_dead_total, d_in]
-        directions = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if "encoder" in self.params:
-            enc_norm = _mean_live_norm(self.params["encoder"], dead, 1.0)
-            self.params["encoder"][member, latent] = directions * (0.2 * enc_norm[member]).unsqueeze(-1)
+        weights_host = weights.cpu().double()                                          # [N, n], one sync
+        del weights
+        enc_norm = _mean_live_norm(self.params["encoder"], dead, 1.0) if "encoder" in self.params else None
+        dec_norm = None if self.unit_decoder else _mean_live_norm(self.params["decoder"], dead, INIT_NORM)
+        for i, count in enumerate(counts):
+            if count == 0:
+                continue
+            picks = torch.multinomial(weights_host[i], count, replacement=True,
+                                      generator=member_generator(seed, step, ids[i]))     # [count], CPU
+            latents = dead_host[i].nonzero().squeeze(1).to(x.device)                      # [count]
+            centred = x[picks.to(x.device)] - self.params["center"][i]                    # [count, d_in]
+            directions = centred.div_(centred.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            self._revive_(i, latents, directions, enc_norm, dec_norm)
+        self.tokens_since_fired.masked_fill_(dead, 0)
+        return n_dead
+
+    def _revive_(self, i: int, latents: Tensor, directions: Tensor, enc_norm: Tensor | None,
+                 dec_norm: Tensor | None) -> None:
+        """Set member i's `latents: [m]` to unit `directions: [m, d_in]` (see resample_dead), in place."""
+        if enc_norm is not None:
+            self.params["encoder"][i, latents] = directions * (0.2 * enc_norm[i])
         dec = self.params["decoder"]
-        if self.unit_decoder:
-            dec[member, latent] = directions
-        else:
-            dec[member, latent] = directions * _mean_live_norm(dec, dead, INIT_NORM)[member].unsqueeze(-1)
-        self.params["encoder_bias"][member, latent] = 0
+        dec[i, latents] = directions if dec_norm is None else directions * dec_norm[i]
+        self.params["encoder_bias"][i, latents] = 0
         for state in (self.exp_avg, self.exp_avg_sq):
             for name in ("encoder", "decoder", "encoder_bias"):
                 if name in state:
-                    state[name][member, latent] = 0
-        self.tokens_since_fired.masked_fill_(dead, 0)
-        return n_dead
+                    state[name][i, latents] = 0
+
+    def release_workspace(self) -> None:
+        """Free the fused step's per-batch buffers (the next step reallocates them): call before evaluation."""
+        self._ws = None
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """codes: [N, batch, d_hidden] of every member."""
+        """codes: [N, batch, d_hidden] of every member (one [N, batch, d_hidden] buffer for L1, two for TopK)."""
+        xc = x.to(self.params["center"].dtype).unsqueeze(0) - self.params["center"].unsqueeze(1)   # [N, b, d]
+        enc = encoder_weight(self.params)
+        pre = torch.baddbmm(self.params["encoder_bias"].unsqueeze(1), xc, enc.transpose(1, 2))  # [N, b, h]
+        del xc
         if self.architecture == "l1":
-            return torch.func.vmap(lambda p: pre_activations(p, x).relu())(self.params)
-        members = [{n: t[i] for n, t in self.params.items()} for i in range(self.n_models)]
-        return torch.stack([topk_mask_codes(pre_activations(p, x), k, norms=decoder_norms(p))
-                            for p, k in zip(members, self.hparams["k"].tolist())])
+            return pre.relu_()
+        scores = pre * decoder_norms(self.params).unsqueeze(1)                          # [N, b, h]
+        idx = scores.topk(self.k_max, dim=-1).indices                                  # [N, b, k_max]
+        vals = pre.gather(-1, idx).relu_().mul_(self.rank_mask.unsqueeze(1))
+        del pre
+        return scores.zero_().scatter_(-1, idx, vals)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """x_hat: [N, batch, d_in] = codes @ decoder + center of every member, from `codes: [N, batch, d_hidden]`."""
+        return torch.baddbmm(self.params["center"].unsqueeze(1), codes, self.params["decoder"])
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """x_hat: [N, batch, d_in] of every member."""
-        return torch.func.vmap(decode_codes, in_dims=(0, 0))(self.params, self.encode(x))
+        return self.decode(self.encode(x))
 
     @torch.no_grad()
     def per_token_sq_err(self, x: Tensor, chunk: int = 4096) -> Tensor:
         """[N, n]: ||x - x_hat||^2 of every member on every row of `x: [n, d_in]` (chunked)."""
-        return torch.cat([(self.predict(c) - c).square().sum(-1) for c in x.split(chunk)], dim=1)
+        return torch.cat([(self.predict(c) - c).square_().sum(-1) for c in x.split(chunk)], dim=1)
 
     @torch.no_grad()
     def init_center(self, acts: Tensor, method: Literal["mean", "geometric_median"] = "mean") -> None:
@@ -655,9 +729,8 @@ class Ensemble:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Flat {name: tensor} (copies; safetensors-ready): params, Adam state, hparams, dead counters,
-        frozen flags and options. `Ensemble.from_state_dict` rebuilds the ensemble from it alone."""
+    def _state_refs(self) -> dict[str, Tensor]:
+        """The tensors `state_dict` copies, uncopied (options as small new CPU tensors)."""
         out: dict[str, Tensor] = {}
         for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
                               ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
@@ -672,25 +745,32 @@ class Ensemble:
         out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
         out["option.unit_decoder"] = torch.tensor(self.unit_decoder)
         out["option.grad_clip"] = torch.tensor(self.grad_clip, dtype=torch.float64)
-        return {n: t.detach().clone().contiguous() for n, t in out.items()}
+        return out
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
-        mine = self.state_dict()
-        if set(state) != set(mine):
-            raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(state))}, "
-                             f"unexpected {sorted(set(state) - set(mine))}")
-        for name, t in state.items():
-            if t.shape != mine[name].shape:
-                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(mine[name].shape)}")
-        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
-                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
-            for n, t in group.items():
-                t.copy_(state[prefix + n])
-        self.adam_step.copy_(state["adam.step"])
-        self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
-        self.frozen.copy_(state["frozen"])
+    def state_dict(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Flat {name: tensor} (copies; safetensors-ready): params, Adam state, hparams, dead counters,
+        frozen flags and options. `Ensemble.from_state_dict` rebuilds the ensemble from it alone.
+
+        `device` (e.g. "cpu" to save): each tensor is copied straight there, one at a time, so the ensemble's
+        device needs no extra memory; None: clones where the tensors are.
+        """
+        refs = self._state_refs()
+        if device is None:
+            return {n: t.detach().clone().contiguous() for n, t in refs.items()}
+        return {n: t.detach().to(device, copy=True).contiguous() for n, t in refs.items()}
+
+    def _check_state(self, shapes: dict[str, torch.Size]) -> None:
+        """ValueError unless `shapes` {name: shape} are this ensemble's state_dict names and shapes (no copies)."""
+        mine = self._state_refs()
+        if set(shapes) != set(mine):
+            raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(shapes))}, "
+                             f"unexpected {sorted(set(shapes) - set(mine))}")
+        for name, shape in shapes.items():
+            if shape != mine[name].shape:
+                raise ValueError(f"{name}: shape {tuple(shape)} != {tuple(mine[name].shape)}")
+
+    def _load_options(self, state: dict[str, Tensor]) -> None:
+        """The host-side options of a state_dict."""
         self.adam_betas = tuple(state["option.adam_betas"].tolist())  # type: ignore[assignment]
         self.adam_eps = float(state["option.adam_eps"])
         self.dead_window = int(state["option.dead_window"])
@@ -698,22 +778,56 @@ class Ensemble:
         self.aux_coef = float(state["option.aux_coef"])
         self.unit_decoder = bool(state["option.unit_decoder"])
         self.grad_clip = float(state["option.grad_clip"])
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
+        self._check_state({n: t.shape for n, t in state.items()})
+        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
+                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
+            for n, t in group.items():
+                t.copy_(state[prefix + n])
+        self.adam_step.copy_(state["adam.step"])
+        self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
+        self.frozen.copy_(state["frozen"])
+        self._load_options(state)
         self._aux_on = bool(self.dead_mask().any())
 
     @classmethod
+    @torch.no_grad()
     def from_state_dict(cls, state: dict[str, Tensor], *, backend: Backend = "fused",
-                        topk_decoder: TopKDecoder = "sparse") -> "Ensemble":
-        """Rebuild an ensemble (architecture, tying, shapes, options) from `state_dict()` output."""
-        params = {n[len("param."):]: t for n, t in state.items() if n.startswith("param.")}
-        hparams = {n[len("hparam."):]: t for n, t in state.items() if n.startswith("hparam.")}
-        architecture: Architecture = "topk" if "k" in hparams else "l1"
-        members = unstack_dictionaries(params, architecture, hparams.get("k"))
-        ens = cls(members, hparams, adam_betas=tuple(state["option.adam_betas"].tolist()),  # type: ignore[arg-type]
-                  adam_eps=float(state["option.adam_eps"]), dead_window=int(state["option.dead_window"]),
-                  k_aux=int(state["option.k_aux"]), aux_coef=float(state["option.aux_coef"]),
-                  backend=backend, topk_decoder=topk_decoder, unit_decoder=bool(state["option.unit_decoder"]),
-                  grad_clip=float(state["option.grad_clip"]))
-        ens.load_state_dict(state)
+                        topk_decoder: TopKDecoder = "sparse", device: torch.device | str | None = None) -> "Ensemble":
+        """Rebuild an ensemble (architecture, tying, shapes, options) from `state_dict()` output, on `device`
+        (default: where the state's tensors are).
+
+        No random initialisation and no second copy: each state tensor is copied to `device` once and adopted
+        (the entries of a copy of `state` are consumed, so the caller's dropping `state` frees each host tensor
+        as soon as it is on the device); only the gradient and scratch buffers are new.
+        """
+        shapes = {n: t.shape for n, t in state.items()}
+        state = dict(state)
+        device = torch.device(device) if device is not None else state["param.decoder"].device
+
+        def take(prefix: str) -> dict[str, Tensor]:
+            """The `prefix` entries on `device`, params in the modules' order (sums over them follow it)."""
+            names = sorted((n for n in state if n.startswith(prefix)), key=lambda n: _ORDER.get(n[len(prefix):], 9))
+            return {n[len(prefix):]: torch.empty_like(state[n], device=device).copy_(state.pop(n)) for n in names}
+        if "param.decoder" not in state or "hparam.lr" not in state:
+            raise ValueError("not an Ensemble state_dict: no param.decoder or hparam.lr")
+        architecture: Architecture = "topk" if "hparam.k" in state else "l1"
+        ks = state["hparam.k"].tolist() if architecture == "topk" else None
+        params, hparams = take("param."), take("hparam.")
+        hparams.pop("k", None)                                    # the members' k (ks) is the k
+        moments = take("adam.exp_avg."), take("adam.exp_avg_sq.")
+        ens = cls.__new__(cls)
+        ens._init_from(params, hparams, architecture, ks, backend=backend, topk_decoder=topk_decoder,
+                       moments=moments)
+        ens._check_state(shapes)
+        ens._load_options(state)
+        ens.adam_step.copy_(state["adam.step"])
+        ens.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
+        ens.frozen.copy_(state["frozen"])
+        ens._aux_on = bool(ens.dead_mask().any())
         return ens
 
 

@@ -26,6 +26,7 @@ import training
 from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
+from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
 from training.models import resolve_device
 
 ARCHITECTURES = ("l1", "topk")
@@ -110,12 +111,15 @@ class SweepConfig:
     """Continue the run in --output_dir from its last checkpoint (flags must match)."""
     overwrite: bool = False
     """Replace a finished or different sweep in --output_dir."""
+    dry_run: bool = False
+    """Print the estimated device memory (parameters, optimizer, step workspace, peak) for these flags and the
+    device, say whether it fits, and exit without training."""
     wandb_project: str | None = None
     """Also log metrics to this Weights & Biases project (needs wandb installed)."""
 
 
 # Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every")
+RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every", "dry_run")
 
 
 def l1_values(cfg: SweepConfig) -> list[float]:
@@ -291,14 +295,17 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
 
 
 def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-               rng: torch.Generator, metrics: list[dict[str, float]] | None = None, finished: bool = False) -> None:
-    """Write the dictionaries (sweep.*) and the full training state (checkpoint.*), each atomically."""
+               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> None:
+    """Write the dictionaries (sweep.*) and the full training state (checkpoint.*), each atomically.
+
+    Every tensor is copied straight to the host, one at a time (no device-side copy). Nothing random is
+    stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
+    """
     weights = raw_space_params(ens.params, progress.input_scale)
     save_tensors(out / SWEEP_WEIGHTS, weights)
+    del weights
     atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished))
-    state = {n: t.cpu() for n, t in ens.state_dict().items()}
-    state["rng.resample"] = rng.get_state()
-    save_tensors(out / CHECKPOINT_WEIGHTS, state)
+    save_tensors(out / CHECKPOINT_WEIGHTS, ens.state_dict(device="cpu"))
     atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
 
 
@@ -421,25 +428,56 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
 
 
 @torch.no_grad()
+def eval_sums(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 1.0,
+              block: int = 4096) -> dict[str, torch.Tensor]:
+    """Float64 device sums over `acts` [n, d_in] (raw; the ensemble sees scale * acts), `block` rows at a time,
+    no host sync: "sse" [N] squared errors, "l1" [N] code sums, "fired" [N, d_hidden] tokens each latent fired
+    on, "x" [d_in] and "x_sq" [] sums of the inputs less "shift" [d_in] (the first block's mean) and of their
+    squares (shifted so that the variance does not cancel)."""
+    f64 = dict(device=device, dtype=torch.float64)
+    sums = {"sse": torch.zeros(ens.n_models, **f64), "l1": torch.zeros(ens.n_models, **f64),
+            "fired": torch.zeros(ens.n_models, ens.d_hidden, **f64), "x": torch.zeros(ens.d_in, **f64),
+            "x_sq": torch.zeros((), **f64)}
+    for rows in acts.split(block):
+        x = rows.to(device, torch.float32) * scale                                    # [b, d_in]
+        codes = ens.encode(x)                                                           # [N, b, d_hidden]
+        sums["l1"] += codes.sum((1, 2), dtype=torch.float64)
+        x_hat = ens.decode(codes)                                                       # [N, b, d_in]
+        sums["fired"] += codes.sign_().sum(1, dtype=torch.float64)                     # codes >= 0
+        del codes
+        sums["sse"] += x_hat.sub_(x).square_().sum((1, 2), dtype=torch.float64)
+        del x_hat
+        if "shift" not in sums:
+            sums["shift"] = x.mean(0, dtype=torch.float64)
+        centred = x.double().sub_(sums["shift"])                                       # [b, d_in]
+        sums["x"] += centred.sum(0)
+        sums["x_sq"] += centred.square_().sum()
+    return sums
+
+
+@torch.no_grad()
 def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 1.0,
-             batch: int = 4096) -> list[dict[str, float]]:
-    """Per-member final metrics on raw activations `acts` [n, d_in] (see training.metrics) and the dead fraction
-    from training; the ensemble works on `scale` * acts, so MSE and L1 are converted back to raw units."""
-    from training.metrics import EvalStats
-    stats = [EvalStats() for _ in range(ens.n_models)]
-    for x in acts.split(batch):
-        x = x.to(device, torch.float32) * scale
-        codes = ens.encode(x)                       # [N, b, d_hidden]
-        x_hat = ens.predict(x)                      # [N, b, d_in]
-        for i, s in enumerate(stats):
-            s.update(x, x_hat[i], codes[i])
-    dead = ens.dead_mask().float().mean(-1).tolist()
+             block: int = 4096) -> list[dict[str, float]]:
+    """Per-member final metrics on raw activations `acts` [n, d_in] and the dead fraction from training; the
+    ensemble works on `scale` * acts, so MSE and L1 are converted back to raw units.
+
+    Frees the step workspace first and encodes `block` rows at a time (each block once); one host transfer.
+    l0: mean active latents per token; explained_variance: 1 - SSE / total variance; mse: per token; l1_norm:
+    mean sum of codes per token; dead_on_eval: fraction of latents that fired on no row.
+    """
+    ens.release_workspace()
+    n = len(acts)
+    sums = eval_sums(ens, acts, device, scale, block)
+    sums["dead_fraction"] = ens.dead_mask().double().mean(-1)
+    host = {k: v.cpu() for k, v in sums.items()}
+    m2 = float(host["x_sq"]) - float(host["x"].square().sum()) / n
     out = []
-    for i, s in enumerate(stats):
-        m = s.compute()
-        out.append({"l0": m["l0"], "explained_variance": m["explained_variance"],
-                    "mse": m["mse_per_token"] / scale ** 2, "l1_norm": m["l1"] / scale, "dead_fraction": dead[i], "dead_on_eval": m["frac_dead"],
-                    "frozen": bool(ens.frozen[i])})
+    for i in range(ens.n_models):
+        fired, sse = host["fired"][i], float(host["sse"][i])
+        out.append({"l0": float(fired.sum()) / n, "explained_variance": 1 - sse / m2 if m2 > 0 else float("nan"),
+                    "mse": sse / n / scale ** 2, "l1_norm": float(host["l1"][i]) / n / scale,
+                    "dead_fraction": float(host["dead_fraction"][i]),
+                    "dead_on_eval": float((fired == 0).double().mean()), "frozen": bool(ens.frozen[i])})
     return out
 
 
@@ -493,12 +531,11 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         total = min(total, cfg.max_tokens // cfg.batch_size)
     if total < 1:
         raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
-    rng = torch.Generator(device=device).manual_seed(cfg.seed)
     if state is not None:
         from training.ensemble import Ensemble
-        rng.set_state(state.pop("rng.resample"))
-        ens = Ensemble.from_state_dict({k: v.to(device) for k, v in state.items()},
-                                       backend="fused")
+        state.pop("rng.resample", None)           # stored by older versions; every stream now derives from the seed
+        ens = Ensemble.from_state_dict(state, backend="fused", device=device)
+        del state
         progress = Progress(**saved["progress"])
         truncate_metrics(out / METRICS, progress.step)
     else:
@@ -528,7 +565,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                     if (cfg.architecture == "l1" and cfg.resample_every and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
-                                          generator=rng)
+                                          seed=cfg.seed, step=progress.step)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
                         if cfg.architecture == "topk":
                             ens.resample_dead(x)  # refreshes whether the aux-K loss is needed
@@ -538,13 +575,13 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 progress.chunk_position = pos + 1
                 del chunk
                 if cfg.save_after_every and progress.step < total:
-                    save_sweep(out, cfg, ens, data, progress, rng)
+                    save_sweep(out, cfg, ens, data, progress)
                 if progress.step >= total:
                     break
             else:
                 progress.repetition, progress.chunk_position = progress.repetition + 1, 0
                 if progress.step < total:
-                    save_sweep(out, cfg, ens, data, progress, rng)
+                    save_sweep(out, cfg, ens, data, progress)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -553,11 +590,37 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    metrics = evaluate(ens, eval_rows, device, progress.input_scale)
-    save_sweep(out, cfg, ens, data, progress, rng, metrics, finished=True)
+    save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
+    metrics = evaluate(ens, eval_rows, device, progress.input_scale,
+                       eval_block_rows(cfg.architecture, cfg.batch_size))
+    atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished=True))
     if wandb_run is not None:
         wandb_run.finish()
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
     if frozen:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
     return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - tokens0)
+
+
+def sweep_memory_report(cfg: SweepConfig) -> str:
+    """The --dry_run printout: the device-memory estimate of the sweep `cfg` describes, and whether it fits."""
+    if cfg.ratio <= 0:
+        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {cfg.batch_size})")
+    keys = member_keys(cfg)
+    data = open_dataset(cfg)
+    device = resolve_device(cfg.device)
+    d_hidden = max(1, round(cfg.ratio * data.d))
+    compute = 2 if cfg.precision == "bf16" else 4
+    k_max = int(max(keys)) if cfg.architecture == "topk" else 0
+    est = estimate_sweep(cfg.architecture, len(keys), cfg.batch_size, data.d, d_hidden, cfg.tied, compute, k_max)
+    available, source = available_bytes(device)
+    headline = (f"dry run: {len(keys)} {cfg.architecture} members x d_in {data.d} x d_hidden {d_hidden}, "
+                f"batch {cfg.batch_size}, {cfg.precision} on {device} (nothing trained)")
+    return memory_report(est, available, source, headline)
+
+
+def main_sweep(cfg: SweepConfig) -> str:
+    """What basic_l1_sweep.py prints: the memory estimate with --dry_run, else the summary of the trained sweep."""
+    return sweep_memory_report(cfg) if cfg.dry_run else str(run_sweep(cfg))
