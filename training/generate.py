@@ -179,11 +179,15 @@ def launch_batch(model: Any, batch: PlannedBatch, hooks: Sequence[str], stop: in
         # |x_i| <= ||x||: a norm that is not finite, or above the storage maximum, flags rows to look at
         out["flags", h] = torch.stack([~torch.isfinite(norms).all(), (norms > torch.finfo(precision).max).any()])
         out["rows", h] = rows[:batch.rows]
-        keep_alive[h] = (exact, norms, rows)
+        keep_alive[h] = (exact, rows)
     return Landing(out, device), keep_alive
 
 
-def check_overflow(hook: str, flags: torch.Tensor, exact: torch.Tensor, norms: torch.Tensor, rows: torch.Tensor,
+REMEDY = {"float16": "run it in --dtype bfloat16 or float32", "bfloat16": "run it in --dtype float32",
+          "float32": "the model computes them even in float32: check the model"}
+
+
+def check_overflow(hook: str, flags: torch.Tensor, exact: torch.Tensor, rows: torch.Tensor,
                    precision_name: str) -> None:
     """A UserError when the model's activations or their norms are not finite in the dtype the model ran in, or the
     rows overflow the storage precision (looks at the device tensors only when `flags` [2] says so)."""
@@ -191,7 +195,7 @@ def check_overflow(hook: str, flags: torch.Tensor, exact: torch.Tensor, norms: t
     if bool(flags[0]):
         what = ("activations" if not bool(torch.isfinite(exact).all()) else "activation norms")
         raise UserError(f"{what} at {hook} are not finite in {model_dtype}, the dtype the model runs in (--dtype): "
-                        f"run it in {'bfloat16 or float32' if model_dtype == 'float16' else 'float32'}")
+                        f"{REMEDY.get(model_dtype, 'run it in --dtype float32')}")
     if bool(flags[1]) and not bool(torch.isfinite(rows).all()):
         raise UserError(f"activations at {hook} overflow {precision_name} (largest |x| = "
                         f"{exact.abs().max().item():.3g}): use --precision float32 or bfloat16")
@@ -384,8 +388,8 @@ def land_batch(filler: ChunkFiller, batch: PlannedBatch, landing: Landing, keep_
     """Wait for the host copies of `batch` (the one sync), check them for overflow and add its rows to the chunks;
     returns the rows added."""
     host = landing.wait()
-    for h, (exact, norms, rows) in keep_alive.items():
-        check_overflow(h, host["flags", h], exact, norms, rows, precision_name)
+    for h, (exact, rows) in keep_alive.items():
+        check_overflow(h, host["flags", h], exact, rows, precision_name)
     hooks = list(keep_alive)
     filler.add({h: host["rows", h] for h in hooks}, {h: host["sums", h] for h in hooks},
                {h: host["norm_sums", h] for h in hooks}, batch.token_ids, batch.sequence_ids, batch.positions,
