@@ -194,3 +194,20 @@ def test_staged_sweep_has_bit_identical_weights(hook_dir, tmp_path, monkeypatch)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert plain.metrics == staged.metrics
     assert (tmp_path / "plain" / "metrics.jsonl").read_text() == (tmp_path / "staged" / "metrics.jsonl").read_text()
+
+
+def test_checksums_of_upcoming_chunks_are_checked_ahead_in_parallel(hook_dir, monkeypatch):
+    import threading
+    from training.sweep import iter_chunks
+    monkeypatch.setattr(sweep_mod, "verify_threads", lambda: 2)
+    real, threads = chunks_mod.file_sha256, []
+
+    def recording(path, *a, **k):
+        threads.append(threading.current_thread().name.split("_")[0])
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(chunks_mod, "file_sha256", recording)
+    data = open_hook(hook_dir)
+    for rep in range(2):
+        assert [pos for pos, _ in iter_chunks(data, 0, rep, 0)] == [0, 1, 2, 3]
+    assert len(threads) == 4 and threads.count("verify") >= 2 and data.verified == {0, 1, 2, 3}

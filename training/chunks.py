@@ -137,7 +137,7 @@ class HookData:
     manifest: dict[str, Any]
     verified: set[int] = field(default_factory=set, repr=False, compare=False)
     """Chunks whose checksum this object has already checked (each file is hashed once per HookData: once per run)."""
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _locks: dict[int, threading.Lock] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -166,8 +166,9 @@ class HookData:
         return tensors
 
     def verify(self, i: int) -> None:
-        """Check chunk i against the manifest's checksum unless this object already has (a UserError if it differs)."""
-        with self._lock:
+        """Check chunk i against the manifest's checksum unless this object already has (a UserError if it differs);
+        threads may check different chunks at once."""
+        with self._locks.setdefault(i, threading.Lock()):  # dict.setdefault is atomic under the GIL
             if i in self.verified:
                 return
             info = self.chunks[i]
