@@ -272,3 +272,10 @@ def test_storage_overflow_still_names_the_storage_precision(tiny_neox_dir, text_
     with pytest.raises(UserError, match=r"activations at blocks.0.hook_resid_post overflow float16 \(largest "
                                         r"\|x\| = 1e\+06\): use --precision float32 or bfloat16"):
         generate(make_cfg(tiny_neox_dir, text_file, tmp_path / "ds"), argv=["x"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned, non-blocking copies)")
+def test_cuda_output_is_byte_identical_to_the_old_loop(tiny_neox_dir, text_file, tmp_path):
+    old, new = run_both(lambda f: [make_cfg(tiny_neox_dir, text_file, f, device="cuda", dtype="bfloat16")],
+                        tmp_path / "ds")
+    assert old.keys() == new.keys() and [k for k in old if old[k] != new[k]] == []

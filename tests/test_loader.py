@@ -211,3 +211,14 @@ def test_checksums_of_upcoming_chunks_are_checked_ahead_in_parallel(hook_dir, mo
     for rep in range(2):
         assert [pos for pos, _ in iter_chunks(data, 0, rep, 0)] == [0, 1, 2, 3]
     assert len(threads) == 4 and threads.count("verify") >= 2 and data.verified == {0, 1, 2, 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging)")
+def test_cuda_staged_sweep_has_bit_identical_weights(hook_dir, tmp_path, monkeypatch):
+    from training.staging import PinnedStaging
+    staged = run_sweep(sweep_cfg(hook_dir, tmp_path / "staged", device="cuda"))
+    assert isinstance(sweep_mod.staging_for(torch.device("cuda")), PinnedStaging)
+    monkeypatch.setattr(sweep_mod, "staging_for", lambda device: None)
+    plain = run_sweep(sweep_cfg(hook_dir, tmp_path / "plain", device="cuda"))
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "staged")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and plain.metrics == staged.metrics
