@@ -450,18 +450,17 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
         with torch.inference_mode(), Prefetch(plans, depth=2) as batches:
             in_flight: tuple[PlannedBatch, Landing, dict[str, Any]] | None = None
             fill = 0
-            for batch in batches:
-                landing, keep_alive = launch_batch(model, batch, hooks, stop, device, precision, fill, cfg.chunk_size)
-                fill = (fill + batch.rows) % cfg.chunk_size
+            for batch in itertools.chain(batches, [None]):  # None: land the last batch
+                launched = None
+                if batch is not None:
+                    launched = (batch, *launch_batch(model, batch, hooks, stop, device, precision, fill,
+                                                     cfg.chunk_size))
+                    fill = (fill + batch.rows) % cfg.chunk_size
                 if in_flight is not None:  # the host's share of the previous batch, while the device runs this one
                     produced += land_batch(filler, *in_flight, cfg.precision)
                     bar.update(in_flight[0].rows)
                     writer.check()
-                in_flight = (batch, landing, keep_alive)
-            if in_flight is not None:
-                produced += land_batch(filler, *in_flight, cfg.precision)
-                bar.update(in_flight[0].rows)
-                writer.check()
+                in_flight = launched
         filler.flush(None)
         writer.queue.put(None)
         writer.join()
