@@ -3,6 +3,7 @@ the CPU, tokenisation in a background thread, and overflow refused in one line n
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -279,3 +280,22 @@ def test_cuda_output_is_byte_identical_to_the_old_loop(tiny_neox_dir, text_file,
     old, new = run_both(lambda f: [make_cfg(tiny_neox_dir, text_file, f, device="cuda", dtype="bfloat16")],
                         tmp_path / "ds")
     assert old.keys() == new.keys() and [k for k in old if old[k] != new[k]] == []
+
+
+def test_resume_where_a_chunk_ended_on_a_batch_boundary(tiny_neox_dir, text_file, tmp_path):
+    """The resumed first batch keeps no row (all went into the last chunk): the old loop crashed there with a raw
+    RuntimeError (max() of no norms); now the resumed folder equals an uninterrupted run."""
+    def cfg(folder: Path, n: int) -> GenerateConfig:
+        return make_cfg(tiny_neox_dir, text_file, folder, n_chunks=n, chunk_size=128, batch_size=4,
+                        skip_special_tokens=False, layers=[0], locations=["residual"])  # 64 rows per batch
+    generate(cfg(tmp_path / "whole", 3), argv=["x"])
+    generate(cfg(tmp_path / "resumed", 1), argv=["x"])
+    legacy_generate(cfg(tmp_path / "resumed_old", 1), argv=["x"])
+    with pytest.raises(RuntimeError, match="numel"):
+        legacy_generate(cfg(tmp_path / "resumed_old", 3), argv=["x"])
+    generate(cfg(tmp_path / "resumed", 3), argv=["x"])
+    whole, resumed = folder_bytes(tmp_path / "whole"), folder_bytes(tmp_path / "resumed")
+    manifests = [json.loads(m.pop("manifest.json")) for m in (whole, resumed)]
+    assert resumed == whole and len(whole) == 3 * 2
+    same = ("hooks", "chunks", "total_tokens")  # the config differs in --dataset_folder only
+    assert {k: manifests[0][k] for k in same} == {k: manifests[1][k] for k in same}
