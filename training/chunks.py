@@ -21,7 +21,8 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,6 +135,9 @@ class HookData:
     d: int
     chunks: list[ChunkInfo]
     manifest: dict[str, Any]
+    verified: set[int] = field(default_factory=set, repr=False, compare=False)
+    """Chunks whose checksum this object has already checked (each file is hashed once per HookData: once per run)."""
+    _locks: dict[int, threading.Lock] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -152,16 +156,27 @@ class HookData:
 
     def load(self, i: int, verify: bool = False) -> dict[str, torch.Tensor]:
         """Chunk i memory-mapped: activations [n, d], and token_ids [n], sequence_ids [n], positions [n] when
-        the folder has tokens."""
+        the folder has tokens; `verify` checks the file against its checksum the first time this object loads it."""
         info = self.chunks[i]
         if not info.path.exists():
             raise UserError(f"chunk {info.path} listed in the manifest is missing: regenerate the dataset")
-        if verify and file_sha256(info.path) != info.sha256:
-            raise UserError(f"chunk {info.path} does not match the checksum in the manifest (corrupt or "
-                            "modified): regenerate it with generate_test_data.py (import_activations.py for "
-                            "imported activations)")
+        if verify:
+            self.verify(i)
         tensors, _ = mmap_tensors(info.path)
         return tensors
+
+    def verify(self, i: int) -> None:
+        """Check chunk i against the manifest's checksum unless this object already has (a UserError if it differs);
+        threads may check different chunks at once."""
+        with self._locks.setdefault(i, threading.Lock()):  # dict.setdefault is atomic under the GIL
+            if i in self.verified:
+                return
+            info = self.chunks[i]
+            if file_sha256(info.path) != info.sha256:
+                raise UserError(f"chunk {info.path} does not match the checksum in the manifest (corrupt or "
+                                "modified): regenerate it with generate_test_data.py (import_activations.py for "
+                                "imported activations)")
+            self.verified.add(i)
 
     def iter_chunks(self, verify: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Every chunk in order, memory-mapped."""

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,9 @@ from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_js
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
+from training.prefetch import Prefetch
 from training.text import iter_documents, pack_token_rows, special_token_ids
+from training.transfer import Landing, to_device
 
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -109,6 +111,96 @@ def capture(model: Any, tokens: torch.Tensor, hooks: Sequence[str], stop: int | 
     return {h: flatten_heads(cache[h]) for h in hooks}
 
 
+def chunk_pieces(fill: int, n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of n new rows that go into one chunk each, the current one holding `fill` rows."""
+    pieces, start = [], 0
+    while start < n:
+        stop = min(n, start + chunk_size - fill)
+        pieces.append((start, stop))
+        start, fill = stop, 0
+    return pieces
+
+
+@dataclass
+class PlannedBatch:
+    """One token batch prepared on the host: what the model runs on and which of its rows go into chunks."""
+
+    index: int
+    tokens: torch.Tensor        # [b, ctx] int64
+    kept: torch.Tensor          # [k] int64: flat positions kept (special tokens and resumed rows left out)
+    rows: int                   # how many of them go into chunks (all but in the last batch)
+    token_ids: torch.Tensor     # [rows] int32
+    sequence_ids: torch.Tensor  # [rows] int64
+    positions: torch.Tensor     # [rows] int32
+    batch_seq: torch.Tensor     # [b] int64: the batch's sequence ids
+    skipped: int                # kept rows that went into chunks before a resume
+
+
+def plan_batches(batches: Iterable[torch.Tensor], start_batch: int, skip_rows: int, batch_size: int,
+                 special: torch.Tensor | None, produced: int, target: int) -> Iterator[PlannedBatch]:
+    """Token batches `start_batch`, ... with their kept rows, until `target` rows are produced (from `produced`);
+    `special` holds the token ids to leave out (None keeps every position)."""
+    for b, tokens in enumerate(batches, start=start_batch):
+        seq_ids = torch.arange(tokens.shape[0]) + b * batch_size
+        keep = ~torch.isin(tokens, special) if special is not None else torch.ones_like(tokens, dtype=torch.bool)
+        if b == start_batch and skip_rows:
+            keep.view(-1)[keep.flatten().nonzero()[:skip_rows, 0]] = False
+        kept = keep.flatten().nonzero()[:, 0]
+        rows = min(len(kept), target - produced)  # the last chunk takes only what it needs
+        keep.view(-1)[kept[rows:]] = False
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        yield PlannedBatch(b, tokens, kept, rows, tokens[keep].to(torch.int32),
+                           seq_ids[:, None].expand_as(tokens)[keep], pos[keep].to(torch.int32), seq_ids,
+                           skip_rows if b == start_batch else 0)
+        produced += rows
+        if produced >= target:
+            return
+
+
+def launch_batch(model: Any, batch: PlannedBatch, hooks: Sequence[str], stop: int | None, device: torch.device,
+                 precision: torch.dtype, fill: int, chunk_size: int) -> tuple[Landing, dict[str, Any]]:
+    """Queue the forward pass of `batch` and the selection, cast, statistics and host copies of its rows, without
+    waiting for the device: (the copies on their way, the device tensors that the overflow checks may need)."""
+    acts = capture(model, to_device(batch.tokens, device), hooks, stop)
+    kept = to_device(batch.kept, device)
+    pieces = chunk_pieces(fill, batch.rows, chunk_size)
+    out: dict[Any, torch.Tensor] = {}
+    keep_alive: dict[str, Any] = {}
+    for h, a in acts.items():
+        exact = a.reshape(-1, a.shape[-1]).index_select(0, kept)
+        norms = torch.linalg.vector_norm(exact, dim=1)
+        rows = exact.to(precision)
+        parts = [exact[i:j].float() for i, j in pieces]
+        # column sums as a matmul (fastest), and norm sums, of each piece that goes into one chunk
+        out["sums", h] = (torch.stack([(p.new_ones(len(p)) @ p).double() for p in parts]) if parts
+                          else exact.new_zeros(0, exact.shape[1], dtype=torch.float64))
+        out["norm_sums", h] = (torch.stack([norms[i:j].double().sum() for i, j in pieces]) if pieces
+                               else norms.new_zeros(0, dtype=torch.float64))
+        # |x_i| <= ||x||: a norm that is not finite, or above the storage maximum, flags rows to look at
+        out["flags", h] = torch.stack([~torch.isfinite(norms).all(), (norms > torch.finfo(precision).max).any()])
+        out["rows", h] = rows[:batch.rows]
+        keep_alive[h] = (exact, rows)
+    return Landing(out, device), keep_alive
+
+
+REMEDY = {"float16": "run it in --dtype bfloat16 or float32", "bfloat16": "run it in --dtype float32",
+          "float32": "the model computes them even in float32: check the model"}
+
+
+def check_overflow(hook: str, flags: torch.Tensor, exact: torch.Tensor, rows: torch.Tensor,
+                   precision_name: str) -> None:
+    """A UserError when the model's activations or their norms are not finite in the dtype the model ran in, or the
+    rows overflow the storage precision (looks at the device tensors only when `flags` [2] says so)."""
+    model_dtype = str(exact.dtype).removeprefix("torch.")
+    if bool(flags[0]):
+        what = ("activations" if not bool(torch.isfinite(exact).all()) else "activation norms")
+        raise UserError(f"{what} at {hook} are not finite in {model_dtype}, the dtype the model runs in (--dtype): "
+                        f"{REMEDY.get(model_dtype, 'run it in --dtype float32')}")
+    if bool(flags[1]) and not bool(torch.isfinite(rows).all()):
+        raise UserError(f"activations at {hook} overflow {precision_name} (largest |x| = "
+                        f"{exact.abs().max().item():.3g}): use --precision float32 or bfloat16")
+
+
 def chunk_permutation(seed: int, index: int, n: int) -> torch.Tensor:
     """Where each of the n rows of chunk `index` goes: a seeded permutation [n]."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
@@ -139,29 +231,29 @@ class ChunkFiller:
         self.norm_sums = dict.fromkeys(self.widths, 0.0)                                    # sum of row norms
         self.fill = 0
 
-    def add(self, acts: dict[str, torch.Tensor], exact: dict[str, torch.Tensor], norms: dict[str, torch.Tensor],
-            token_ids: torch.Tensor,
-            sequence_ids: torch.Tensor, positions: torch.Tensor, batch_seq: torch.Tensor,
+    def add(self, acts: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], norm_sums: dict[str, torch.Tensor],
+            token_ids: torch.Tensor, sequence_ids: torch.Tensor, positions: torch.Tensor, batch_seq: torch.Tensor,
             batch_tokens: torch.Tensor, batch_index: int, skipped: int) -> None:
         """Append the kept rows of batch `batch_index` (sequences `batch_seq` [b], tokens `batch_tokens` [b, ctx]),
         whose first `skipped` kept rows went into an earlier chunk: acts[h] [r, d] in storage precision on the CPU,
-        exact[h] the same rows as the model computed them and norms[h] [r] their norms (any device), for the
-        statistics."""
+        and per piece of the rows that goes into one chunk (`chunk_pieces(self.fill, r, chunk_size)`) the column
+        sums sums[h] [pieces, d] and the norm sums norm_sums[h] [pieces] (float64, on the CPU) of the rows as the
+        model computed them, for the statistics."""
         self.contexts.append((batch_seq, batch_tokens))
-        start, total = 0, len(token_ids)
+        start, total, piece = 0, len(token_ids), 0
         while start < total:
             take = min(total - start, self.chunk_size - self.fill)
             sl, dst = slice(start, start + take), self.perm[self.fill:self.fill + take]
             for h, a in acts.items():
                 self.acts[h].index_copy_(0, dst, a[sl])
-                part = exact[h][sl].float()
-                self.sums[h] += (part.new_ones(len(part)) @ part).double().cpu()  # column sums; a matmul is fastest
-                self.norm_sums[h] += norms[h][sl].double().sum().item()
+                self.sums[h] += sums[h][piece]
+                self.norm_sums[h] += float(norm_sums[h][piece])
             self.token_ids.index_copy_(0, dst, token_ids[sl])
             self.sequence_ids.index_copy_(0, dst, sequence_ids[sl])
             self.positions.index_copy_(0, dst, positions[sl])
             self.fill += take
             start += take
+            piece += 1
             if self.fill == self.chunk_size:
                 self.flush((batch_index, skipped + start))
                 self.contexts = [(batch_seq, batch_tokens)]
@@ -291,6 +383,20 @@ def check_disk_space(root: Path, cfg: GenerateConfig, widths: dict[str, int], n_
                         f"{free / 1e9:.1f} GB free: lower --n_chunks or --chunk_size, or choose another folder")
 
 
+def land_batch(filler: ChunkFiller, batch: PlannedBatch, landing: Landing, keep_alive: dict[str, Any],
+               precision_name: str) -> int:
+    """Wait for the host copies of `batch` (the one sync), check them for overflow and add its rows to the chunks;
+    returns the rows added."""
+    host = landing.wait()
+    for h, (exact, rows) in keep_alive.items():
+        check_overflow(h, host["flags", h], exact, rows, precision_name)
+    hooks = list(keep_alive)
+    filler.add({h: host["rows", h] for h in hooks}, {h: host["sums", h] for h in hooks},
+               {h: host["norm_sums", h] for h in hooks}, batch.token_ids, batch.sequence_ids, batch.positions,
+               batch.batch_seq, batch.tokens, batch.index, batch.skipped)
+    return batch.rows
+
+
 def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     """Write (or resume writing) the dataset folder described by `cfg`."""
     for name in ("n_chunks", "chunk_size", "context_length", "batch_size"):
@@ -331,7 +437,6 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     special = torch.tensor(manifest["special_token_ids"], dtype=torch.long)
     target = cfg.n_chunks * cfg.chunk_size
     precision = PRECISIONS[cfg.precision]
-    max_value = torch.finfo(precision).max
     written_before = manifest["total_tokens"]
     t0 = time.perf_counter()
     bar = tqdm(total=target, initial=written_before, unit="tok", unit_scale=True, desc="generating",
@@ -339,43 +444,23 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
 
     filler = ChunkFiller(widths, cfg.chunk_size, precision, writer.put, cfg.seed, done)
     produced = written_before
+    plans = plan_batches(itertools.islice(token_batches(cfg, model.tokenizer), start_batch, None), start_batch,
+                         skip_rows, cfg.batch_size, special if cfg.skip_special_tokens else None, produced, target)
     try:
-        batches = itertools.islice(token_batches(cfg, model.tokenizer), start_batch, None)
-        with torch.inference_mode():
-            for b, tokens in enumerate(batches, start=start_batch):
-                seq_ids = torch.arange(tokens.shape[0]) + b * cfg.batch_size
-                keep = ~torch.isin(tokens, special) if cfg.skip_special_tokens else torch.ones_like(tokens, dtype=torch.bool)
-                if b == start_batch and skip_rows:
-                    keep_idx = keep.flatten().nonzero()[:skip_rows, 0]
-                    keep.view(-1)[keep_idx] = False
-                acts = capture(model, tokens.to(device), hooks, stop)
-                keep_dev = keep.to(device)
-                rows, exact, norms = {}, {}, {}
-                for h, a in acts.items():
-                    exact[h] = a[keep_dev]
-                    norms[h] = torch.linalg.vector_norm(exact[h], dim=1)
-                    rows[h] = exact[h].to(precision)
-                    # |x_i| <= ||x||, so only rows with a large norm need the elementwise overflow check
-                    if not norms[h].max() <= max_value and not torch.isfinite(rows[h]).all():
-                        raise UserError(f"activations at {h} overflow {cfg.precision} (largest |x| = "
-                                        f"{exact[h].abs().max().item():.3g}): use --precision float32 or bfloat16")
-                    rows[h] = rows[h].cpu()
-                pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-                batch_rows = int(keep.sum())
-                if produced + batch_rows > target:  # the last chunk takes only what it needs
-                    batch_rows = target - produced
-                    cut = keep.flatten().nonzero()[batch_rows:, 0]
-                    keep.view(-1)[cut] = False
-                    rows = {h: r[:batch_rows] for h, r in rows.items()}
-                    exact = {h: r[:batch_rows] for h, r in exact.items()}
-                    norms = {h: r[:batch_rows] for h, r in norms.items()}
-                filler.add(rows, exact, norms, tokens[keep].to(torch.int32), seq_ids[:, None].expand_as(tokens)[keep],
-                           pos[keep].to(torch.int32), seq_ids, tokens, b, skip_rows if b == start_batch else 0)
-                produced += batch_rows
-                bar.update(batch_rows)
-                writer.check()
-                if produced >= target:
-                    break
+        with torch.inference_mode(), Prefetch(plans, depth=2) as batches:
+            in_flight: tuple[PlannedBatch, Landing, dict[str, Any]] | None = None
+            fill = 0
+            for batch in itertools.chain(batches, [None]):  # None: land the last batch
+                launched = None
+                if batch is not None:
+                    launched = (batch, *launch_batch(model, batch, hooks, stop, device, precision, fill,
+                                                     cfg.chunk_size))
+                    fill = (fill + batch.rows) % cfg.chunk_size
+                if in_flight is not None:  # the host's share of the previous batch, while the device runs this one
+                    produced += land_batch(filler, *in_flight, cfg.precision)
+                    bar.update(in_flight[0].rows)
+                    writer.check()
+                in_flight = launched
         filler.flush(None)
         writer.queue.put(None)
         writer.join()
