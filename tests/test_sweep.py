@@ -221,3 +221,31 @@ def test_bf16_autocast_trains(chunk_root, tmp_path):
     result = run_sweep(cfg_for(chunk_root, tmp_path / "o", precision="bf16", max_tokens=2000))
     assert result.progress.step == 8 and all(torch.isfinite(torch.tensor(m["explained_variance"])) for m in result.metrics)
     assert load_sweep(tmp_path / "o")[1e-3].decoder.dtype == torch.float32
+
+
+def test_precision_defaults_to_tf32_on_cuda_and_the_switches_are_restored(chunk_root, tmp_path, monkeypatch):
+    from training.sweep import backend_flags, resolve_precision, setup_precision
+    assert resolve_precision(None, torch.device("cuda")) == "tf32"
+    assert resolve_precision(None, torch.device("cpu")) == "fp32" and resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    before = backend_flags()
+    assert before[1] is False, "a test left TF32 on"
+    with setup_precision(SweepConfig(), torch.device("cuda")):
+        assert backend_flags() == ("high", True, True)
+    assert backend_flags() == before
+    with pytest.raises(KeyboardInterrupt), setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+        torch.backends.cudnn.allow_tf32 = not before[2]
+        raise KeyboardInterrupt
+    assert backend_flags() == before
+
+    run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500))
+    assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "fp32"
+    assert backend_flags() == before
+
+    def die(*args, **kwargs):
+        assert backend_flags() == ("high", True, True)   # the run on "cuda" did switch TF32 on
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(sweep_mod, "resolve_device", lambda _: torch.device("cuda"))
+    monkeypatch.setattr(sweep_mod, "prepare_output", die)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "cuda"))
+    assert backend_flags() == before
