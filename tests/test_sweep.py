@@ -144,6 +144,9 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     (dict(l1_value_min=-1, l1_value_max=-3), "--l1_value_min -1 is above --l1_value_max -3"),
     (dict(batch_size=5000), r"--batch_size 5000 is larger than a chunk \(1000 rows\)"),
     (dict(device="cuda"), "no usable GPU"),
+    (dict(device="mps"), r"--device mps: the sweep cannot train on MPS \(it has no float64"),
+    (dict(device="mps:0"), "--device mps:0: the sweep cannot train on MPS"),
+    (dict(device="gpu"), "unknown device 'gpu'"),
     (dict(precision="tf32"), "--precision tf32 needs a CUDA device"),
     (dict(resume=True), "no checkpoint.json"),
 ])

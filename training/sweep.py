@@ -107,7 +107,8 @@ class SweepConfig:
     seed: int = 0
     """Seed of initialisation, chunk order and resampling."""
     device: str | None = None
-    """cpu, cuda, cuda:N or mps (default: cuda when available)."""
+    """cpu, cuda or cuda:N (default: cuda when available); not mps, which lacks the float64 the ensemble's Adam
+    bookkeeping uses."""
     precision: str | None = field(default=None, metadata={"choices": list(PRECISIONS)})
     """fp32; tf32 matmuls (CUDA); bf16 autocast (matmuls in bf16, parameters and Adam state in fp32); default: tf32 on
     CUDA (about 8x the fp32 matmul rate), fp32 elsewhere."""
@@ -384,6 +385,18 @@ class SweepResult:
                 f"scored on {self.progress.eval_rows}:\n{self.table()}")
 
 
+def training_device(name: str | None) -> torch.device:
+    """The device to train on (see `resolve_device`); MPS is refused with a one-line error (no float64 there)."""
+    try:
+        kind = None if name is None else torch.device(name).type
+    except RuntimeError:
+        kind = None                                                     # resolve_device names the bad string
+    if kind == "mps":
+        raise UserError(f"--device {name}: the sweep cannot train on MPS (it has no float64, which the ensemble's "
+                        "Adam bookkeeping uses): use --device cpu or a CUDA GPU")
+    return resolve_device(name)
+
+
 def resolve_precision(precision: str | None, device: torch.device) -> str:
     """--precision made concrete: the default (None) is tf32 on CUDA and fp32 elsewhere; tf32 needs CUDA."""
     if precision is None:
@@ -534,7 +547,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     keys = member_keys(cfg)
     data = open_dataset(cfg)
-    device = resolve_device(cfg.device)
+    device = training_device(cfg.device)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
