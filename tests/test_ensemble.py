@@ -396,3 +396,14 @@ def test_learns_known_sparse_features(architecture):
     matched = (cosine > 0.9).sum(-1)
     assert (matched >= 56).all(), matched.tolist()
     assert (stats["explained_variance"] > 0.8).all() and not stats["frozen"].any()
+
+
+def test_state_dict_keeps_the_aux_k_switch():
+    torch.manual_seed(0)
+    ens = Ensemble(make_members("topk", 2, 8, 16, k=[2, 3]), {"lr": [1e-2, 1e-2]}, dead_window=64, k_aux=3)
+    _train_ensemble(ens, _data(4, 32, 8, dtype=torch.float32))
+    assert ens.dead_mask().any()
+    ens._aux_on = False                        # switched off at the last refresh, latents died since
+    assert Ensemble.from_state_dict(ens.state_dict())._aux_on is False
+    legacy = {k: v for k, v in ens.state_dict().items() if k != "dead.aux_on"}   # an older checkpoint
+    assert Ensemble.from_state_dict(legacy)._aux_on is True

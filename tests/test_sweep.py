@@ -252,3 +252,46 @@ def test_precision_defaults_to_tf32_on_cuda_and_the_switches_are_restored(chunk_
     with pytest.raises(RuntimeError, match="out of memory"):
         run_sweep(cfg_for(chunk_root, tmp_path / "cuda"))
     assert backend_flags() == before
+
+
+def _topk(root: Path, out: Path, **kw) -> SweepConfig:
+    """A small TopK sweep whose latents die quickly, so that the aux-K loss switches on and off."""
+    return cfg_for(root, out, architecture="topk", k_values=[2, 8], dead_window_tokens=500, **kw)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Both sweep folders hold bit-identical dictionaries."""
+    wa, wb = load_file(str(a / "sweep.safetensors")), load_file(str(b / "sweep.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_topk_weights_do_not_depend_on_log_every(chunk_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "AUX_REFRESH_STEPS", 3)
+    run_sweep(_topk(chunk_root, tmp_path / "a", log_every=2, n_repetitions=2))
+    run_sweep(_topk(chunk_root, tmp_path / "b", log_every=5, n_repetitions=2))
+    assert _same_weights(tmp_path / "a", tmp_path / "b")
+    aux = [json.loads(ln)["aux"] for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 in aux and max(aux) > 0   # the aux-K loss was off, then on
+
+
+def test_killed_topk_sweep_resumes_bit_exactly(chunk_root, tmp_path, monkeypatch):
+    # killed at step 20 with latents dead but the aux-K loss still off (first refresh at step 24)
+    monkeypatch.setattr(sweep_mod, "AUX_REFRESH_STEPS", 24)
+    run_sweep(_topk(chunk_root, tmp_path / "whole", n_repetitions=2, save_after_every=True))
+    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
+
+    def dying_iter(*args, **kwargs):
+        for item in real_iter(*args, **kwargs):
+            seen["n"] += 1
+            if seen["n"] == 6:  # killed while training on the second chunk of the second repetition
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
+    assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
+    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
+    run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
+    assert _same_weights(tmp_path / "whole", tmp_path / "killed")
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()

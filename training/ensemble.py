@@ -112,7 +112,7 @@ def _relu_mask_(grad: Tensor, output: Tensor) -> Tensor:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matmuls on `device` right now, or None when autocast is off."""
-    if torch.is_autocast_enabled(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -308,8 +308,9 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
         gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, k_max)
     gvals = gvals.masked_fill_(vals <= 0, 0)                                         # d loss / d pre at idx
     sp.scatter_rows(xc.view(n * batch, d), gvals, grads["encoder"].view(n * h, d))
-    gbias = grads["encoder_bias"].zero_()
-    gbias.view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
+    gbias = grads["encoder_bias"]
+    ones = x.new_ones(n * batch, 1)                                                  # [N*B, 1]
+    sp.scatter_rows(ones, gvals, gbias.view(n * h, 1))                              # row sums: no atomics
     grads["center"].copy_(g.sum(1))
 
     mse = sq_err.mean(-1)
@@ -348,7 +349,8 @@ def _aux_k_grads(scores: Tensor, norms: Tensor, dead: Tensor, k_aux: int, aux_co
     sp.scatter_rows(g.view(n * batch, d), vals, grads["decoder"].view(n * h, d), accumulate=True)
     gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, -1).masked_fill_(vals <= 0, 0)
     sp.scatter_rows(xc.view(n * batch, d), gvals, grads["encoder"].view(n * h, d), accumulate=True)
-    grads["encoder_bias"].view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
+    ones = xc.new_ones(n * batch, 1)                                                 # [N*B, 1]
+    sp.scatter_rows(ones, gvals, grads["encoder_bias"].view(n * h, 1), accumulate=True)
     return aux
 
 
@@ -404,7 +406,7 @@ class Ensemble:
         self._grads: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self._scratch: Params = {n: torch.empty_like(p) for n, p in self.params.items()}
         self._ws: _Workspace | None = None
-        self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead)
+        self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead; saved)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -665,6 +667,7 @@ class Ensemble:
         out["adam.step"] = self.adam_step
         out["dead.tokens_since_fired"] = self.tokens_since_fired
         out["frozen"] = self.frozen
+        out["dead.aux_on"] = torch.tensor(self._aux_on)
         out["option.adam_betas"] = torch.tensor(self.adam_betas, dtype=torch.float64)
         out["option.adam_eps"] = torch.tensor(self.adam_eps, dtype=torch.float64)
         out["option.dead_window"] = torch.tensor(self.dead_window, dtype=torch.long)
@@ -677,6 +680,9 @@ class Ensemble:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
+        legacy = "dead.aux_on" not in state             # saved before the aux-K switch was: recomputed below
+        if legacy:
+            state = {**state, "dead.aux_on": torch.tensor(False)}
         mine = self.state_dict()
         if set(state) != set(mine):
             raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(state))}, "
@@ -698,7 +704,7 @@ class Ensemble:
         self.aux_coef = float(state["option.aux_coef"])
         self.unit_decoder = bool(state["option.unit_decoder"])
         self.grad_clip = float(state["option.grad_clip"])
-        self._aux_on = bool(self.dead_mask().any())
+        self._aux_on = bool(self.dead_mask().any()) if legacy else bool(state["dead.aux_on"])
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, backend: Backend = "fused",

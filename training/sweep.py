@@ -238,6 +238,8 @@ SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
 CHECKPOINT_JSON, CHECKPOINT_WEIGHTS = "checkpoint.json", "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL_ROWS = 65536
+AUX_REFRESH_STEPS = 100
+"""TopK: steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
 
 
 @dataclass
@@ -597,9 +599,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
                                           generator=rng)
+                    if cfg.architecture == "topk" and progress.step % AUX_REFRESH_STEPS == 0:
+                        ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
-                        if cfg.architecture == "topk":
-                            ens.resample_dead(x)  # refreshes whether the aux-K loss is needed
                         log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
                         bar.set_postfix(frozen=int(stats["frozen"].sum()))
                     bar.update(cfg.batch_size)
