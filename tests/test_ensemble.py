@@ -407,3 +407,51 @@ def test_state_dict_keeps_the_aux_k_switch():
     assert Ensemble.from_state_dict(ens.state_dict())._aux_on is False
     legacy = {k: v for k, v in ens.state_dict().items() if k != "dead.aux_on"}   # an older checkpoint
     assert Ensemble.from_state_dict(legacy)._aux_on is True
+
+
+# ----------------------------------------------------------------------------- pinned L1 trajectories
+
+PINNED = "63f03a3"
+"""The commit before the update was rewritten to run all members at once (issue 9): L1 weights must not change."""
+
+
+def _pinned_ensemble_module():
+    """training/ensemble.py as of PINNED, imported under another name (skipped without the git history)."""
+    import subprocess
+    import types
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    try:
+        src = subprocess.run(["git", "-C", str(root), "show", f"{PINNED}:training/ensemble.py"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs the git history (commit {PINNED})")
+    import sys
+    module = sys.modules["pinned_ensemble"] = types.ModuleType("pinned_ensemble")   # dataclasses look it up
+    exec(compile(src, "pinned_ensemble.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("case", ["sweep_default", "unit_groups", "tied_noclip", "chunked_frozen"])
+@pytest.mark.parametrize("whole_stack", [False, True])
+def test_l1_trajectory_is_bit_identical_to_the_pinned_commit(case, whole_stack):
+    old = _pinned_ensemble_module()
+    d, h = (128, 4096) if case == "unit_groups" else (16, 64)   # unit_groups: 2 MiB decoders, groups of 2 on CPU
+    members = make_members("l1", 3, d, h, tied=case == "tied_noclip", seed=1, init_norm=0.1)
+    hp = {"lr": [1e-3, 3e-3, 1e-2], "l1": [0.01, 0.1, 1.0]}
+    kw = dict(dead_window=256, unit_decoder=case == "unit_groups", grad_clip=0.0 if case == "tied_noclip" else 0.01,
+              chunk_tokens=40 if case == "chunked_frozen" else 1 << 30)
+    new_ens, old_ens = Ensemble(copy.deepcopy(members), hp, **kw), old.Ensemble(copy.deepcopy(members), hp, **kw)
+    new_ens.whole_stack_update = whole_stack
+    for step, x in enumerate(_data(6, 96, d, seed=3, dtype=torch.float32)):
+        if case == "chunked_frozen" and step == 3:
+            for e in (new_ens, old_ens):
+                e.params["encoder"][1, 0, 0] = float("inf")
+        a, b = new_ens.step(x, lr_scale=0.5 + 0.1 * step), old_ens.step(x, lr_scale=0.5 + 0.1 * step)
+        assert all(torch.equal(a[k], b[k]) for k in b if k != "loss") and a["loss"].nan_to_num().equal(b["loss"].nan_to_num())
+    if case == "chunked_frozen":
+        assert new_ens.frozen.tolist() == [False, True, False]
+    for group in ("params", "exp_avg", "exp_avg_sq"):
+        for name, t in getattr(old_ens, group).items():
+            assert torch.equal(getattr(new_ens, group)[name].nan_to_num(), t.nan_to_num()), (group, name)
+    assert torch.equal(new_ens.adam_step, old_ens.adam_step)
