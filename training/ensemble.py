@@ -188,6 +188,15 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
             "l0": fired_count.sum(-1) / batch, "fired": fired_count > 0}
 
 
+def _project_rows_(decoder: Tensor, grad: Tensor, low_memory: bool) -> Tensor:
+    """`project_decoder_grad_` ([N, h, d], in place); `low_memory`: the row dot products as a batched matmul, without
+    its [N, h, d] temporary (the off-CPU path; the same values up to summation order)."""
+    if not low_memory:
+        return project_decoder_grad_(decoder, grad)
+    dots = torch.matmul(grad.unsqueeze(-2), decoder.unsqueeze(-1)).squeeze(-1)         # [N, h, 1]
+    return grad.addcmul_(dots, decoder, value=-1)
+
+
 def _accumulate_bmm(out: Tensor, a: Tensor, b: Tensor, overwrite: bool, ws: _Workspace) -> None:
     """out = a @ b (overwrite) or out += a @ b, batched, in place (via a compute-dtype buffer if needed)."""
     if a.dtype != out.dtype:
@@ -407,6 +416,11 @@ class Ensemble:
         self._scratch: Params = {n: torch.empty_like(p) for n, p in self.params.items()}
         self._ws: _Workspace | None = None
         self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead; saved)
+        self.whole_stack_update = like.device.type != "cpu"   # see _update_
+        lr = hparams["lr"]                                      # host copies for _adam_coefficients
+        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+        self._host_lr = lr.to("cpu", torch.float64, copy=True)
+        self._host_step = torch.zeros(self.n_models, dtype=torch.float64)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -514,52 +528,72 @@ class Ensemble:
         return stats
 
     def _update_(self, active: Tensor, lr_scale: float) -> None:
-        """Adam in place (with `unit_decoder`: decoder-gradient projection, Adam, decoder renormalisation, a
-        group of members at a time: groups of about 4 MiB per tensor stay in cache); frozen members untouched."""
+        """Gradient clipping, then Adam (with `unit_decoder`: decoder-gradient projection, Adam, decoder
+        renormalisation) in place, frozen members untouched. Off the CPU every member at once on the whole stacked
+        tensors (foreach ops, no [N, h, d] temporary: a constant number of kernels per step); on the CPU one
+        parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache)."""
         coefs = self._adam_coefficients(active, lr_scale)
         if self.grad_clip > 0:
             self._clip_grads_()
-        if not self.unit_decoder:
-            self._adam_members_(slice(None), coefs)
-            return
-        dec_all = self.params["decoder"]
-        per_group = max(1, (4 << 20) // (dec_all[0].numel() * dec_all.element_size()))
-        for start in range(0, self.n_models, per_group):
-            members = slice(start, start + per_group)
-            dec, g_dec = dec_all[members], self._grads["decoder"][members]
-            project_decoder_grad_(dec, g_dec)
-            self._adam_members_(members, coefs)
-            norm = dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active[members], dec), 1)
-            dec.div_(norm)
+        adam_ = self._adam_stacked_ if self.whole_stack_update else self._adam_members_
+        for members in self._member_groups():
+            dec, g_dec = self.params["decoder"][members], self._grads["decoder"][members]
+            if self.unit_decoder:
+                _project_rows_(dec, g_dec, low_memory=self.whole_stack_update)
+            adam_(members, coefs)
+            if self.unit_decoder:
+                dec.div_(dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active[members], dec), 1))
+
+    def _member_groups(self) -> list[slice]:
+        """Members updated together: all of them, except on the CPU with `unit_decoder`: groups of about 4 MiB per
+        tensor, which stay in cache from the projection through Adam to the renormalisation."""
+        if self.whole_stack_update or not self.unit_decoder:
+            return [slice(None)]
+        dec = self.params["decoder"]
+        per_group = max(1, (4 << 20) // (dec[0].numel() * dec.element_size()))
+        return [slice(start, start + per_group) for start in range(0, self.n_models, per_group)]
 
     def _clip_grads_(self) -> None:
         """Scale each member's gradients by min(1, grad_clip / (norm + 1e-6)), norm over all its parameters."""
-        sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in self._grads.values())   # [N]
+        grads = list(self._grads.values())
+        sq = torch.linalg.vector_norm(grads[0].flatten(1), dim=1).square()                 # [N]
+        for g in grads[1:]:
+            sq = sq + torch.linalg.vector_norm(g.flatten(1), dim=1).square()
         scale = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp_max(1)
-        for g in self._grads.values():
-            g.mul_(_per_member(scale, g))
+        torch._foreach_mul_(grads, [_per_member(scale, g) for g in grads])
 
     def _adam_(self, active: Tensor, lr_scale: float) -> None:
         """One in-place Adam step of every member with the gradients in self._grads (no constraint)."""
-        self._adam_members_(slice(None), self._adam_coefficients(active, lr_scale))
+        adam_ = self._adam_stacked_ if self.whole_stack_update else self._adam_members_
+        adam_(slice(None), self._adam_coefficients(active, lr_scale))
 
     def _adam_coefficients(self, active: Tensor, lr_scale: float) -> dict[str, Tensor]:
-        """Advance the step counts of active members; their per-member Adam factors ([N], params dtype)."""
+        """Advance the step counts of active members; their per-member Adam factors ([N], params dtype).
+
+        The factors of every member as if active are computed on the host in float64 from host copies of the
+        learning rates and step counts (made at construction and loading; the counts of active members advance
+        together) and sent in one copy; one `where` on the device gives frozen members factors that leave them as
+        they are (their host count runs on, unused).
+        """
         beta1, beta2 = self.adam_betas
         self.adam_step += active
-        step = self.adam_step.clamp_min(1)
-        zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N]
-        dtype = self.params["decoder"].dtype
-        return {"active": active,
-                "weight1": torch.where(active, one * (1 - beta1), zero).to(dtype),         # 0: m unchanged
-                "beta2": torch.where(active, one * beta2, one).to(dtype),                 # 1: v unchanged
-                "bias_correction2_sqrt": (1 - beta2 ** step).sqrt().to(dtype),
-                "neg_step_size": torch.where(active, -(self.hparams["lr"] * lr_scale) / (1 - beta1 ** step),
-                                             zero).to(dtype)}
+        self._host_step += 1
+        step = self._host_step.clamp_min(1)
+        zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N], host
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+        on = torch.stack([one * (1 - beta1), one * beta2, bias_correction2_sqrt,
+                          -(self._host_lr * lr_scale) / (1 - beta1 ** step)])
+        off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
+        both = torch.stack([on, off]).to(self.params["decoder"].dtype)                     # [2, 4, N]
+        both = both.to(active.device, non_blocking=True) if active.device.type != "cpu" else both
+        weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
+        return {"active": active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
+                "neg_step_size": neg_step}
 
     def _adam_members_(self, members: slice, c: dict[str, Tensor]) -> None:
         """Adam on the given members: torch.optim.Adam's single-tensor arithmetic, vectorised over
-        members with per-member factors, in place (frozen members: zero gradient, zero step)."""
+        members with per-member factors, in place (frozen members: zero gradient, zero step), one parameter at a
+        time (the CPU path: each stays in cache)."""
         beta2 = self.adam_betas[1]
         for name, p_all in self.params.items():
             p, g = p_all[members], self._grads[name][members]
@@ -569,6 +603,31 @@ class Ensemble:
             v.mul_(_per_member(c["beta2"][members], v)).addcmul_(g, g, value=1 - beta2)
             denom = torch.sqrt(v, out=g).div_(_per_member(c["bias_correction2_sqrt"][members], v)).add_(self.adam_eps)
             p.add_(torch.mul(m, _per_member(c["neg_step_size"][members], m), out=tmp).div_(denom))
+
+    def _adam_stacked_(self, members: slice, c: dict[str, Tensor]) -> None:
+        """`_adam_members_`'s arithmetic (the same bits) on every parameter at once with foreach ops, the denominator
+        in the gradient's memory and the step in the scratch buffers (no allocation): the off-CPU path."""
+        names = list(self.params)
+        ps, gs = [self.params[n][members] for n in names], [self._grads[n][members] for n in names]
+        ms, vs = [self.exp_avg[n][members] for n in names], [self.exp_avg_sq[n][members] for n in names]
+        tmps = [self._scratch[n][members] for n in names]
+
+        def factor(key: str) -> list[Tensor]:
+            return [_per_member(c[key][members], t) for t in ps]
+        inactive = ~c["active"][members]
+        for g in gs:
+            g.masked_fill_(_per_member(inactive, g), 0)
+        torch._foreach_lerp_(ms, gs, factor("weight1"))
+        torch._foreach_mul_(vs, factor("beta2"))
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - self.adam_betas[1])
+        torch._foreach_copy_(gs, vs)
+        torch._foreach_sqrt_(gs)
+        torch._foreach_div_(gs, factor("bias_correction2_sqrt"))
+        torch._foreach_add_(gs, self.adam_eps)                                             # denom
+        torch._foreach_copy_(tmps, ms)
+        torch._foreach_mul_(tmps, factor("neg_step_size"))
+        torch._foreach_div_(tmps, gs)
+        torch._foreach_add_(ps, tmps)
 
     def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
         """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""
@@ -705,6 +764,8 @@ class Ensemble:
         self.unit_decoder = bool(state["option.unit_decoder"])
         self.grad_clip = float(state["option.grad_clip"])
         self._aux_on = bool(self.dead_mask().any()) if legacy else bool(state["dead.aux_on"])
+        self._host_step = state["adam.step"].to("cpu", torch.float64, copy=True)
+        self._host_lr = state["hparam.lr"].to("cpu", torch.float64, copy=True)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, backend: Backend = "fused",
