@@ -143,11 +143,10 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         dec_c = enc_c if tied else ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
         bias_c = bias.to(cd)
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
-    code_sum, fired_count = x.new_zeros(n, h), x.new_zeros(n, h)
+    code_sum, fired_count = x.new_empty(n, h), x.new_empty(n, h)                     # written by the first chunk
     norms = decoder_norms(params)                                                    # [N, h]
-    l1_grad = (_per_member(l1 / batch, norms) * norms).unsqueeze(1).to(cd)           # d (l1 L1) / d codes: [N, 1, h]
-    grads["encoder_bias"].zero_()
-    grads["center"].zero_()
+    l1_per_token = _per_member(l1 / batch, norms)                                    # [N, 1]
+    l1_grad = (l1_per_token * norms).unsqueeze(1).to(cd)                             # d (l1 L1) / d codes: [N, 1, h]
 
     for start in range(0, batch, ws.chunk):
         xs = x[start:start + ws.chunk]
@@ -167,20 +166,20 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1,
                   out=sq_err[:, start:start + m])
         g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
-        grads["center"].add_(g.sum(1))
+        _sum_tokens_(grads["center"], g, first)
         g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
 
         _accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
-        code_sum.add_(codes.sum(1, dtype=acc))
+        _sum_tokens_(code_sum, codes, first, dtype=acc)
         gpre = ws.big_b[:, :m]
         torch.baddbmm(l1_grad, g_c, dec_c.transpose(1, 2), out=gpre)
         _relu_mask_(gpre, codes)                                                     # d loss / d pre
-        fired_count.add_(codes.sign_().sum(1))
+        _sum_tokens_(fired_count, codes.sign_(), first)
         _accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
-        grads["encoder_bias"].add_(gpre.sum(1))
+        _sum_tokens_(grads["encoder_bias"], gpre, first)
     grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
     # the penalty's own decoder gradient: l1 / B * sum_b codes_bi * decoder_i / norms_i
-    grads["decoder"].add_(dec * (_per_member(l1 / batch, code_sum) * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
+    grads["decoder"].add_(dec * (l1_per_token * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
 
     mse = sq_err.mean(-1)
     l1_term = (code_sum * norms).sum(-1) / batch
@@ -195,6 +194,16 @@ def _project_rows_(decoder: Tensor, grad: Tensor, low_memory: bool) -> Tensor:
         return project_decoder_grad_(decoder, grad)
     dots = torch.matmul(grad.unsqueeze(-2), decoder.unsqueeze(-1)).squeeze(-1)         # [N, h, 1]
     return grad.addcmul_(dots, decoder, value=-1)
+
+
+def _sum_tokens_(out: Tensor, t: Tensor, first: bool, dtype: torch.dtype | None = None) -> None:
+    """out = (first chunk) or += (later chunks) the sum of `t: [N, m, ...]` over its token axis, in place."""
+    if first and (dtype or t.dtype) == out.dtype:
+        torch.sum(t, 1, dtype=dtype, out=out)
+    elif first:
+        out.copy_(t.sum(1, dtype=dtype))
+    else:
+        out.add_(t.sum(1, dtype=dtype))
 
 
 def _accumulate_bmm(out: Tensor, a: Tensor, b: Tensor, overwrite: bool, ws: _Workspace) -> None:
