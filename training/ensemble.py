@@ -110,6 +110,11 @@ def _relu_mask_(grad: Tensor, output: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on `device` (one asynchronous copy; itself on the CPU)."""
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matmuls on `device` right now, or None when autocast is off."""
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
@@ -426,9 +431,8 @@ class Ensemble:
         self._ws: _Workspace | None = None
         self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead; saved)
         self.whole_stack_update = like.device.type != "cpu"   # see _update_
-        lr = hparams["lr"]                                      # host copies for _adam_coefficients
-        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
-        self._host_lr = lr.to("cpu", torch.float64, copy=True)
+        self._host_hparams = {n: (v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64))
+                              .to("cpu", torch.float64, copy=True) for n, v in hparams.items() if n in ("lr", "l1")}
         self._host_step = torch.zeros(self.n_models, dtype=torch.float64)
 
     # ------------------------------------------------------------------ construction helpers
@@ -474,7 +478,8 @@ class Ensemble:
         x = x.to(self.params["decoder"].dtype)
         with torch.no_grad():
             stats = self._gradients(x, l1_scale)
-            self.frozen |= ~torch.isfinite(stats["loss"])
+            loss = stats["loss"]
+            self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
             self._update_(active, lr_scale)
             self._track_dead(stats["fired"], active, x.shape[0])
@@ -491,7 +496,7 @@ class Ensemble:
             return self._autograd_gradients(x, l1_scale, dead)
         ws = self._workspace(x)
         if self.architecture == "l1":
-            l1 = (self.hparams["l1"] * l1_scale).to(x.dtype)
+            l1 = _to_device((self._host_hparams["l1"] * l1_scale).to(x.dtype), x.device)   # computed on the host
             return l1_fused_grads(self.params, x, l1, ws, self._grads)
         rank_mask = None if self._uniform_k else self.rank_mask
         return topk_fused_grads(self.params, x, rank_mask, self.k_max, dead, self.k_aux, self.aux_coef,
@@ -591,10 +596,9 @@ class Ensemble:
         zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N], host
         bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
         on = torch.stack([one * (1 - beta1), one * beta2, bias_correction2_sqrt,
-                          -(self._host_lr * lr_scale) / (1 - beta1 ** step)])
+                          -(self._host_hparams["lr"] * lr_scale) / (1 - beta1 ** step)])
         off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
-        both = torch.stack([on, off]).to(self.params["decoder"].dtype)                     # [2, 4, N]
-        both = both.to(active.device, non_blocking=True) if active.device.type != "cpu" else both
+        both = _to_device(torch.stack([on, off]).to(self.params["decoder"].dtype), active.device)   # [2, 4, N]
         weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
         return {"active": active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
                 "neg_step_size": neg_step}
@@ -641,7 +645,7 @@ class Ensemble:
     def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
         """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""
         since = self.tokens_since_fired
-        since.add_(active.unsqueeze(1).long() * n_tokens)
+        since.add_(active.unsqueeze(1), alpha=n_tokens)
         since.masked_fill_(fired & active.unsqueeze(1), 0)
 
     def dead_mask(self) -> Tensor:
@@ -774,7 +778,7 @@ class Ensemble:
         self.grad_clip = float(state["option.grad_clip"])
         self._aux_on = bool(self.dead_mask().any()) if legacy else bool(state["dead.aux_on"])
         self._host_step = state["adam.step"].to("cpu", torch.float64, copy=True)
-        self._host_lr = state["hparam.lr"].to("cpu", torch.float64, copy=True)
+        self._host_hparams = {n: state[f"hparam.{n}"].to("cpu", torch.float64, copy=True) for n in self._host_hparams}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], *, backend: Backend = "fused",
