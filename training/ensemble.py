@@ -570,9 +570,8 @@ class Ensemble:
     def _clip_grads_(self) -> None:
         """Scale each member's gradients by min(1, grad_clip / (norm + 1e-6)), norm over all its parameters."""
         grads = list(self._grads.values())
-        sq = torch.linalg.vector_norm(grads[0].flatten(1), dim=1).square()                 # [N]
-        for g in grads[1:]:
-            sq = sq + torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+        blocks = [g[i] for g in grads for i in range(self.n_models)]                     # one per parameter and member
+        sq = torch.stack(torch._foreach_norm(blocks)).view(len(grads), self.n_models).square().sum(0)   # [N]
         scale = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp_max(1)
         torch._foreach_mul_(grads, [_per_member(scale, g) for g in grads])
 
