@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from training.dictionary import (SparseLinearAutoencoder, TopKAutoencoder, decode_codes, pre_activations,
                                  unit_norm_params)
@@ -461,3 +463,53 @@ def test_l1_trajectory_is_bit_identical_to_the_pinned_commit(case, whole_stack):
         for name, t in getattr(old_ens, group).items():
             assert torch.equal(getattr(new_ens, group)[name].nan_to_num(), t.nan_to_num()), (group, name)
     assert torch.equal(new_ens.adam_step, old_ens.adam_step)
+
+
+# ----------------------------------------------------------------------------- launch count at real sizes
+
+class _DeviceOps(TorchDispatchMode):
+    """Records the ops that touch a tensor on `device_type` and do work there: views and bare allocations
+    (which launch no kernel) and host-side ops are left out."""
+
+    FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type, self.ops = device_type, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if (any(t.device.type == self.device_type for t in tensors) and not func.is_view
+                and func._schema.name.split("::")[-1] not in self.FREE):
+            self.ops.append(str(func))
+        return out
+
+
+def _real_size_ensemble(n: int, unit_decoder: bool, grad_clip: float) -> Ensemble:
+    """n L1 members of d_in 2048 x ratio 32 on the meta device (no memory; the off-CPU code path)."""
+    ens = Ensemble(make_members("l1", n, 2048, 32 * 2048, device="meta"), {"lr": [1e-3] * n, "l1": [0.1] * n},
+                   unit_decoder=unit_decoder, grad_clip=grad_clip)
+    assert ens.whole_stack_update
+    return ens
+
+
+@pytest.mark.parametrize("unit_decoder", [False, True])
+def test_l1_step_launches_a_constant_small_number_of_kernels_at_real_sizes(unit_decoder):
+    x = torch.empty(4096, 2048, device="meta")
+    counts = {}
+    for n in (8, 16):
+        ens = _real_size_ensemble(n, unit_decoder, grad_clip=0.01)
+        ens.step(x)                                         # allocates the workspace
+        with _DeviceOps("meta") as whole:
+            ens.step(x)
+        with _DeviceOps("meta") as grad:
+            ens._gradients(x, 1.0)
+        ens.grad_clip = 0.0
+        with _DeviceOps("meta") as adam:                     # Adam (and the projection, the renormalisation)
+            ens._update_(~ens.frozen, 1.0)
+        counts[n] = len(whole.ops), len(grad.ops), len(adam.ops)
+    assert counts[8] == counts[16], counts                   # no per-member loop anywhere
+    n_step, n_grad, n_adam = counts[8]                       # 490+ per step before (the update one member at a time)
+    assert n_grad + n_adam < (70 if unit_decoder else 60), counts
+    assert n_step < (100 if unit_decoder else 90), counts    # + clipping, dead-latent tracking, NaN freezing, stats

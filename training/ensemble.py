@@ -556,7 +556,7 @@ class Ensemble:
                 _project_rows_(dec, g_dec, low_memory=self.whole_stack_update)
             adam_(members, coefs)
             if self.unit_decoder:
-                dec.div_(dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active[members], dec), 1))
+                dec.div_(dec.norm(dim=-1, keepdim=True).masked_fill_(_per_member(coefs["frozen"][members], dec), 1))
 
     def _member_groups(self) -> list[slice]:
         """Members updated together: all of them, except on the CPU with `unit_decoder`: groups of about 4 MiB per
@@ -599,7 +599,7 @@ class Ensemble:
         off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
         both = _to_device(torch.stack([on, off]).to(self.params["decoder"].dtype), active.device)   # [2, 4, N]
         weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
-        return {"active": active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
+        return {"frozen": ~active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
                 "neg_step_size": neg_step}
 
     def _adam_members_(self, members: slice, c: dict[str, Tensor]) -> None:
@@ -610,7 +610,7 @@ class Ensemble:
         for name, p_all in self.params.items():
             p, g = p_all[members], self._grads[name][members]
             m, v, tmp = self.exp_avg[name][members], self.exp_avg_sq[name][members], self._scratch[name][members]
-            g.masked_fill_(~_per_member(c["active"][members], g), 0)
+            g.masked_fill_(_per_member(c["frozen"][members], g), 0)
             m.lerp_(g, _per_member(c["weight1"][members], m))
             v.mul_(_per_member(c["beta2"][members], v)).addcmul_(g, g, value=1 - beta2)
             denom = torch.sqrt(v, out=g).div_(_per_member(c["bias_correction2_sqrt"][members], v)).add_(self.adam_eps)
@@ -626,9 +626,8 @@ class Ensemble:
 
         def factor(key: str) -> list[Tensor]:
             return [_per_member(c[key][members], t) for t in ps]
-        inactive = ~c["active"][members]
         for g in gs:
-            g.masked_fill_(_per_member(inactive, g), 0)
+            g.masked_fill_(_per_member(c["frozen"][members], g), 0)
         torch._foreach_lerp_(ms, gs, factor("weight1"))
         torch._foreach_mul_(vs, factor("beta2"))
         torch._foreach_addcmul_(vs, gs, gs, value=1 - self.adam_betas[1])
