@@ -513,3 +513,19 @@ def test_l1_step_launches_a_constant_small_number_of_kernels_at_real_sizes(unit_
     n_step, n_grad, n_adam = counts[8]                       # 490+ per step before (the update one member at a time)
     assert n_grad + n_adam < (70 if unit_decoder else 60), counts
     assert n_step < (100 if unit_decoder else 90), counts    # + clipping, dead-latent tracking, NaN freezing, stats
+
+
+@pytest.mark.parametrize("unit_decoder", [False, True])
+def test_whole_stack_update_matches_the_cpu_path_for_topk(unit_decoder):
+    members = make_members("topk", 3, 16, 64, k=[2, 4, 8], seed=2)
+    ens = [Ensemble(copy.deepcopy(members), {"lr": [1e-3, 3e-3, 1e-2]}, dead_window=64, unit_decoder=unit_decoder,
+                    grad_clip=0.01) for _ in range(2)]
+    ens[1].whole_stack_update = True
+    xs = _data(6, 64, 16, seed=4, dtype=torch.float32)
+    _train_ensemble(ens[0], xs)
+    _train_ensemble(ens[1], xs)
+    for name, p in ens[0].params.items():
+        if unit_decoder:   # the off-CPU projection sums its dot products in another order
+            torch.testing.assert_close(ens[1].params[name], p, rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(ens[1].params[name], p), name
