@@ -392,7 +392,8 @@ class Ensemble:
     gradients accumulate), bounding its [N, chunk, d_hidden] buffers; `unit_decoder`: keep decoder rows
     at unit norm (Bricken et al. 2023; always so for tied members) instead of leaving them free (the
     default, see training.dictionary); `grad_clip`: scale each member's gradient to global norm at most this
-    before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off).
+    before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off). The attribute `whole_stack_update` (default:
+    True off the CPU) updates every member at once, in a number of kernels that does not grow with n_models.
     """
 
     def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor | list[float]], *,
