@@ -146,7 +146,7 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     (dict(device="cuda"), "no usable GPU"),
     (dict(device="mps"), r"--device mps: the sweep cannot train on MPS \(it has no float64"),
     (dict(device="mps:0"), "--device mps:0: the sweep cannot train on MPS"),
-    (dict(device="gpu"), "unknown device 'gpu'"),
+    (dict(device="gpu"), "unknown device 'gpu': use cpu, cuda or cuda:N$"),
     (dict(precision="tf32"), "--precision tf32 needs a CUDA device"),
     (dict(resume=True), "no checkpoint.json"),
 ])

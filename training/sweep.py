@@ -392,7 +392,7 @@ def training_device(name: str | None) -> torch.device:
     try:
         kind = None if name is None else torch.device(name).type
     except RuntimeError:
-        kind = None                                                     # resolve_device names the bad string
+        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
     if kind == "mps":
         raise UserError(f"--device {name}: the sweep cannot train on MPS (it has no float64, which the ensemble's "
                         "Adam bookkeeping uses): use --device cpu or a CUDA GPU")
