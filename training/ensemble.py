@@ -751,9 +751,7 @@ class Ensemble:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
-        legacy = "dead.aux_on" not in state             # saved before the aux-K switch was: recomputed below
-        if legacy:
-            state = {**state, "dead.aux_on": torch.tensor(False)}
+        state = _with_aux_flag(state)
         mine = self.state_dict()
         if set(state) != set(mine):
             raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(state))}, "
@@ -775,7 +773,7 @@ class Ensemble:
         self.aux_coef = float(state["option.aux_coef"])
         self.unit_decoder = bool(state["option.unit_decoder"])
         self.grad_clip = float(state["option.grad_clip"])
-        self._aux_on = bool(self.dead_mask().any()) if legacy else bool(state["dead.aux_on"])
+        self._aux_on = bool(state["dead.aux_on"])
         self._host_step = state["adam.step"].to("cpu", torch.float64, copy=True)
         self._host_hparams = {n: state[f"hparam.{n}"].to("cpu", torch.float64, copy=True) for n in self._host_hparams}
 
@@ -794,6 +792,13 @@ class Ensemble:
                   grad_clip=float(state["option.grad_clip"]))
         ens.load_state_dict(state)
         return ens
+
+
+def _with_aux_flag(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state`, with the aux-K switch derived from its dead counters if it predates the switch being saved."""
+    if "dead.aux_on" in state or not {"dead.tokens_since_fired", "option.dead_window"} <= set(state):
+        return state
+    return {**state, "dead.aux_on": (state["dead.tokens_since_fired"] >= state["option.dead_window"]).any()}
 
 
 def make_members(architecture: Architecture, n_models: int, d_in: int, d_hidden: int, *,
