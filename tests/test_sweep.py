@@ -243,6 +243,8 @@ def test_precision_defaults_to_tf32_on_cuda_and_the_switches_are_restored(chunk_
     run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500))
     assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "fp32"
     assert backend_flags() == before
+    run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500, precision="bf16", resume=True))  # e.g. on a GPU
+    assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "bf16"
 
     def die(*args, **kwargs):
         assert backend_flags() == ("high", True, True)   # the run on "cuda" did switch TF32 on

@@ -120,8 +120,8 @@ class SweepConfig:
     """Also log metrics to this Weights & Biases project (needs wandb installed)."""
 
 
-# Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every")
+# Settings that may change between a run and its resumption (precision too: its default depends on the device).
+RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every", "precision")
 
 
 def l1_values(cfg: SweepConfig) -> list[float]:
