@@ -227,33 +227,56 @@ def test_bf16_autocast_trains(chunk_root, tmp_path):
 
 
 def test_precision_defaults_to_tf32_on_cuda_and_the_switches_are_restored(chunk_root, tmp_path, monkeypatch):
-    from training.sweep import backend_flags, resolve_precision, setup_precision
+    from training.sweep import backend_flags, restore_backend_flags, resolve_precision, setup_precision
+
+    def legacy() -> tuple:
+        return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32)
     assert resolve_precision(None, torch.device("cuda")) == "tf32"
     assert resolve_precision(None, torch.device("cpu")) == "fp32" and resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    before = backend_flags()
+    initial = backend_flags()
+    before = legacy()
     assert before[1] is False, "a test left TF32 on"
-    with setup_precision(SweepConfig(), torch.device("cuda")):
-        assert backend_flags() == ("high", True, True)
-    assert backend_flags() == before
-    with pytest.raises(KeyboardInterrupt), setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
-        torch.backends.cudnn.allow_tf32 = not before[2]
-        raise KeyboardInterrupt
-    assert backend_flags() == before
+    try:
+        with setup_precision(SweepConfig(), torch.device("cuda")):
+            assert legacy() == ("high", True, True)
+        assert legacy() == before
+        with pytest.raises(KeyboardInterrupt), setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+            assert legacy() == ("highest", False, False)
+            raise KeyboardInterrupt
+        assert legacy() == before
+        for setting in ("medium", "high"):                       # a notebook's own setting survives
+            torch.set_float32_matmul_precision(setting)
+            mine = legacy()
+            with setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+                assert legacy() == ("highest", False, False)
+            assert legacy() == mine
+        restore_backend_flags(initial)
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # ... also one set with the newer API
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            mine = backend_flags()
+            with setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+                assert legacy() == ("highest", False, False)
+            assert backend_flags() == mine
+            restore_backend_flags(initial)
+        assert legacy() == before
 
-    run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500))
-    assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "fp32"
-    assert backend_flags() == before
-    run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500, precision="bf16", resume=True))  # e.g. on a GPU
-    assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "bf16"
+        run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500))
+        assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "fp32"
+        assert legacy() == before
+        run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500, precision="bf16", resume=True))  # on a GPU
+        assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "bf16"
 
-    def die(*args, **kwargs):
-        assert backend_flags() == ("high", True, True)   # the run on "cuda" did switch TF32 on
-        raise RuntimeError("out of memory")
-    monkeypatch.setattr(sweep_mod, "resolve_device", lambda _: torch.device("cuda"))
-    monkeypatch.setattr(sweep_mod, "prepare_output", die)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        run_sweep(cfg_for(chunk_root, tmp_path / "cuda"))
-    assert backend_flags() == before
+        def die(*args, **kwargs):
+            assert legacy() == ("high", True, True)              # the run on "cuda" did switch TF32 on
+            raise RuntimeError("out of memory")
+        monkeypatch.setattr(sweep_mod, "resolve_device", lambda _: torch.device("cuda"))
+        monkeypatch.setattr(sweep_mod, "prepare_output", die)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_sweep(cfg_for(chunk_root, tmp_path / "cuda"))
+        assert legacy() == before
+    finally:
+        restore_backend_flags(initial)
 
 
 def _topk(root: Path, out: Path, **kw) -> SweepConfig:
