@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from training.dictionary import (SparseLinearAutoencoder, TopKAutoencoder, decode_codes, pre_activations,
                                  unit_norm_params)
@@ -428,3 +430,135 @@ def test_resampling_draws_depend_only_on_seed_step_and_the_global_member_index()
                                expected)
     with pytest.raises(ValueError, match="member_ids has 1 entries for 3 members"):
         resampled([0, 1, 2], member_ids=[0])
+
+
+def test_state_dict_keeps_the_aux_k_switch():
+    torch.manual_seed(0)
+    ens = Ensemble(make_members("topk", 2, 8, 16, k=[2, 3]), {"lr": [1e-2, 1e-2]}, dead_window=64, k_aux=3)
+    _train_ensemble(ens, _data(4, 32, 8, dtype=torch.float32))
+    assert ens.dead_mask().any()
+    ens._aux_on = False                        # switched off at the last refresh, latents died since
+    assert Ensemble.from_state_dict(ens.state_dict())._aux_on is False
+    legacy = {k: v for k, v in ens.state_dict().items() if k != "dead.aux_on"}   # an older checkpoint
+    assert Ensemble.from_state_dict(legacy)._aux_on is True
+
+
+# ----------------------------------------------------------------------------- pinned L1 trajectories
+
+PINNED = "63f03a3"
+"""The commit before the update was rewritten to run all members at once (issue 9): L1 weights must not change."""
+
+
+def _pinned_ensemble_module():
+    """training/ensemble.py as of PINNED, imported under another name (skipped without the git history)."""
+    import subprocess
+    import types
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    try:
+        src = subprocess.run(["git", "-C", str(root), "show", f"{PINNED}:training/ensemble.py"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs the git history (commit {PINNED})")
+    import sys
+    module = sys.modules["pinned_ensemble"] = types.ModuleType("pinned_ensemble")   # dataclasses look it up
+    exec(compile(src, "pinned_ensemble.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("case", ["sweep_default", "unit_groups", "tied_noclip", "chunked_frozen"])
+@pytest.mark.parametrize("whole_stack", [False, True])
+def test_l1_trajectory_is_bit_identical_to_the_pinned_commit(case, whole_stack):
+    old = _pinned_ensemble_module()
+    d, h = (128, 4096) if case == "unit_groups" else (16, 64)   # unit_groups: 2 MiB decoders, groups of 2 on CPU
+    members = make_members("l1", 3, d, h, tied=case == "tied_noclip", seed=1, init_norm=0.1)
+    hp = {"lr": [1e-3, 3e-3, 1e-2], "l1": [0.01, 0.1, 1.0]}
+    kw = dict(dead_window=256, unit_decoder=case == "unit_groups", grad_clip=0.0 if case == "tied_noclip" else 0.01,
+              chunk_tokens=40 if case == "chunked_frozen" else 1 << 30)
+    new_ens, old_ens = Ensemble(copy.deepcopy(members), hp, **kw), old.Ensemble(copy.deepcopy(members), hp, **kw)
+    new_ens.whole_stack_update = whole_stack
+    for step, x in enumerate(_data(6, 96, d, seed=3, dtype=torch.float32)):
+        if case == "chunked_frozen" and step == 3:
+            for e in (new_ens, old_ens):
+                e.params["encoder"][1, 0, 0] = float("inf")
+        a, b = new_ens.step(x, lr_scale=0.5 + 0.1 * step), old_ens.step(x, lr_scale=0.5 + 0.1 * step)
+        if whole_stack and new_ens.unit_decoder:
+            continue
+        assert all(torch.equal(a[k], b[k]) for k in b if k != "loss") and a["loss"].nan_to_num().equal(b["loss"].nan_to_num())
+    if case == "chunked_frozen":
+        assert new_ens.frozen.tolist() == [False, True, False]
+    if whole_stack and new_ens.unit_decoder:   # the off-CPU projection sums its dot products in another order
+        for name, t in old_ens.params.items():
+            torch.testing.assert_close(new_ens.params[name], t, rtol=1e-4, atol=1e-6)
+        return
+    for group in ("params", "exp_avg", "exp_avg_sq"):
+        for name, t in getattr(old_ens, group).items():
+            assert torch.equal(getattr(new_ens, group)[name].nan_to_num(), t.nan_to_num()), (group, name)
+    assert torch.equal(new_ens.adam_step, old_ens.adam_step)
+
+
+# ----------------------------------------------------------------------------- launch count at real sizes
+
+class _DeviceOps(TorchDispatchMode):
+    """Records the ops that touch a tensor on `device_type` and do work there: views and bare allocations
+    (which launch no kernel) and host-side ops are left out."""
+
+    FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "_unsafe_view"}
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type, self.ops = device_type, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if (any(t.device.type == self.device_type for t in tensors) and not func.is_view
+                and func._schema.name.split("::")[-1] not in self.FREE):
+            self.ops.append(str(func))
+        return out
+
+
+def _real_size_ensemble(n: int, unit_decoder: bool, grad_clip: float) -> Ensemble:
+    """n L1 members of d_in 2048 x ratio 32 on the meta device (no memory; the off-CPU code path)."""
+    ens = Ensemble(make_members("l1", n, 2048, 32 * 2048, device="meta"), {"lr": [1e-3] * n, "l1": [0.1] * n},
+                   unit_decoder=unit_decoder, grad_clip=grad_clip)
+    assert ens.whole_stack_update
+    return ens
+
+
+@pytest.mark.parametrize("unit_decoder", [False, True])
+def test_l1_step_launches_a_constant_small_number_of_kernels_at_real_sizes(unit_decoder):
+    x = torch.empty(4096, 2048, device="meta")
+    counts = {}
+    for n in (8, 16):
+        ens = _real_size_ensemble(n, unit_decoder, grad_clip=0.01)
+        ens.step(x)                                         # allocates the workspace
+        with _DeviceOps("meta") as whole:
+            ens.step(x)
+        with _DeviceOps("meta") as grad:
+            ens._gradients(x, 1.0)
+        ens.grad_clip, active = 0.0, ~ens.frozen
+        with _DeviceOps("meta") as adam:                     # Adam (and the projection, the renormalisation)
+            ens._update_(active, 1.0)
+        counts[n] = len(whole.ops), len(grad.ops), len(adam.ops)
+    print(f"kernels per L1 step, unit_decoder {unit_decoder}: {counts}")
+    assert counts[8] == counts[16], counts                   # no per-member loop anywhere
+    n_step, n_grad, n_adam = counts[8]                       # 490+ per step before (the update one member at a time)
+    assert n_grad + n_adam < (70 if unit_decoder else 60), counts
+    assert n_step < (100 if unit_decoder else 90), counts    # + clipping, dead-latent tracking, NaN freezing, stats
+
+
+@pytest.mark.parametrize("unit_decoder", [False, True])
+def test_whole_stack_update_matches_the_cpu_path_for_topk(unit_decoder):
+    members = make_members("topk", 3, 16, 64, k=[2, 4, 8], seed=2)
+    ens = [Ensemble(copy.deepcopy(members), {"lr": [1e-3, 3e-3, 1e-2]}, dead_window=64, unit_decoder=unit_decoder,
+                    grad_clip=0.01) for _ in range(2)]
+    ens[1].whole_stack_update = True
+    xs = _data(6, 64, 16, seed=4, dtype=torch.float32)
+    _train_ensemble(ens[0], xs)
+    _train_ensemble(ens[1], xs)
+    for name, p in ens[0].params.items():
+        if unit_decoder:   # the off-CPU projection sums its dot products in another order
+            torch.testing.assert_close(ens[1].params[name], p, rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(ens[1].params[name], p), name

@@ -145,6 +145,9 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     (dict(l1_value_min=-1, l1_value_max=-3), "--l1_value_min -1 is above --l1_value_max -3"),
     (dict(batch_size=5000), r"--batch_size 5000 is larger than a chunk \(1000 rows\)"),
     (dict(device="cuda"), "no usable GPU"),
+    (dict(device="mps"), r"--device mps: the sweep cannot train on MPS \(it has no float64"),
+    (dict(device="mps:0"), "--device mps:0: the sweep cannot train on MPS"),
+    (dict(device="gpu"), "unknown device 'gpu': use cpu, cuda or cuda:N$"),
     (dict(precision="tf32"), "--precision tf32 needs a CUDA device"),
     (dict(resume=True), "no checkpoint.json"),
 ])
@@ -304,3 +307,99 @@ def test_a_checkpoint_with_an_older_versions_generator_state_resumes(chunk_root,
     save_tensors(path, {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})  # as stored before
     monkeypatch.undo()
     assert run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4
+
+
+def test_precision_defaults_to_tf32_on_cuda_and_the_switches_are_restored(chunk_root, tmp_path, monkeypatch):
+    from training.sweep import backend_flags, restore_backend_flags, resolve_precision, setup_precision
+
+    def legacy() -> tuple:
+        return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32)
+    assert resolve_precision(None, torch.device("cuda")) == "tf32"
+    assert resolve_precision(None, torch.device("cpu")) == "fp32" and resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    initial = backend_flags()
+    before = legacy()
+    assert before[1] is False, "a test left TF32 on"
+    try:
+        with setup_precision(SweepConfig(), torch.device("cuda")):
+            assert legacy() == ("high", True, True)
+        assert legacy() == before
+        with pytest.raises(KeyboardInterrupt), setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+            assert legacy() == ("highest", False, False)
+            raise KeyboardInterrupt
+        assert legacy() == before
+        for setting in ("medium", "high"):                       # a notebook's own setting survives
+            torch.set_float32_matmul_precision(setting)
+            mine = legacy()
+            with setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+                assert legacy() == ("highest", False, False)
+            assert legacy() == mine
+        restore_backend_flags(initial)
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # ... also one set with the newer API
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            mine = backend_flags()
+            with setup_precision(SweepConfig(precision="fp32"), torch.device("cuda")):
+                assert legacy() == ("highest", False, False)
+            assert backend_flags() == mine
+            restore_backend_flags(initial)
+        assert legacy() == before
+
+        run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500))
+        assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "fp32"
+        assert legacy() == before
+        run_sweep(cfg_for(chunk_root, tmp_path / "cpu", max_tokens=500, precision="bf16", resume=True))  # on a GPU
+        assert json.loads((tmp_path / "cpu" / "sweep.json").read_text())["config"]["precision"] == "bf16"
+
+        def die(*args, **kwargs):
+            assert legacy() == ("high", True, True)              # the run on "cuda" did switch TF32 on
+            raise RuntimeError("out of memory")
+        monkeypatch.setattr(sweep_mod, "resolve_device", lambda _: torch.device("cuda"))
+        monkeypatch.setattr(sweep_mod, "prepare_output", die)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_sweep(cfg_for(chunk_root, tmp_path / "cuda"))
+        assert legacy() == before
+    finally:
+        restore_backend_flags(initial)
+
+
+def _topk(root: Path, out: Path, **kw) -> SweepConfig:
+    """A small TopK sweep whose latents die quickly, so that the aux-K loss switches on and off."""
+    return cfg_for(root, out, architecture="topk", k_values=[2, 8], dead_window_tokens=500, **kw)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Both sweep folders hold bit-identical dictionaries."""
+    wa, wb = load_file(str(a / "sweep.safetensors")), load_file(str(b / "sweep.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_topk_weights_do_not_depend_on_log_every(chunk_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "AUX_REFRESH_STEPS", 3)
+    run_sweep(_topk(chunk_root, tmp_path / "a", log_every=2, n_repetitions=2))
+    run_sweep(_topk(chunk_root, tmp_path / "b", log_every=5, n_repetitions=2))
+    assert _same_weights(tmp_path / "a", tmp_path / "b")
+    aux = [json.loads(ln)["aux"] for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 in aux and max(aux) > 0   # the aux-K loss was off, then on
+
+
+def test_killed_topk_sweep_resumes_bit_exactly(chunk_root, tmp_path, monkeypatch):
+    # killed at step 20 with latents dead but the aux-K loss still off (first refresh at step 24)
+    monkeypatch.setattr(sweep_mod, "AUX_REFRESH_STEPS", 24)
+    run_sweep(_topk(chunk_root, tmp_path / "whole", n_repetitions=2, save_after_every=True))
+    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
+
+    def dying_iter(*args, **kwargs):
+        for item in real_iter(*args, **kwargs):
+            seen["n"] += 1
+            if seen["n"] == 6:  # killed while training on the second chunk of the second repetition
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
+    assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
+    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
+    run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
+    assert _same_weights(tmp_path / "whole", tmp_path / "killed")
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()

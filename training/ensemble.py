@@ -134,9 +134,15 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on `device` (one asynchronous copy; itself on the CPU)."""
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matmuls on `device` right now, or None when autocast is off."""
-    if device.type != "meta" and torch.is_autocast_enabled(device.type):
+    if device.type != "meta" and torch.amp.is_autocast_available(device.type) \
+            and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -167,11 +173,10 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         dec_c = enc_c if tied else ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
         bias_c = bias.to(cd)
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
-    code_sum, fired_count = x.new_zeros(n, h), x.new_zeros(n, h)
+    code_sum, fired_count = x.new_empty(n, h), x.new_empty(n, h)                     # written by the first chunk
     norms = decoder_norms(params)                                                    # [N, h]
-    l1_grad = (_per_member(l1 / batch, norms) * norms).unsqueeze(1).to(cd)           # d (l1 L1) / d codes: [N, 1, h]
-    grads["encoder_bias"].zero_()
-    grads["center"].zero_()
+    l1_per_token = _per_member(l1 / batch, norms)                                    # [N, 1]
+    l1_grad = (l1_per_token * norms).unsqueeze(1).to(cd)                             # d (l1 L1) / d codes: [N, 1, h]
 
     for start in range(0, batch, ws.chunk):
         xs = x[start:start + ws.chunk]
@@ -191,25 +196,44 @@ def l1_fused_grads(params: Params, x: Tensor, l1: Tensor, ws: _Workspace, grads:
         torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1,
                   out=sq_err[:, start:start + m])
         g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
-        grads["center"].add_(g.sum(1))
+        _sum_tokens_(grads["center"], g, first)
         g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
 
         _accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
-        code_sum.add_(codes.sum(1, dtype=acc))
+        _sum_tokens_(code_sum, codes, first, dtype=acc)
         gpre = ws.big_b[:, :m]
         torch.baddbmm(l1_grad, g_c, dec_c.transpose(1, 2), out=gpre)
         _relu_mask_(gpre, codes)                                                     # d loss / d pre
-        fired_count.add_(codes.sign_().sum(1))
+        _sum_tokens_(fired_count, codes.sign_(), first)
         _accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
-        grads["encoder_bias"].add_(gpre.sum(1))
+        _sum_tokens_(grads["encoder_bias"], gpre, first)
     grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
     # the penalty's own decoder gradient: l1 / B * sum_b codes_bi * decoder_i / norms_i
-    grads["decoder"].add_(dec * (_per_member(l1 / batch, code_sum) * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
+    grads["decoder"].add_(dec * (l1_per_token * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
 
     mse = sq_err.mean(-1)
     l1_term = (code_sum * norms).sum(-1) / batch
     return {"loss": mse + l1 * l1_term, "mse": mse, "l1": l1_term, "sq_err_sum": sq_err.sum(-1),
             "l0": fired_count.sum(-1) / batch, "fired": fired_count > 0}
+
+
+def _project_rows_(decoder: Tensor, grad: Tensor, low_memory: bool) -> Tensor:
+    """`project_decoder_grad_` ([N, h, d], in place); `low_memory`: the row dot products as a batched matmul, without
+    its [N, h, d] temporary (the off-CPU path; the same values up to summation order)."""
+    if not low_memory:
+        return project_decoder_grad_(decoder, grad)
+    dots = torch.matmul(grad.unsqueeze(-2), decoder.unsqueeze(-1)).squeeze(-1)         # [N, h, 1]
+    return grad.addcmul_(dots, decoder, value=-1)
+
+
+def _sum_tokens_(out: Tensor, t: Tensor, first: bool, dtype: torch.dtype | None = None) -> None:
+    """out = (first chunk) or += (later chunks) the sum of `t: [N, m, ...]` over its token axis, in place."""
+    if first and (dtype or t.dtype) == out.dtype:
+        torch.sum(t, 1, dtype=dtype, out=out)
+    elif first:
+        out.copy_(t.sum(1, dtype=dtype))
+    else:
+        out.add_(t.sum(1, dtype=dtype))
 
 
 def _accumulate_bmm(out: Tensor, a: Tensor, b: Tensor, overwrite: bool, ws: _Workspace) -> None:
@@ -332,8 +356,9 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
         gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, k_max)
     gvals = gvals.masked_fill_(vals <= 0, 0)                                         # d loss / d pre at idx
     sp.scatter_rows(xc.view(n * batch, d), gvals, grads["encoder"].view(n * h, d))
-    gbias = grads["encoder_bias"].zero_()
-    gbias.view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
+    gbias = grads["encoder_bias"]
+    ones = x.new_ones(n * batch, 1)                                                  # [N*B, 1]
+    sp.scatter_rows(ones, gvals, gbias.view(n * h, 1))                              # row sums: no atomics
     grads["center"].copy_(g.sum(1))
 
     mse = sq_err.mean(-1)
@@ -372,7 +397,8 @@ def _aux_k_grads(scores: Tensor, norms: Tensor, dead: Tensor, k_aux: int, aux_co
     sp.scatter_rows(g.view(n * batch, d), vals, grads["decoder"].view(n * h, d), accumulate=True)
     gvals = sp.weight_grad(g.view(n * batch, d), dec_flat).view(n, batch, -1).masked_fill_(vals <= 0, 0)
     sp.scatter_rows(xc.view(n * batch, d), gvals, grads["encoder"].view(n * h, d), accumulate=True)
-    grads["encoder_bias"].view(-1).index_add_(0, sp.flat_idx.view(-1), gvals.reshape(-1))
+    ones = xc.new_ones(n * batch, 1)                                                 # [N*B, 1]
+    sp.scatter_rows(ones, gvals, grads["encoder_bias"].view(n * h, 1), accumulate=True)
     return aux
 
 
@@ -391,7 +417,8 @@ class Ensemble:
     gradients accumulate), bounding its [N, chunk, d_hidden] buffers; `unit_decoder`: keep decoder rows
     at unit norm (Bricken et al. 2023; always so for tied members) instead of leaving them free (the
     default, see training.dictionary); `grad_clip`: scale each member's gradient to global norm at most this
-    before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off).
+    before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off). The attribute `whole_stack_update` (default:
+    True off the CPU) updates every member at once, in a number of kernels that does not grow with n_models.
     """
 
     def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor | list[float]], *,
@@ -445,7 +472,11 @@ class Ensemble:
         self._grads: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self._scratch: Params = {n: torch.empty_like(p) for n, p in self.params.items()}
         self._ws: _Workspace | None = None
-        self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead)
+        self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead; saved)
+        self.whole_stack_update = like.device.type != "cpu"   # see _update_
+        self._host_hparams = {n: (v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64))
+                              .to("cpu", torch.float64, copy=True) for n, v in hparams.items() if n in ("lr", "l1")}
+        self._host_step = torch.zeros(self.n_models, dtype=torch.float64)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -491,7 +522,8 @@ class Ensemble:
         x = x.to(self.params["decoder"].dtype)
         with torch.no_grad():
             stats = self._gradients(x, l1_scale)
-            self.frozen |= ~torch.isfinite(stats["loss"])
+            loss = stats["loss"]
+            self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
             self._update_(active, lr_scale)
             self._track_dead(stats["fired"], active, x.shape[0])
@@ -508,7 +540,7 @@ class Ensemble:
             return self._autograd_gradients(x, l1_scale, dead)
         ws = self._workspace(x)
         if self.architecture == "l1":
-            l1 = (self.hparams["l1"] * l1_scale).to(x.dtype)
+            l1 = _to_device((self._host_hparams["l1"] * l1_scale).to(x.dtype), x.device)   # computed on the host
             return l1_fused_grads(self.params, x, l1, ws, self._grads)
         rank_mask = None if self._uniform_k else self.rank_mask
         return topk_fused_grads(self.params, x, rank_mask, self.k_max, dead, self.k_aux, self.aux_coef,
@@ -554,66 +586,108 @@ class Ensemble:
         return stats
 
     def _update_(self, active: Tensor, lr_scale: float) -> None:
-        """Adam in place (with `unit_decoder`: decoder-gradient projection, Adam, decoder renormalisation, a
-        group of members at a time: groups of about 4 MiB per tensor stay in cache); frozen members untouched."""
+        """Gradient clipping, then Adam (with `unit_decoder`: decoder-gradient projection, Adam, decoder
+        renormalisation) in place, frozen members untouched. Off the CPU every member at once on the whole stacked
+        tensors (foreach ops, no [N, h, d] temporary: a constant number of kernels per step); on the CPU one
+        parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache)."""
         coefs = self._adam_coefficients(active, lr_scale)
         if self.grad_clip > 0:
             self._clip_grads_()
-        if not self.unit_decoder:
-            self._adam_members_(slice(None), coefs)
-            return
-        dec_all = self.params["decoder"]
-        per_group = max(1, (4 << 20) // (dec_all[0].numel() * dec_all.element_size()))
-        for start in range(0, self.n_models, per_group):
-            members = slice(start, start + per_group)
-            dec, g_dec = dec_all[members], self._grads["decoder"][members]
-            project_decoder_grad_(dec, g_dec)
-            self._adam_members_(members, coefs)
-            norm = dec.norm(dim=-1, keepdim=True).masked_fill_(~_per_member(active[members], dec), 1)
-            dec.div_(norm)
+        adam_ = self._adam_stacked_ if self.whole_stack_update else self._adam_members_
+        for members in self._member_groups():
+            dec, g_dec = self.params["decoder"][members], self._grads["decoder"][members]
+            if self.unit_decoder:
+                _project_rows_(dec, g_dec, low_memory=self.whole_stack_update)
+            adam_(members, coefs)
+            if self.unit_decoder:
+                dec.div_(dec.norm(dim=-1, keepdim=True).masked_fill_(_per_member(coefs["frozen"][members], dec), 1))
+
+    def _member_groups(self) -> list[slice]:
+        """Members updated together: all of them, except on the CPU with `unit_decoder`: groups of about 4 MiB per
+        tensor, which stay in cache from the projection through Adam to the renormalisation."""
+        if self.whole_stack_update or not self.unit_decoder:
+            return [slice(None)]
+        dec = self.params["decoder"]
+        per_group = max(1, (4 << 20) // (dec[0].numel() * dec.element_size()))
+        return [slice(start, start + per_group) for start in range(0, self.n_models, per_group)]
 
     def _clip_grads_(self) -> None:
         """Scale each member's gradients by min(1, grad_clip / (norm + 1e-6)), norm over all its parameters."""
-        sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in self._grads.values())   # [N]
+        grads = list(self._grads.values())
+        blocks = [g[i] for g in grads for i in range(self.n_models)]                     # one per parameter and member
+        sq = torch.stack(torch._foreach_norm(blocks)).view(len(grads), self.n_models).square().sum(0)   # [N]
         scale = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp_max(1)
-        for g in self._grads.values():
-            g.mul_(_per_member(scale, g))
+        torch._foreach_mul_(grads, [_per_member(scale, g) for g in grads])
 
     def _adam_(self, active: Tensor, lr_scale: float) -> None:
         """One in-place Adam step of every member with the gradients in self._grads (no constraint)."""
-        self._adam_members_(slice(None), self._adam_coefficients(active, lr_scale))
+        adam_ = self._adam_stacked_ if self.whole_stack_update else self._adam_members_
+        adam_(slice(None), self._adam_coefficients(active, lr_scale))
 
     def _adam_coefficients(self, active: Tensor, lr_scale: float) -> dict[str, Tensor]:
-        """Advance the step counts of active members; their per-member Adam factors ([N], params dtype)."""
+        """Advance the step counts of active members; their per-member Adam factors ([N], params dtype).
+
+        The factors of every member as if active are computed on the host in float64 from host copies of the
+        learning rates and step counts (made at construction and loading; the counts of active members advance
+        together) and sent in one copy; one `where` on the device gives frozen members factors that leave them as
+        they are (their host count runs on, unused).
+        """
         beta1, beta2 = self.adam_betas
         self.adam_step += active
-        step = self.adam_step.clamp_min(1)
-        zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N]
-        dtype = self.params["decoder"].dtype
-        return {"active": active,
-                "weight1": torch.where(active, one * (1 - beta1), zero).to(dtype),         # 0: m unchanged
-                "beta2": torch.where(active, one * beta2, one).to(dtype),                 # 1: v unchanged
-                "bias_correction2_sqrt": (1 - beta2 ** step).sqrt().to(dtype),
-                "neg_step_size": torch.where(active, -(self.hparams["lr"] * lr_scale) / (1 - beta1 ** step),
-                                             zero).to(dtype)}
+        self._host_step += 1
+        step = self._host_step.clamp_min(1)
+        zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N], host
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+        on = torch.stack([one * (1 - beta1), one * beta2, bias_correction2_sqrt,
+                          -(self._host_hparams["lr"] * lr_scale) / (1 - beta1 ** step)])
+        off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
+        both = _to_device(torch.stack([on, off]).to(self.params["decoder"].dtype), active.device)   # [2, 4, N]
+        weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
+        return {"frozen": ~active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
+                "neg_step_size": neg_step}
 
     def _adam_members_(self, members: slice, c: dict[str, Tensor]) -> None:
         """Adam on the given members: torch.optim.Adam's single-tensor arithmetic, vectorised over
-        members with per-member factors, in place (frozen members: zero gradient, zero step)."""
+        members with per-member factors, in place (frozen members: zero gradient, zero step), one parameter at a
+        time (the CPU path: each stays in cache)."""
         beta2 = self.adam_betas[1]
         for name, p_all in self.params.items():
             p, g = p_all[members], self._grads[name][members]
             m, v, tmp = self.exp_avg[name][members], self.exp_avg_sq[name][members], self._scratch[name][members]
-            g.masked_fill_(~_per_member(c["active"][members], g), 0)
+            g.masked_fill_(_per_member(c["frozen"][members], g), 0)
             m.lerp_(g, _per_member(c["weight1"][members], m))
             v.mul_(_per_member(c["beta2"][members], v)).addcmul_(g, g, value=1 - beta2)
             denom = torch.sqrt(v, out=g).div_(_per_member(c["bias_correction2_sqrt"][members], v)).add_(self.adam_eps)
             p.add_(torch.mul(m, _per_member(c["neg_step_size"][members], m), out=tmp).div_(denom))
 
+    def _adam_stacked_(self, members: slice, c: dict[str, Tensor]) -> None:
+        """`_adam_members_`'s arithmetic (the same bits) on every parameter at once with foreach ops, the denominator
+        in the gradient's memory and the step in the scratch buffers (no allocation): the off-CPU path."""
+        names = list(self.params)
+        ps, gs = [self.params[n][members] for n in names], [self._grads[n][members] for n in names]
+        ms, vs = [self.exp_avg[n][members] for n in names], [self.exp_avg_sq[n][members] for n in names]
+        tmps = [self._scratch[n][members] for n in names]
+
+        def factor(key: str) -> list[Tensor]:
+            return [_per_member(c[key][members], t) for t in ps]
+        for g in gs:
+            g.masked_fill_(_per_member(c["frozen"][members], g), 0)
+        torch._foreach_lerp_(ms, gs, factor("weight1"))
+        torch._foreach_mul_(vs, factor("beta2"))
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - self.adam_betas[1])
+        torch._foreach_copy_(gs, vs)
+        torch._foreach_sqrt_(gs)
+        torch._foreach_div_(gs, factor("bias_correction2_sqrt"))
+        torch._foreach_add_(gs, self.adam_eps)                                             # denom
+        torch._foreach_copy_(tmps, ms)
+        torch._foreach_mul_(tmps, factor("neg_step_size"))
+        torch._foreach_div_(tmps, gs)
+        torch._foreach_add_(ps, tmps)
+
     def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
         """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""
         since = self.tokens_since_fired
-        since.add_(active.unsqueeze(1).long() * n_tokens)
+        since.add_(active.unsqueeze(1), alpha=n_tokens)
         since.masked_fill_(fired & active.unsqueeze(1), 0)
 
     def dead_mask(self) -> Tensor:
@@ -738,6 +812,7 @@ class Ensemble:
         out["adam.step"] = self.adam_step
         out["dead.tokens_since_fired"] = self.tokens_since_fired
         out["frozen"] = self.frozen
+        out["dead.aux_on"] = torch.tensor(self._aux_on)
         out["option.adam_betas"] = torch.tensor(self.adam_betas, dtype=torch.float64)
         out["option.adam_eps"] = torch.tensor(self.adam_eps, dtype=torch.float64)
         out["option.dead_window"] = torch.tensor(self.dead_window, dtype=torch.long)
@@ -770,7 +845,7 @@ class Ensemble:
                 raise ValueError(f"{name}: shape {tuple(shape)} != {tuple(mine[name].shape)}")
 
     def _load_options(self, state: dict[str, Tensor]) -> None:
-        """The host-side options of a state_dict."""
+        """The host-side options, aux-K switch and step counts of a state_dict."""
         self.adam_betas = tuple(state["option.adam_betas"].tolist())  # type: ignore[assignment]
         self.adam_eps = float(state["option.adam_eps"])
         self.dead_window = int(state["option.dead_window"])
@@ -778,10 +853,13 @@ class Ensemble:
         self.aux_coef = float(state["option.aux_coef"])
         self.unit_decoder = bool(state["option.unit_decoder"])
         self.grad_clip = float(state["option.grad_clip"])
+        self._aux_on = bool(state["dead.aux_on"])
+        self._host_step = state["adam.step"].to("cpu", torch.float64, copy=True)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
+        state = _with_aux_flag(state)
         self._check_state({n: t.shape for n, t in state.items()})
         for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
                               ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
@@ -791,7 +869,7 @@ class Ensemble:
         self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         self.frozen.copy_(state["frozen"])
         self._load_options(state)
-        self._aux_on = bool(self.dead_mask().any())
+        self._host_hparams = {n: state[f"hparam.{n}"].to("cpu", torch.float64, copy=True) for n in self._host_hparams}
 
     @classmethod
     @torch.no_grad()
@@ -804,8 +882,8 @@ class Ensemble:
         (the entries of a copy of `state` are consumed, so the caller's dropping `state` frees each host tensor
         as soon as it is on the device); only the gradient and scratch buffers are new.
         """
+        state = _with_aux_flag(dict(state))
         shapes = {n: t.shape for n, t in state.items()}
-        state = dict(state)
         device = torch.device(device) if device is not None else state["param.decoder"].device
 
         def take(prefix: str) -> dict[str, Tensor]:
@@ -827,8 +905,14 @@ class Ensemble:
         ens.adam_step.copy_(state["adam.step"])
         ens.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         ens.frozen.copy_(state["frozen"])
-        ens._aux_on = bool(ens.dead_mask().any())
         return ens
+
+
+def _with_aux_flag(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state`, with the aux-K switch derived from its dead counters if it predates the switch being saved."""
+    if "dead.aux_on" in state or not {"dead.tokens_since_fired", "option.dead_window"} <= set(state):
+        return state
+    return {**state, "dead.aux_on": (state["dead.tokens_since_fired"] >= state["option.dead_window"]).any()}
 
 
 def make_members(architecture: Architecture, n_models: int, d_in: int, d_hidden: int, *,

@@ -10,6 +10,9 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,7 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -35,6 +38,7 @@ ARCHITECTURES = ("l1", "topk")
 DEFAULT_INIT_NORM = {"l1": 0.1, "topk": 0.5}
 """Measured best initial decoder-row norms (1M synthetic tokens at d_in 512, README ablation)."""
 PRECISIONS = ("fp32", "tf32", "bf16")
+T = TypeVar("T")
 
 
 @dataclass
@@ -106,9 +110,11 @@ class SweepConfig:
     seed: int = 0
     """Seed of initialisation, chunk order and resampling."""
     device: str | None = None
-    """cpu, cuda, cuda:N or mps (default: cuda when available)."""
-    precision: str = field(default="fp32", metadata={"choices": list(PRECISIONS)})
-    """fp32; tf32 matmuls (GPU); bf16 autocast (matmuls in bf16, parameters and Adam state in fp32)."""
+    """cpu, cuda or cuda:N (default: cuda when available); not mps, which lacks the float64 the ensemble's Adam
+    bookkeeping uses."""
+    precision: str | None = field(default=None, metadata={"choices": list(PRECISIONS)})
+    """fp32; tf32 matmuls (CUDA); bf16 autocast (matmuls in bf16, parameters and Adam state in fp32); default: tf32 on
+    CUDA (about 8x the fp32 matmul rate), fp32 elsewhere."""
     resume: bool = False
     """Continue the run in --output_dir from its last checkpoint (flags must match)."""
     overwrite: bool = False
@@ -120,8 +126,8 @@ class SweepConfig:
     """Also log metrics to this Weights & Biases project (needs wandb installed)."""
 
 
-# Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every", "dry_run")
+# Settings that may change between a run and its resumption (precision too: its default depends on the device).
+RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every", "dry_run", "precision")
 
 
 def l1_values(cfg: SweepConfig) -> list[float]:
@@ -260,6 +266,8 @@ SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
 CHECKPOINT_JSON, CHECKPOINT_WEIGHTS = "checkpoint.json", "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL_ROWS = 65536
+AUX_REFRESH_STEPS = 100
+"""TopK: steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
 
 
 @dataclass
@@ -410,17 +418,106 @@ class SweepResult:
                 f"scored on {self.progress.eval_rows}:\n{self.table()}")
 
 
-def setup_precision(cfg: SweepConfig, device: torch.device) -> Any:
-    """The autocast context for --precision (and the TF32 switch); tf32 needs a GPU."""
-    import contextlib
-    if cfg.precision == "tf32" and device.type != "cuda":
+def training_device(name: str | None) -> torch.device:
+    """The device to train on (see `resolve_device`); MPS is refused with a one-line error (no float64 there)."""
+    try:
+        kind = None if name is None else torch.device(name).type
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if kind == "mps":
+        raise UserError(f"--device {name}: the sweep cannot train on MPS (it has no float64, which the ensemble's "
+                        "Adam bookkeeping uses): use --device cpu or a CUDA GPU")
+    return resolve_device(name)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """--precision made concrete: the default (None) is tf32 on CUDA and fp32 elsewhere; tf32 needs CUDA."""
+    if precision is None:
+        return "tf32" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "tf32" and device.type != "cuda":
         raise UserError(f"--precision tf32 needs a CUDA device: use fp32 (or bf16) on {device.type}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision == "tf32"
-        torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
-    if cfg.precision == "bf16":
+    return precision
+
+
+BackendFlags = tuple[tuple[str, bool, bool] | None, tuple[str | None, ...]]
+NEW_PRECISION_API = ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.conv.fp32_precision",
+                     "cudnn.rnn.fp32_precision")
+"""torch.backends attributes of the newer float32 precision API (torch >= 2.9)."""
+
+
+def _backend_attr(path: str) -> str | None:
+    """torch.backends.<path>, or None where this torch lacks it."""
+    try:
+        return functools.reduce(getattr, path.split("."), torch.backends)  # type: ignore[arg-type]
+    except AttributeError:
+        return None
+
+
+def backend_flags() -> BackendFlags:
+    """The process-wide float32 precision switches: the legacy view (float32 matmul precision, CUDA matmul TF32,
+    cuDNN TF32; None where torch refuses to report it, in a session that mixed the legacy and newer APIs) and the
+    newer API's values."""
+    try:
+        legacy = (torch.get_float32_matmul_precision(), bool(torch.backends.cuda.matmul.allow_tf32),
+                  bool(torch.backends.cudnn.allow_tf32))
+    except RuntimeError:
+        legacy = None
+    return legacy, tuple(_backend_attr(path) for path in NEW_PRECISION_API)
+
+
+def restore_backend_flags(flags: BackendFlags) -> None:
+    """Put back switches saved by `backend_flags` (the matmul precision last: it decides the CUDA TF32 switch)."""
+    legacy, new = flags
+    if legacy is not None:
+        torch.backends.cudnn.allow_tf32 = legacy[2]
+        torch.set_float32_matmul_precision(legacy[0])
+        return
+    for path, value in zip(NEW_PRECISION_API, new):
+        if value is not None:
+            _set_backend_attr(path, value)
+
+
+def _set_backend_attr(path: str, value: str) -> None:
+    """torch.backends.<path> = value."""
+    parent, _, name = path.rpartition(".")
+    owner = functools.reduce(getattr, parent.split("."), torch.backends) if parent else torch.backends
+    setattr(owner, name, value)
+
+
+def set_precision(cfg: SweepConfig, device: torch.device) -> Callable[[], ContextManager[Any]]:
+    """Set the TF32 switches for --precision (on CUDA) and return the autocast context factory (not restoring the
+    switches: use `setup_precision`, or run inside `run_sweep`, which restores them)."""
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":       # through the legacy API, which keeps torch's two views of the switches consistent
+        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def setup_precision(cfg: SweepConfig, device: torch.device) -> Iterator[Callable[[], ContextManager[Any]]]:
+    """Set the TF32 switches for --precision, yield the autocast context factory, restore the switches on exit."""
+    saved = backend_flags()
+    try:
+        yield set_precision(cfg, device)
+    finally:
+        restore_backend_flags(saved)
+
+
+def _restores_backend_flags(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap `fn` so that the process-wide matmul precision switches are as before when it returns or raises."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        saved = backend_flags()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            restore_backend_flags(saved)
+    return wrapper
 
 
 def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
@@ -535,6 +632,7 @@ def start_wandb(cfg: SweepConfig) -> Any:
     return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
 
 
+@_restores_backend_flags
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
     for name in ("batch_size", "n_repetitions", "log_every"):
@@ -542,8 +640,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     keys = member_keys(cfg)
     data = open_dataset(cfg)
-    device = resolve_device(cfg.device)
-    autocast = setup_precision(cfg, device)
+    device = training_device(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved, state = prepare_output(cfg, out)
@@ -592,9 +691,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
                                           seed=cfg.seed, step=progress.step)
+                    if cfg.architecture == "topk" and progress.step % AUX_REFRESH_STEPS == 0:
+                        ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
-                        if cfg.architecture == "topk":
-                            ens.resample_dead(x)  # refreshes whether the aux-K loss is needed
                         log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
                         bar.set_postfix(frozen=int(stats["frozen"].sum()))
                     bar.update(cfg.batch_size)
@@ -638,12 +737,13 @@ def sweep_memory_report(cfg: SweepConfig) -> str:
     data = open_dataset(cfg)
     device = resolve_device(cfg.device)
     d_hidden = max(1, round(cfg.ratio * data.d))
-    compute = 2 if cfg.precision == "bf16" else 4
+    precision = resolve_precision(cfg.precision, device)
+    compute = 2 if precision == "bf16" else 4
     k_max = int(max(keys)) if cfg.architecture == "topk" else 0
     est = estimate_sweep(cfg.architecture, len(keys), cfg.batch_size, data.d, d_hidden, cfg.tied, compute, k_max)
     available, source = available_bytes(device)
     headline = (f"dry run: {len(keys)} {cfg.architecture} members x d_in {data.d} x d_hidden {d_hidden}, "
-                f"batch {cfg.batch_size}, {cfg.precision} on {device} (nothing trained)")
+                f"batch {cfg.batch_size}, {precision} on {device} (nothing trained)")
     return memory_report(est, available, source, headline)
 
 
