@@ -150,6 +150,40 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     (dict(device="gpu"), "unknown device 'gpu': use cpu, cuda or cuda:N$"),
     (dict(precision="tf32"), "--precision tf32 needs a CUDA device"),
     (dict(resume=True), "no checkpoint.json"),
+    (dict(adam_lr=-1.0), r"--adam_lr must be positive \(got -1.0\)"),
+    (dict(adam_lr=float("nan")), r"--adam_lr must be positive \(got nan\)"),
+    (dict(adam_lr=float("inf")), r"--adam_lr must be positive \(got inf\)"),
+    (dict(adam_lr=0.0), r"--adam_lr must be positive \(got 0.0\)"),
+    (dict(l1_values=[0.1, float("nan")]), r"--l1_values must be finite and not negative \(got nan\)"),
+    (dict(l1_values=[-0.1]), r"--l1_values must be finite and not negative \(got -0.1\)"),
+    (dict(l1_values=[float("inf")]), r"--l1_values must be finite and not negative \(got inf\)"),
+    (dict(l1_value_min=float("nan")), r"--l1_value_min must be a finite number"),
+    (dict(l1_value_n=0), r"--l1_value_n must be at least 1 \(got 0\)"),
+    (dict(architecture="topk", k_values=[0]), r"--k_values must be at least 1 each \(got 0\)"),
+    (dict(architecture="topk", k_values=[4, -2]), r"--k_values must be at least 1 each \(got -2\)"),
+    (dict(architecture="topk", k_values=[65]), "--k_values 65 exceeds the dictionary size 64"),
+    (dict(architecture="topk", tied=True), "--tied applies to the l1 architecture only"),
+    (dict(architecture="relu"), "unknown --architecture 'relu'"),
+    (dict(batch_size=0), r"--batch_size must be at least 1 \(got 0\)"),
+    (dict(batch_size=-5), r"--batch_size must be at least 1 \(got -5\)"),
+    (dict(n_repetitions=0), r"--n_repetitions must be at least 1"),
+    (dict(log_every=0), r"--log_every must be at least 1"),
+    (dict(dead_window_tokens=0), r"--dead_window_tokens must be at least 1"),
+    (dict(resample_every=-1), r"--resample_every must be 0 or more"),
+    (dict(holdout_rows=-1), r"--holdout_rows must be 0 or more"),
+    (dict(max_tokens=0), r"--max_tokens must be at least 1"),
+    (dict(max_tokens=100), "no full batch of 250 rows to train on"),
+    (dict(lr_warmup_fraction=1.5), r"--lr_warmup_fraction must be a fraction between 0 and 1 \(got 1.5\)"),
+    (dict(lr_decay_fraction=-0.1), r"--lr_decay_fraction must be a fraction between 0 and 1"),
+    (dict(l1_warmup_fraction=float("nan")), r"--l1_warmup_fraction must be a fraction between 0 and 1 \(got nan\)"),
+    (dict(activation_norm=-1.0), r"--activation_norm must be 0 \(off\) or positive \(got -1.0\)"),
+    (dict(activation_norm=float("nan")), r"--activation_norm must be 0 \(off\) or positive \(got nan\)"),
+    (dict(grad_clip=float("nan")), r"--grad_clip must be 0 \(off\) or positive \(got nan\)"),
+    (dict(grad_clip=-0.5), r"--grad_clip must be 0 \(off\) or positive"),
+    (dict(ratio=0.0), r"--ratio must be positive \(got 0.0\)"),
+    (dict(ratio=float("inf")), r"--ratio must be positive \(got inf\)"),
+    (dict(decoder_init_norm=0.0), r"--decoder_init_norm must be positive"),
+    (dict(decoder_init_norm=float("nan")), r"--decoder_init_norm must be positive"),
 ])
 def test_bad_input_gets_one_line_error(chunk_root, tmp_path, kw, message):
     if kw.get("device") == "cuda" and torch.cuda.is_available():
@@ -157,6 +191,37 @@ def test_bad_input_gets_one_line_error(chunk_root, tmp_path, kw, message):
     with pytest.raises(UserError, match=message) as info:
         run_sweep(cfg_for(chunk_root, tmp_path / "o", **kw))
     assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()            # nothing written before the flags are known good
+
+
+def test_flag_errors_from_the_command_line_leave_no_folder(chunk_root, tmp_path, capsys):
+    from training.sweep import main_sweep
+    base = ["--dataset_dir", str(chunk_root / HOOK), "--device", "cpu", "--batch_size", "250"]
+    cases = [(["--adam_lr", "-1"], "error: --adam_lr must be positive (got -1.0)"),
+             (["--adam_lr", "nan"], "error: --adam_lr must be positive (got nan)"),
+             (["--l1_values", "nan"], "error: --l1_values must be finite and not negative (got nan)"),
+             (["--architecture", "topk", "--k_values", "0"], "error: --k_values must be at least 1 each (got 0)"),
+             (["--batch_size", "0"], "error: --batch_size must be at least 1 (got 0)")]
+    for dry_run in ([], ["--dry_run"]):
+        for flags, message in cases:
+            out = tmp_path / "deep" / "o"
+            with pytest.raises(SystemExit) as info:
+                run_cli(lambda c: print(main_sweep(c)), "", SweepConfig, base + ["--output_dir", str(out)] + flags + dry_run)
+            assert info.value.code == 2 and capsys.readouterr().err.strip() == message
+            assert not (tmp_path / "deep").exists()
+
+
+def test_output_dir_that_is_a_file_and_missing_dataset_dir(chunk_root, tmp_path):
+    from training.sweep import sweep_memory_report
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        for run in (run_sweep, sweep_memory_report):
+            with pytest.raises(UserError, match=f"--output_dir {out}: {tmp_path / 'f'} is a file, not a folder"):
+                run(cfg_for(chunk_root, out))
+    assert (tmp_path / "f").read_text() == "x"
+    with pytest.raises(UserError, match=f"--dataset_dir {tmp_path / 'none'} does not exist: run generate_test_data"):
+        run_sweep(SweepConfig(dataset_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_dataset_folders(chunk_root, tmp_path):

@@ -133,9 +133,13 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_ever
 def l1_values(cfg: SweepConfig) -> list[float]:
     """The L1 penalties of the sweep."""
     if cfg.l1_values:
-        if min(cfg.l1_values) < 0:
-            raise UserError(f"--l1_values must not be negative (got {min(cfg.l1_values)})")
+        bad = [v for v in cfg.l1_values if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise UserError(f"--l1_values must be finite and not negative (got {bad[0]})")
         return [float(v) for v in cfg.l1_values]
+    for name in ("l1_value_min", "l1_value_max"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name} must be a finite number (log10 of the penalty; got {getattr(cfg, name)})")
     if cfg.l1_value_min > cfg.l1_value_max:
         raise UserError(f"--l1_value_min {cfg.l1_value_min} is above --l1_value_max {cfg.l1_value_max} "
                         "(both are log10 of the penalty)")
@@ -151,6 +155,73 @@ def l1_values(cfg: SweepConfig) -> list[float]:
 def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
     """What each member is keyed by: its L1 penalty, or its k."""
     return l1_values(cfg) if cfg.architecture == "l1" else [int(k) for k in cfg.k_values]
+
+
+POSITIVE = ("ratio", "adam_lr")
+"""Float flags that must be finite and above 0."""
+NON_NEGATIVE = ("activation_norm", "grad_clip")
+"""Float flags that must be finite and at least 0 (0 switches them off)."""
+FRACTIONS = ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction")
+"""Float flags that must lie in [0, 1]."""
+AT_LEAST_ONE = ("batch_size", "n_repetitions", "log_every", "dead_window_tokens", "l1_value_n")
+"""Integer flags that must be at least 1."""
+AT_LEAST_ZERO = ("resample_every", "holdout_rows")
+"""Integer flags that must be at least 0."""
+
+
+def _check_number(name: str, value: float, ok: bool, what: str) -> None:
+    """A one-line UserError naming flag `name` and its `value` unless `ok`."""
+    if not ok:
+        raise UserError(f"--{name} must be {what} (got {value})")
+
+
+def validate_flags(cfg: SweepConfig) -> None:
+    """Check every numeric and choice flag of `cfg` on its own (no file is touched): a one-line UserError if bad."""
+    for name in POSITIVE:
+        v = getattr(cfg, name)
+        _check_number(name, v, math.isfinite(v) and v > 0, "positive")
+    for name in NON_NEGATIVE:
+        v = getattr(cfg, name)
+        _check_number(name, v, math.isfinite(v) and v >= 0, "0 (off) or positive")
+    for name in FRACTIONS:
+        v = getattr(cfg, name)
+        _check_number(name, v, 0 <= v <= 1, "a fraction between 0 and 1")
+    for name in AT_LEAST_ONE:
+        _check_number(name, getattr(cfg, name), getattr(cfg, name) >= 1, "at least 1")
+    for name in AT_LEAST_ZERO:
+        _check_number(name, getattr(cfg, name), getattr(cfg, name) >= 0, "0 or more")
+    if cfg.max_tokens is not None:
+        _check_number("max_tokens", cfg.max_tokens, cfg.max_tokens >= 1, "at least 1")
+    if cfg.decoder_init_norm is not None:
+        v = cfg.decoder_init_norm
+        _check_number("decoder_init_norm", v, math.isfinite(v) and v > 0, "positive")
+    if cfg.architecture not in ARCHITECTURES:
+        raise UserError(f"unknown --architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if cfg.tied and cfg.architecture == "topk":
+        raise UserError("--tied applies to the l1 architecture only")
+    if cfg.architecture == "topk":
+        bad = [k for k in cfg.k_values if k < 1]
+        if not cfg.k_values or bad:
+            raise UserError(f"--k_values must be at least 1 each (got {bad[0] if bad else 'none'})")
+    else:
+        l1_values(cfg)
+
+
+def validate_paths(cfg: SweepConfig) -> None:
+    """Check that --output_dir can be a folder and --dataset_dir exists (nothing is created): a one-line UserError."""
+    out = Path(cfg.output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--output_dir {out}: {parent} is a file, not a folder: choose another --output_dir")
+    if not Path(cfg.dataset_dir).exists():
+        raise UserError(f"--dataset_dir {cfg.dataset_dir} does not exist: run generate_test_data.py first")
+
+
+def validate_config(cfg: SweepConfig) -> None:
+    """Every check of `cfg` that needs no data, before anything is written: a one-line UserError at the first bad
+    flag."""
+    validate_flags(cfg)
+    validate_paths(cfg)
 
 
 def lr_scale(step: int, total: int, cfg: SweepConfig) -> float:
@@ -251,6 +322,23 @@ def iter_chunks(data: HookData, seed: int, repetition: int, start: int, held: in
             del chunk
             if staging is not None:
                 staging.release(pos % slots)
+
+
+def total_steps(cfg: SweepConfig, data: HookData, held: int) -> int:
+    """Training steps of the whole run (a UserError when the flags leave no full batch)."""
+    total = steps_per_repetition(data, cfg.batch_size, held) * cfg.n_repetitions
+    if cfg.max_tokens is not None:
+        total = min(total, cfg.max_tokens // cfg.batch_size)
+    if total < 1:
+        raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
+    return total
+
+
+def check_dictionary_size(cfg: SweepConfig, d_in: int) -> None:
+    """A one-line UserError when a TopK member's k exceeds the dictionary size for activations of width `d_in`."""
+    d_hidden = max(1, round(cfg.ratio * d_in))
+    if cfg.architecture == "topk" and max(cfg.k_values) > d_hidden:
+        raise UserError(f"--k_values {max(cfg.k_values)} exceeds the dictionary size {d_hidden}")
 
 
 def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
@@ -523,19 +611,11 @@ def _restores_backend_flags(fn: Callable[..., T]) -> Callable[..., T]:
 def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
     """A fresh ensemble, one member per L1 value or k, centers initialised from `first_chunk` [n, d_in]."""
     from training.ensemble import Ensemble, make_members
-    if cfg.ratio <= 0:
-        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
-    if cfg.tied and cfg.architecture == "topk":
-        raise UserError("--tied applies to the l1 architecture only")
+    validate_flags(cfg)
+    check_dictionary_size(cfg, d_in)
     keys = member_keys(cfg)
     d_hidden = max(1, round(cfg.ratio * d_in))
-    if cfg.architecture == "topk" and max(keys) > d_hidden:
-        raise UserError(f"--k_values {max(keys)} exceeds the dictionary size {d_hidden}")
     init_norm = DEFAULT_INIT_NORM[cfg.architecture] if cfg.decoder_init_norm is None else cfg.decoder_init_norm
-    if init_norm <= 0:
-        raise UserError(f"--decoder_init_norm must be positive (got {init_norm})")
-    if not cfg.grad_clip >= 0:
-        raise UserError(f"--grad_clip must be 0 (off) or positive (got {cfg.grad_clip})")
     members = make_members(cfg.architecture, len(keys), d_in, d_hidden, k=keys if cfg.architecture == "topk" else None,
                            tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
                            device=device)
@@ -635,25 +715,20 @@ def start_wandb(cfg: SweepConfig) -> Any:
 @_restores_backend_flags
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
-    for name in ("batch_size", "n_repetitions", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    validate_config(cfg)
     keys = member_keys(cfg)
     data = open_dataset(cfg)
+    held = holdout_size(data, cfg.holdout_rows)
+    total = total_steps(cfg, data, held)
+    check_dictionary_size(cfg, data.d)
     device = training_device(cfg.device)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:                                 # a --resume without a run creates nothing
+        out.mkdir(parents=True, exist_ok=True)
     saved, state = prepare_output(cfg, out)
 
-    held = holdout_size(data, cfg.holdout_rows)
-    per_rep = steps_per_repetition(data, cfg.batch_size, held)
-    total = per_rep * cfg.n_repetitions
-    if cfg.max_tokens is not None:
-        total = min(total, cfg.max_tokens // cfg.batch_size)
-    if total < 1:
-        raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
     if state is not None:
         from training.ensemble import Ensemble
         state.pop("rng.resample", None)           # stored by older versions; every stream now derives from the seed
@@ -729,10 +804,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
 def sweep_memory_report(cfg: SweepConfig) -> str:
     """The --dry_run printout: the device-memory estimate of the sweep `cfg` describes, and whether it fits."""
-    if cfg.ratio <= 0:
-        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1 (got {cfg.batch_size})")
+    validate_config(cfg)
     keys = member_keys(cfg)
     data = open_dataset(cfg)
     device = resolve_device(cfg.device)
