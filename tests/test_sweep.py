@@ -468,3 +468,72 @@ def test_killed_topk_sweep_resumes_bit_exactly(chunk_root, tmp_path, monkeypatch
     run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     assert _same_weights(tmp_path / "whole", tmp_path / "killed")
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+def _poison(root: Path, chunk: int, row: int, value: float) -> None:
+    """Put `value` into one activation of `chunk` (stored order) and record the file's new checksum, as a writer
+    that accepted non-finite activations would have."""
+    from training.chunks import mmap_tensors, save_tensors
+    path = root / HOOK / f"{chunk}.safetensors"
+    tensors = {k: v.clone() for k, v in mmap_tensors(path)[0].items()}
+    tensors["activations"][row, 3] = value
+    digest = save_tensors(path, tensors)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["hooks"][HOOK]["chunks"][chunk]["sha256"] = digest
+    atomic_write_json(root / "manifest.json", manifest)
+
+
+@pytest.mark.parametrize("chunk, row, value, holdout", [
+    (2, 17, float("nan"), 0), (0, 999, float("inf"), 0), (3, 5, float("-inf"), 500),
+    (3, 900, float("nan"), 500),                         # in the held-out tail, which training never reads
+])
+def test_non_finite_chunk_stops_the_sweep_naming_it(chunk_root, tmp_path, chunk, row, value, holdout):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    _poison(root, chunk, row, value)
+    with pytest.raises(UserError, match=rf"^chunk \S*/{chunk}\.safetensors holds NaN or inf activations "
+                                        rf"\(first at row {row}\): regenerate") as info:
+        run_sweep(cfg_for(root, tmp_path / "o", n_repetitions=2, holdout_rows=holdout))
+    assert "\n" not in str(info.value)
+    meta = tmp_path / "o" / "sweep.json"
+    assert not meta.exists() or not json.loads(meta.read_text())["finished"]
+
+
+def test_all_finite_is_exact():
+    from training.sweep import all_finite
+    x = torch.randn(1000, 8)
+    assert all_finite(x) and all_finite(x.bfloat16()) and all_finite(torch.zeros(0, 8))
+    big = torch.full((4, 4), 3e38)                         # a sum would overflow; every value is finite
+    assert all_finite(big)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[999, 7] = value
+        assert not all_finite(y) and not all_finite(y.half()) and not all_finite(y.bfloat16())
+    pair = x.clone()
+    pair[0, 0], pair[1, 0] = float("inf"), float("-inf")
+    assert not all_finite(pair)
+
+
+def test_a_sweep_in_which_every_member_froze_is_an_error(chunk_root, tmp_path):
+    with pytest.raises(UserError, match=r"every member hit a NaN/inf loss and froze .*not finished: lower --adam_lr"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", adam_lr=1e6))
+    assert not json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
+
+
+def test_flag_diverged_criterion():
+    from training.sweep import flag_diverged
+    rows = [{"explained_variance": ev, "frozen": frozen} for ev, frozen in
+            [(0.9, False), (-0.5, False), (-1.0, False), (-1.01, False), (-3e9, False), (float("nan"), False),
+             (float("-inf"), False), (float("-inf"), True)]]
+    assert [m["diverged"] for m in flag_diverged(rows)] == [False, False, False, True, True, True, True, False]
+
+
+def test_a_member_whose_loss_explodes_is_flagged_in_the_summary(chunk_root, tmp_path):
+    calm = run_sweep(cfg_for(chunk_root, tmp_path / "calm", max_tokens=2000))
+    assert not any(m["diverged"] for m in calm.metrics) and "diverged" not in str(calm)
+    wild = run_sweep(cfg_for(chunk_root, tmp_path / "wild", max_tokens=2000, adam_lr=1e2))
+    assert not any(m["frozen"] for m in wild.metrics) and all(m["diverged"] for m in wild.metrics)
+    assert str(wild).splitlines()[-1] == ("warning: members [0.001, 0.01, 0.1] diverged (explained variance below -1: "
+                                          "the loss exploded while staying finite): lower --adam_lr")
+    meta = json.loads((tmp_path / "wild" / "sweep.json").read_text())
+    assert meta["finished"] and all(m["diverged"] for m in meta["members"])

@@ -269,22 +269,44 @@ def holdout_size(data: HookData, requested: int) -> int:
     return min(requested, data.chunks[-1].rows // 2)
 
 
+def all_finite(acts: torch.Tensor) -> bool:
+    """Whether `acts` holds no NaN or inf, from its min and max (NaN propagates through both; exact, no overflow): one
+    pass with no copy, measured at 15 ms (float32) and 5 ms (float16, bfloat16) for 131072 x 128 rows on one core,
+    against 110-150 ms for `isfinite().all()` and about 39 s of CPU training per such chunk at the default flags."""
+    return acts.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(acts))
+
+
+def check_finite(acts: torch.Tensor, data: HookData, index: int) -> None:
+    """A one-line UserError naming chunk `index` when its rows `acts` hold a NaN or inf (training on them would
+    freeze every member)."""
+    if all_finite(acts):
+        return
+    raw = data.load(index)["activations"]
+    row = int((~torch.isfinite(raw)).any(1).nonzero()[0, 0])
+    raise UserError(f"chunk {data.chunks[index].path} holds NaN or inf activations (first at row {row}): regenerate "
+                    "the dataset with generate_test_data.py (or fix the source of imported activations)")
+
+
 def heldout_rows(data: HookData, held: int) -> torch.Tensor:
-    """The held-out rows [held, d_in] (stored dtype): the tail of the last chunk, in stored order."""
+    """The held-out rows [held, d_in] (stored dtype): the tail of the last chunk, in stored order, checked finite."""
     acts = data.load(len(data.chunks) - 1, verify=True)["activations"]
+    check_finite(acts[len(acts) - held:], data, len(data.chunks) - 1)
     return acts[len(acts) - held:]
 
 
 def load_chunk(data: HookData, index: int, seed: int, repetition: int, held: int = 0,
                staging: PinnedStaging | None = None, slot: int = 0) -> torch.Tensor:
     """Chunk `index` verified against its checksum, less the held-out tail if it is the last chunk, rows shuffled
-    for this repetition: [n, d_in] (stored dtype); gathered into buffer `slot` of `staging` when given."""
+    for this repetition and checked finite (every read: see `all_finite` for the cost): [n, d_in] (stored dtype);
+    gathered into buffer `slot` of `staging` when given."""
     acts = data.load(index, verify=True)["activations"]
     if index == len(data.chunks) - 1 and held:
         acts = acts[:len(acts) - held]
     g = torch.Generator().manual_seed(seed * 104729 + repetition * 1009 + index)
     perm = torch.randperm(len(acts), generator=g)
-    return acts[perm] if staging is None else staging.gather(slot, acts, perm)
+    rows = acts[perm] if staging is None else staging.gather(slot, acts, perm)
+    check_finite(rows, data, index)
+    return rows
 
 
 def verify_threads() -> int:
@@ -503,7 +525,15 @@ class SweepResult:
         n = len(self.keys)
         return (f"trained {n} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} tokens each; "
                 f"{rate:,.0f} tokens/s per member, {n * rate:,.0f} tokens/s in all) into {self.output_dir}\n"
-                f"scored on {self.progress.eval_rows}:\n{self.table()}")
+                f"scored on {self.progress.eval_rows}:\n{self.table()}{self.warnings()}")
+
+    def warnings(self) -> str:
+        """Lines after the table naming members that diverged (see `flag_diverged`), or ""."""
+        diverged = [key for key, m in zip(self.keys, self.metrics) if m.get("diverged")]
+        if not diverged:
+            return ""
+        return (f"\nwarning: members {diverged} diverged (explained variance below {DIVERGED_EXPLAINED_VARIANCE:g}: "
+                "the loss exploded while staying finite): lower --adam_lr")
 
 
 def training_device(name: str | None) -> torch.device:
@@ -682,6 +712,21 @@ def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 
     return out
 
 
+DIVERGED_EXPLAINED_VARIANCE = -1.0
+"""A member that did not freeze but ends below this explained variance has diverged (see `flag_diverged`)."""
+
+
+def flag_diverged(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark each member's metrics with "diverged": not frozen, yet its final explained variance is not finite or
+    below DIVERGED_EXPLAINED_VARIANCE (-1: its reconstruction error exceeds twice the inputs' variance, far worse
+    than reconstructing every row as the mean, which any trained dictionary beats; a loss that exploded while
+    staying finite, e.g. from too high an --adam_lr, ends there)."""
+    for m in metrics:
+        ev = m["explained_variance"]
+        m["diverged"] = not m["frozen"] and not (math.isfinite(ev) and ev >= DIVERGED_EXPLAINED_VARIANCE)
+    return metrics
+
+
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
                 d_hidden: int, wandb_run: Any) -> None:
     """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked."""
@@ -791,8 +836,11 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
     save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
-    metrics = evaluate(ens, eval_rows, device, progress.input_scale,
-                       eval_block_rows(cfg.architecture, cfg.batch_size))
+    if bool(ens.frozen.all()):
+        raise UserError(f"every member hit a NaN/inf loss and froze (see {out / METRICS}), so the sweep is not "
+                        "finished: lower --adam_lr, check the data, and rerun with --overwrite")
+    metrics = flag_diverged(evaluate(ens, eval_rows, device, progress.input_scale,
+                                     eval_block_rows(cfg.architecture, cfg.batch_size)))
     atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished=True))
     if wandb_run is not None:
         wandb_run.finish()
