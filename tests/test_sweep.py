@@ -537,3 +537,47 @@ def test_a_member_whose_loss_explodes_is_flagged_in_the_summary(chunk_root, tmp_
                                           "the loss exploded while staying finite): lower --adam_lr")
     meta = json.loads((tmp_path / "wild" / "sweep.json").read_text())
     assert meta["finished"] and all(m["diverged"] for m in meta["members"])
+
+
+def test_an_unfinished_dataset_warns_in_one_line(chunk_root, tmp_path, capsys):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    run_sweep(cfg_for(root, tmp_path / "a", max_tokens=500))
+    assert "warning" not in capsys.readouterr().err
+    manifest = json.loads((root / "manifest.json").read_text())
+    atomic_write_json(root / "manifest.json", {**manifest, "finished": False})
+    run_sweep(cfg_for(root, tmp_path / "b", max_tokens=500))
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warnings == [f"warning: {root} is not finished (generate_test_data.py still running or interrupted): "
+                        "training on its 4 complete chunks only; a later --resume on more chunks will be refused"]
+
+
+@pytest.mark.parametrize("change, detail", [("fewer", "3 chunks now, 4 then"),
+                                            ("rewritten", "same 4 chunks, other checksums")])
+def test_resume_after_the_dataset_changed_is_refused(chunk_root, tmp_path, change, detail):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    cfg = cfg_for(root, tmp_path / "o", max_tokens=1000)
+    run_sweep(cfg)
+    before = (tmp_path / "o" / "sweep.safetensors").read_bytes()
+    assert run_sweep(cfg_for(root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4  # unchanged: fine
+    if change == "fewer":
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["hooks"][HOOK]["chunks"].pop()
+        atomic_write_json(root / "manifest.json", manifest)
+    else:
+        _poison(root, 1, 10, 0.25)
+    with pytest.raises(UserError, match=rf"^--resume: the dataset {root / HOOK} changed since this run started "
+                                        rf"\({detail}\) and the run's schedule was computed for the old one: "
+                                        "restore it, or start over with --overwrite$"):
+        run_sweep(cfg_for(root, tmp_path / "o", max_tokens=1000, resume=True))
+    assert (tmp_path / "o" / "sweep.safetensors").read_bytes() == before
+
+
+def test_a_checkpoint_without_a_dataset_record_resumes(chunk_root):
+    from training.sweep import Progress, check_same_dataset, dataset_digest, open_dataset
+    data = open_dataset(cfg_for(chunk_root, chunk_root / "unused"))
+    check_same_dataset(Progress(), data)                                   # written by an older version
+    check_same_dataset(Progress(dataset_chunks=4, dataset_digest=dataset_digest(data)), data)
+    with pytest.raises(UserError, match=r"\(same 4 chunks, other checksums\)"):
+        check_same_dataset(Progress(dataset_chunks=4, dataset_digest="0" * 64), data)

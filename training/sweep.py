@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -256,6 +258,31 @@ def open_dataset(cfg: SweepConfig) -> HookData:
     return data
 
 
+def warn_if_unfinished(data: HookData) -> None:
+    """One warning line (stderr) when the dataset's manifest says Stage 1 has not finished writing it."""
+    if not data.manifest.get("finished", True):
+        print(f"warning: {data.root} is not finished (generate_test_data.py still running or interrupted): training "
+              f"on its {len(data.chunks)} complete chunks only; a later --resume on more chunks will be refused",
+              file=sys.stderr)
+
+
+def dataset_digest(data: HookData) -> str:
+    """SHA-256 over the name, rows and checksum of every chunk: what the run's schedule and chunk order depend on."""
+    listing = "\n".join(f"{c.path.name} {c.rows} {c.sha256}" for c in data.chunks)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def check_same_dataset(progress: Progress, data: HookData) -> None:
+    """A one-line UserError when a resumed run's dataset differs from the one it started on (older checkpoints,
+    which did not record it, pass)."""
+    if not progress.dataset_digest or progress.dataset_digest == dataset_digest(data):
+        return
+    now, then = len(data.chunks), progress.dataset_chunks
+    change = f"{now} chunks now, {then} then" if now != then else f"same {now} chunks, other checksums"
+    raise UserError(f"--resume: the dataset {data.root / data.hook} changed since this run started ({change}) and "
+                    "the run's schedule was computed for the old one: restore it, or start over with --overwrite")
+
+
 def chunk_order(n_chunks: int, seed: int, repetition: int) -> list[int]:
     """The order chunks are read in during one repetition (a seeded shuffle)."""
     g = torch.Generator().manual_seed(seed * 7919 + repetition)
@@ -390,6 +417,10 @@ class Progress:
     tokens: int = 0
     input_scale: float = 1.0
     eval_rows: str = ""
+    dataset_chunks: int = 0
+    """Chunks of the dataset when the run started (0: recorded by an older version)."""
+    dataset_digest: str = ""
+    """`dataset_digest` of the dataset when the run started ("": recorded by an older version)."""
 
 
 def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
@@ -763,6 +794,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     validate_config(cfg)
     keys = member_keys(cfg)
     data = open_dataset(cfg)
+    warn_if_unfinished(data)
     held = holdout_size(data, cfg.holdout_rows)
     total = total_steps(cfg, data, held)
     check_dictionary_size(cfg, data.d)
@@ -780,10 +812,12 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         ens = Ensemble.from_state_dict(state, backend="fused", device=device)
         del state
         progress = Progress(**saved["progress"])
+        check_same_dataset(progress, data)
         truncate_metrics(out / METRICS, progress.step)
     else:
         first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0, held)
-        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm))
+        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm),
+                            dataset_chunks=len(data.chunks), dataset_digest=dataset_digest(data))
         ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
         del first
     key_name = "l1" if cfg.architecture == "l1" else "k"
