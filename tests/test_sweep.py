@@ -581,3 +581,80 @@ def test_a_checkpoint_without_a_dataset_record_resumes(chunk_root):
     check_same_dataset(Progress(dataset_chunks=4, dataset_digest=dataset_digest(data)), data)
     with pytest.raises(UserError, match=r"\(same 4 chunks, other checksums\)"):
         check_same_dataset(Progress(dataset_chunks=4, dataset_digest="0" * 64), data)
+
+
+def test_too_little_free_space_is_refused_up_front(chunk_root, tmp_path, monkeypatch):
+    from collections import namedtuple
+    from training.memory import format_bytes
+    from training.sweep import save_bytes
+    usage = namedtuple("usage", "total used free")
+    cfg = cfg_for(chunk_root, tmp_path / "deep" / "o", max_tokens=1000)
+    one = save_bytes(cfg, 3, 32)
+    assert one == 3 * 4 * (32 + 64 + 2 * 64 * 32) * 4 + 8 * 3 * 64 + (1 << 20)
+    monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one - 1))
+    with pytest.raises(UserError, match=rf"^--output_dir {cfg.output_dir}: the sweep needs "
+                                        rf"{format_bytes(2 * one).strip()} free on the disk of {tmp_path} \(a save "
+                                        rf"writes the new checkpoint beside the old one\) but "
+                                        rf"{format_bytes(2 * one - 1).strip()} is free: free space or choose"):
+        run_sweep(cfg)
+    assert not (tmp_path / "deep").exists()
+    monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one))
+    run_sweep(cfg)
+    held = sum((tmp_path / "deep" / "o" / n).stat().st_size for n in ("sweep.safetensors", "checkpoint.safetensors"))
+    assert held <= one                                           # the estimate bounds what a save writes
+    monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one - held))
+    run_sweep(cfg_for(chunk_root, tmp_path / "deep" / "o", max_tokens=1000, resume=True))  # its files count as room
+
+
+@pytest.mark.parametrize("how", ["permissions", "mount"])
+def test_a_read_only_output_folder_is_reported_as_read_only(chunk_root, tmp_path, monkeypatch, how):
+    import os
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if how == "permissions":
+        real_access = os.access
+        monkeypatch.setattr(sweep_mod.os, "access",                       # as chmod 555 would for a non-root user
+                            lambda p, mode: False if Path(p) == folder and mode & os.W_OK else real_access(p, mode))
+    else:
+        real_statvfs = os.statvfs
+
+        class ReadOnly:
+            def __init__(self, st):
+                self.st = st
+                self.f_flag = st.f_flag | os.ST_RDONLY
+
+            def __getattr__(self, name):
+                return getattr(self.st, name)
+        monkeypatch.setattr(sweep_mod.os, "statvfs", lambda p: ReadOnly(real_statvfs(p)) if Path(p) == folder
+                            else real_statvfs(p))
+    for out in (folder, folder / "sub"):
+        with pytest.raises(UserError, match=rf"^--output_dir {out}: {folder} is read-only: make it writable or "):
+            run_sweep(cfg_for(chunk_root, out))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resume_recovers(chunk_root, tmp_path, monkeypatch):
+    import builtins
+    import errno
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", n_repetitions=2))
+    out = tmp_path / "o"
+    real_open, opened = builtins.open, {"n": 0}
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        path = Path(file) if isinstance(file, (str, Path)) else None
+        if path is not None and path.parent == out and path.name.endswith(".tmp") and "w" in mode:
+            opened["n"] += 1
+            if opened["n"] > 4:                    # the first save (4 files) fits; the last one fills the disk
+                with real_open(path, "wb") as f:
+                    f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    with pytest.raises(UserError, match=rf"^writing {out}/\S+\.tmp: no space left on its disk: free space \(or fix "
+                                        r"the folder\) and rerun with --resume") as info:
+        run_sweep(cfg_for(chunk_root, out, n_repetitions=2))
+    assert "\n" not in str(info.value) and not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    run_sweep(cfg_for(chunk_root, out, n_repetitions=2, resume=True))
+    assert _same_weights(tmp_path / "whole", out)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +34,8 @@ import training
 from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
-from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
+from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
+                             param_bytes)
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
 
@@ -482,6 +485,68 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
 
 
+SAVE_SLACK_BYTES = 1 << 20
+"""Room allowed per save beyond the weights: JSON files, safetensors headers."""
+
+
+def save_bytes(cfg: SweepConfig, n_models: int, d_in: int) -> int:
+    """Bytes one save writes: sweep.safetensors (untied-size parameters, an upper bound) and checkpoint.safetensors
+    (parameters, two Adam moments, int64 dead-latent counters [N, h]), plus SAVE_SLACK_BYTES."""
+    d_hidden = max(1, round(cfg.ratio * d_in))
+    return (param_bytes(n_models, d_in, d_hidden) + 3 * param_bytes(n_models, d_in, d_hidden, cfg.tied)
+            + 8 * n_models * d_hidden + SAVE_SLACK_BYTES)
+
+
+def existing_folder(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be created in `folder`: not on a read-only mount, and write permission for this user."""
+    return not os.statvfs(folder).f_flag & os.ST_RDONLY and os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_space(cfg: SweepConfig, n_models: int, d_in: int) -> None:
+    """One-line UserErrors, before anything is written, when --output_dir (or the folder it would be made in) is
+    read-only or its disk lacks room for two saves side by side (a save writes the new checkpoint beside the old
+    one); the sweep's files already there count as room, since they are replaced."""
+    out = Path(cfg.output_dir)
+    where = existing_folder(out)
+    if not writable(where):
+        raise UserError(f"--output_dir {out}: {where} is read-only: make it writable or choose another --output_dir")
+    held = sum((out / n).stat().st_size for n in (SWEEP_WEIGHTS, CHECKPOINT_WEIGHTS) if (out / n).is_file())
+    need, free = 2 * save_bytes(cfg, n_models, d_in) - held, shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"--output_dir {out}: the sweep needs {format_bytes(need).strip()} free on the disk of {where} "
+                        f"(a save writes the new checkpoint beside the old one) but {format_bytes(free).strip()} is "
+                        "free: free space or choose another --output_dir")
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on its disk", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+"""OSErrors while writing the output that are the disk's or the folder's fault, not the program's."""
+
+
+def _reports_disk_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap `run_sweep` so that a disk-full or read-only error while it writes is one line (its stale .tmp files
+    removed), not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(cfg: SweepConfig, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(cfg, *args, **kwargs)
+        except OSError as e:
+            if e.errno not in DISK_ERRNOS:
+                raise
+            out = Path(cfg.output_dir)
+            for tmp in out.glob("*.tmp") if out.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+            raise UserError(f"writing {e.filename or out}: {DISK_ERRNOS[e.errno]}: free space (or fix the folder) and "
+                            "rerun with --resume to continue from the last checkpoint (without it if none was saved)"
+                            ) from None
+    return wrapper
+
+
 def input_scale(acts: torch.Tensor, target: float) -> float:
     """The factor s with E||s x||^2 = target over `acts` [n, d_in] (1 when target is 0: no normalisation)."""
     if target < 0:
@@ -788,6 +853,7 @@ def start_wandb(cfg: SweepConfig) -> Any:
     return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
 
 
+@_reports_disk_errors
 @_restores_backend_flags
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
@@ -798,6 +864,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     held = holdout_size(data, cfg.holdout_rows)
     total = total_steps(cfg, data, held)
     check_dictionary_size(cfg, data.d)
+    check_output_space(cfg, len(keys), data.d)
     device = training_device(cfg.device)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     autocast = set_precision(cfg, device)
