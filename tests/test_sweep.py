@@ -658,3 +658,13 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_recovers(chunk_root, t
     monkeypatch.undo()
     run_sweep(cfg_for(chunk_root, out, n_repetitions=2, resume=True))
     assert _same_weights(tmp_path / "whole", out)
+
+
+def test_a_permission_error_reading_the_dataset_is_not_reported_as_a_write(chunk_root, tmp_path, monkeypatch):
+    import errno
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(chunk_root / HOOK / "0.safetensors"))
+    monkeypatch.setattr(sweep_mod, "load_chunk", unreadable)
+    with pytest.raises(PermissionError):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o"))

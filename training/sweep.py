@@ -528,17 +528,22 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on its disk", errno.EDQUOT: "disk qu
 """OSErrors while writing the output that are the disk's or the folder's fault, not the program's."""
 
 
+def in_folder(path: Path, folder: Path) -> bool:
+    """Whether `path` lies in `folder` (or is it)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def _reports_disk_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap `run_sweep` so that a disk-full or read-only error while it writes is one line (its stale .tmp files
-    removed), not a traceback."""
+    """Wrap `run_sweep` so that a disk-full or read-only error while it writes into --output_dir is one line (its
+    stale .tmp files removed), not a traceback; other OSErrors (e.g. reading a chunk) pass through."""
     @functools.wraps(fn)
     def wrapper(cfg: SweepConfig, *args: Any, **kwargs: Any) -> T:
         try:
             return fn(cfg, *args, **kwargs)
         except OSError as e:
-            if e.errno not in DISK_ERRNOS:
-                raise
             out = Path(cfg.output_dir)
+            if e.errno not in DISK_ERRNOS or (e.filename is not None and not in_folder(Path(e.filename), out)):
+                raise
             for tmp in out.glob("*.tmp") if out.is_dir() else ():
                 tmp.unlink(missing_ok=True)
             raise UserError(f"writing {e.filename or out}: {DISK_ERRNOS[e.errno]}: free space (or fix the folder) and "
