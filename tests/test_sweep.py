@@ -150,6 +150,40 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     (dict(device="gpu"), "unknown device 'gpu': use cpu, cuda or cuda:N$"),
     (dict(precision="tf32"), "--precision tf32 needs a CUDA device"),
     (dict(resume=True), "no checkpoint.json"),
+    (dict(adam_lr=-1.0), r"--adam_lr must be positive \(got -1.0\)"),
+    (dict(adam_lr=float("nan")), r"--adam_lr must be positive \(got nan\)"),
+    (dict(adam_lr=float("inf")), r"--adam_lr must be positive \(got inf\)"),
+    (dict(adam_lr=0.0), r"--adam_lr must be positive \(got 0.0\)"),
+    (dict(l1_values=[0.1, float("nan")]), r"--l1_values must be finite and not negative \(got nan\)"),
+    (dict(l1_values=[-0.1]), r"--l1_values must be finite and not negative \(got -0.1\)"),
+    (dict(l1_values=[float("inf")]), r"--l1_values must be finite and not negative \(got inf\)"),
+    (dict(l1_value_min=float("nan")), r"--l1_value_min must be a finite number"),
+    (dict(l1_value_n=0), r"--l1_value_n must be at least 1 \(got 0\)"),
+    (dict(architecture="topk", k_values=[0]), r"--k_values must be at least 1 each \(got 0\)"),
+    (dict(architecture="topk", k_values=[4, -2]), r"--k_values must be at least 1 each \(got -2\)"),
+    (dict(architecture="topk", k_values=[65]), "--k_values 65 exceeds the dictionary size 64"),
+    (dict(architecture="topk", tied=True), "--tied applies to the l1 architecture only"),
+    (dict(architecture="relu"), "unknown --architecture 'relu'"),
+    (dict(batch_size=0), r"--batch_size must be at least 1 \(got 0\)"),
+    (dict(batch_size=-5), r"--batch_size must be at least 1 \(got -5\)"),
+    (dict(n_repetitions=0), r"--n_repetitions must be at least 1"),
+    (dict(log_every=0), r"--log_every must be at least 1"),
+    (dict(dead_window_tokens=0), r"--dead_window_tokens must be at least 1"),
+    (dict(resample_every=-1), r"--resample_every must be 0 or more"),
+    (dict(holdout_rows=-1), r"--holdout_rows must be 0 or more"),
+    (dict(max_tokens=0), r"--max_tokens must be at least 1"),
+    (dict(max_tokens=100), "no full batch of 250 rows to train on"),
+    (dict(lr_warmup_fraction=1.5), r"--lr_warmup_fraction must be a fraction between 0 and 1 \(got 1.5\)"),
+    (dict(lr_decay_fraction=-0.1), r"--lr_decay_fraction must be a fraction between 0 and 1"),
+    (dict(l1_warmup_fraction=float("nan")), r"--l1_warmup_fraction must be a fraction between 0 and 1 \(got nan\)"),
+    (dict(activation_norm=-1.0), r"--activation_norm must be 0 \(off\) or positive \(got -1.0\)"),
+    (dict(activation_norm=float("nan")), r"--activation_norm must be 0 \(off\) or positive \(got nan\)"),
+    (dict(grad_clip=float("nan")), r"--grad_clip must be 0 \(off\) or positive \(got nan\)"),
+    (dict(grad_clip=-0.5), r"--grad_clip must be 0 \(off\) or positive"),
+    (dict(ratio=0.0), r"--ratio must be positive \(got 0.0\)"),
+    (dict(ratio=float("inf")), r"--ratio must be positive \(got inf\)"),
+    (dict(decoder_init_norm=0.0), r"--decoder_init_norm must be positive"),
+    (dict(decoder_init_norm=float("nan")), r"--decoder_init_norm must be positive"),
 ])
 def test_bad_input_gets_one_line_error(chunk_root, tmp_path, kw, message):
     if kw.get("device") == "cuda" and torch.cuda.is_available():
@@ -157,6 +191,37 @@ def test_bad_input_gets_one_line_error(chunk_root, tmp_path, kw, message):
     with pytest.raises(UserError, match=message) as info:
         run_sweep(cfg_for(chunk_root, tmp_path / "o", **kw))
     assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()            # nothing written before the flags are known good
+
+
+def test_flag_errors_from_the_command_line_leave_no_folder(chunk_root, tmp_path, capsys):
+    from training.sweep import main_sweep
+    base = ["--dataset_dir", str(chunk_root / HOOK), "--device", "cpu", "--batch_size", "250"]
+    cases = [(["--adam_lr", "-1"], "error: --adam_lr must be positive (got -1.0)"),
+             (["--adam_lr", "nan"], "error: --adam_lr must be positive (got nan)"),
+             (["--l1_values", "nan"], "error: --l1_values must be finite and not negative (got nan)"),
+             (["--architecture", "topk", "--k_values", "0"], "error: --k_values must be at least 1 each (got 0)"),
+             (["--batch_size", "0"], "error: --batch_size must be at least 1 (got 0)")]
+    for dry_run in ([], ["--dry_run"]):
+        for flags, message in cases:
+            out = tmp_path / "deep" / "o"
+            with pytest.raises(SystemExit) as info:
+                run_cli(lambda c: print(main_sweep(c)), "", SweepConfig, base + ["--output_dir", str(out)] + flags + dry_run)
+            assert info.value.code == 2 and capsys.readouterr().err.strip() == message
+            assert not (tmp_path / "deep").exists()
+
+
+def test_output_dir_that_is_a_file_and_missing_dataset_dir(chunk_root, tmp_path):
+    from training.sweep import sweep_memory_report
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        for run in (run_sweep, sweep_memory_report):
+            with pytest.raises(UserError, match=f"--output_dir {out}: {tmp_path / 'f'} is a file, not a folder"):
+                run(cfg_for(chunk_root, out))
+    assert (tmp_path / "f").read_text() == "x"
+    with pytest.raises(UserError, match=f"--dataset_dir {tmp_path / 'none'} does not exist: run generate_test_data"):
+        run_sweep(SweepConfig(dataset_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_dataset_folders(chunk_root, tmp_path):
@@ -403,3 +468,203 @@ def test_killed_topk_sweep_resumes_bit_exactly(chunk_root, tmp_path, monkeypatch
     run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     assert _same_weights(tmp_path / "whole", tmp_path / "killed")
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+def _poison(root: Path, chunk: int, row: int, value: float) -> None:
+    """Put `value` into one activation of `chunk` (stored order) and record the file's new checksum, as a writer
+    that accepted non-finite activations would have."""
+    from training.chunks import mmap_tensors, save_tensors
+    path = root / HOOK / f"{chunk}.safetensors"
+    tensors = {k: v.clone() for k, v in mmap_tensors(path)[0].items()}
+    tensors["activations"][row, 3] = value
+    digest = save_tensors(path, tensors)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["hooks"][HOOK]["chunks"][chunk]["sha256"] = digest
+    atomic_write_json(root / "manifest.json", manifest)
+
+
+@pytest.mark.parametrize("chunk, row, value, holdout", [
+    (2, 17, float("nan"), 0), (0, 999, float("inf"), 0), (3, 5, float("-inf"), 500),
+    (3, 900, float("nan"), 500),                         # in the held-out tail, which training never reads
+])
+def test_non_finite_chunk_stops_the_sweep_naming_it(chunk_root, tmp_path, chunk, row, value, holdout):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    _poison(root, chunk, row, value)
+    with pytest.raises(UserError, match=rf"^chunk \S*/{chunk}\.safetensors holds NaN or inf activations "
+                                        rf"\(first at row {row}\): regenerate") as info:
+        run_sweep(cfg_for(root, tmp_path / "o", n_repetitions=2, holdout_rows=holdout))
+    assert "\n" not in str(info.value)
+    meta = tmp_path / "o" / "sweep.json"
+    assert not meta.exists() or not json.loads(meta.read_text())["finished"]
+
+
+def test_all_finite_is_exact():
+    from training.sweep import all_finite
+    x = torch.randn(1000, 8)
+    assert all_finite(x) and all_finite(x.bfloat16()) and all_finite(torch.zeros(0, 8))
+    big = torch.full((4, 4), 3e38)                         # a sum would overflow; every value is finite
+    assert all_finite(big)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[999, 7] = value
+        assert not all_finite(y) and not all_finite(y.half()) and not all_finite(y.bfloat16())
+    pair = x.clone()
+    pair[0, 0], pair[1, 0] = float("inf"), float("-inf")
+    assert not all_finite(pair)
+
+
+def test_a_sweep_in_which_every_member_froze_is_an_error(chunk_root, tmp_path):
+    with pytest.raises(UserError, match=r"every member hit a NaN/inf loss and froze .*not finished: lower --adam_lr"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o", adam_lr=1e6))
+    assert not json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
+
+
+def test_flag_diverged_criterion():
+    from training.sweep import flag_diverged
+    rows = [{"explained_variance": ev, "frozen": frozen} for ev, frozen in
+            [(0.9, False), (-0.5, False), (-1.0, False), (-1.01, False), (-3e9, False), (float("nan"), False),
+             (float("-inf"), False), (float("-inf"), True)]]
+    assert [m["diverged"] for m in flag_diverged(rows)] == [False, False, False, True, True, True, True, False]
+
+
+def test_a_member_whose_loss_explodes_is_flagged_in_the_summary(chunk_root, tmp_path):
+    calm = run_sweep(cfg_for(chunk_root, tmp_path / "calm", max_tokens=2000))
+    assert not any(m["diverged"] for m in calm.metrics) and "diverged" not in str(calm)
+    wild = run_sweep(cfg_for(chunk_root, tmp_path / "wild", max_tokens=2000, adam_lr=1e2))
+    assert not any(m["frozen"] for m in wild.metrics) and all(m["diverged"] for m in wild.metrics)
+    assert str(wild).splitlines()[-1] == ("warning: members [0.001, 0.01, 0.1] diverged (explained variance below -1: "
+                                          "the loss exploded while staying finite): lower --adam_lr")
+    meta = json.loads((tmp_path / "wild" / "sweep.json").read_text())
+    assert meta["finished"] and all(m["diverged"] for m in meta["members"])
+
+
+def test_an_unfinished_dataset_warns_in_one_line(chunk_root, tmp_path, capsys):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    run_sweep(cfg_for(root, tmp_path / "a", max_tokens=500))
+    assert "warning" not in capsys.readouterr().err
+    manifest = json.loads((root / "manifest.json").read_text())
+    atomic_write_json(root / "manifest.json", {**manifest, "finished": False})
+    run_sweep(cfg_for(root, tmp_path / "b", max_tokens=500))
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warnings == [f"warning: {root} is not finished (generate_test_data.py still running or interrupted): "
+                        "training on its 4 complete chunks only; a later --resume on more chunks will be refused"]
+
+
+@pytest.mark.parametrize("change, detail", [("fewer", "3 chunks now, 4 then"),
+                                            ("rewritten", "same 4 chunks, other checksums")])
+def test_resume_after_the_dataset_changed_is_refused(chunk_root, tmp_path, change, detail):
+    root = tmp_path / "c"
+    shutil.copytree(chunk_root, root)
+    cfg = cfg_for(root, tmp_path / "o", max_tokens=1000)
+    run_sweep(cfg)
+    before = (tmp_path / "o" / "sweep.safetensors").read_bytes()
+    assert run_sweep(cfg_for(root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4  # unchanged: fine
+    if change == "fewer":
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["hooks"][HOOK]["chunks"].pop()
+        atomic_write_json(root / "manifest.json", manifest)
+    else:
+        _poison(root, 1, 10, 0.25)
+    with pytest.raises(UserError, match=rf"^--resume: the dataset {root / HOOK} changed since this run started "
+                                        rf"\({detail}\) and the run's schedule was computed for the old one: "
+                                        "restore it, or start over with --overwrite$"):
+        run_sweep(cfg_for(root, tmp_path / "o", max_tokens=1000, resume=True))
+    assert (tmp_path / "o" / "sweep.safetensors").read_bytes() == before
+
+
+def test_a_checkpoint_without_a_dataset_record_resumes(chunk_root):
+    from training.sweep import Progress, check_same_dataset, dataset_digest, open_dataset
+    data = open_dataset(cfg_for(chunk_root, chunk_root / "unused"))
+    check_same_dataset(Progress(), data)                                   # written by an older version
+    check_same_dataset(Progress(dataset_chunks=4, dataset_digest=dataset_digest(data)), data)
+    with pytest.raises(UserError, match=r"\(same 4 chunks, other checksums\)"):
+        check_same_dataset(Progress(dataset_chunks=4, dataset_digest="0" * 64), data)
+
+
+def test_too_little_free_space_is_refused_up_front(chunk_root, tmp_path, monkeypatch):
+    from collections import namedtuple
+    from training.memory import format_bytes
+    from training.sweep import save_bytes
+    usage = namedtuple("usage", "total used free")
+    cfg = cfg_for(chunk_root, tmp_path / "deep" / "o", max_tokens=1000)
+    one = save_bytes(cfg, 3, 32)
+    assert one == 3 * 4 * (32 + 64 + 2 * 64 * 32) * 4 + 8 * 3 * 64 + (1 << 20)
+    monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one - 1))
+    with pytest.raises(UserError, match=rf"^--output_dir {cfg.output_dir}: the sweep needs "
+                                        rf"{format_bytes(2 * one).strip()} free on the disk of {tmp_path} \(a save "
+                                        rf"writes the new checkpoint beside the old one\) but "
+                                        rf"{format_bytes(2 * one - 1).strip()} is free: free space or choose"):
+        run_sweep(cfg)
+    assert not (tmp_path / "deep").exists()
+    monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one))
+    run_sweep(cfg)
+    held = sum((tmp_path / "deep" / "o" / n).stat().st_size for n in ("sweep.safetensors", "checkpoint.safetensors"))
+    assert held <= one                                           # the estimate bounds what a save writes
+    monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one - held))
+    run_sweep(cfg_for(chunk_root, tmp_path / "deep" / "o", max_tokens=1000, resume=True))  # its files count as room
+
+
+@pytest.mark.parametrize("how", ["permissions", "mount"])
+def test_a_read_only_output_folder_is_reported_as_read_only(chunk_root, tmp_path, monkeypatch, how):
+    import os
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if how == "permissions":
+        real_access = os.access
+        monkeypatch.setattr(sweep_mod.os, "access",                       # as chmod 555 would for a non-root user
+                            lambda p, mode: False if Path(p) == folder and mode & os.W_OK else real_access(p, mode))
+    else:
+        real_statvfs = os.statvfs
+
+        class ReadOnly:
+            def __init__(self, st):
+                self.st = st
+                self.f_flag = st.f_flag | os.ST_RDONLY
+
+            def __getattr__(self, name):
+                return getattr(self.st, name)
+        monkeypatch.setattr(sweep_mod.os, "statvfs", lambda p: ReadOnly(real_statvfs(p)) if Path(p) == folder
+                            else real_statvfs(p))
+    for out in (folder, folder / "sub"):
+        with pytest.raises(UserError, match=rf"^--output_dir {out}: {folder} is read-only: make it writable or "):
+            run_sweep(cfg_for(chunk_root, out))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resume_recovers(chunk_root, tmp_path, monkeypatch):
+    import builtins
+    import errno
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", n_repetitions=2))
+    out = tmp_path / "o"
+    real_open, opened = builtins.open, {"n": 0}
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        path = Path(file) if isinstance(file, (str, Path)) else None
+        if path is not None and path.parent == out and path.name.endswith(".tmp") and "w" in mode:
+            opened["n"] += 1
+            if opened["n"] > 4:                    # the first save (4 files) fits; the last one fills the disk
+                with real_open(path, "wb") as f:
+                    f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    with pytest.raises(UserError, match=rf"^writing {out}/\S+\.tmp: no space left on its disk: free space \(or fix "
+                                        r"the folder\) and rerun with --resume") as info:
+        run_sweep(cfg_for(chunk_root, out, n_repetitions=2))
+    assert "\n" not in str(info.value) and not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    run_sweep(cfg_for(chunk_root, out, n_repetitions=2, resume=True))
+    assert _same_weights(tmp_path / "whole", out)
+
+
+def test_a_permission_error_reading_the_dataset_is_not_reported_as_a_write(chunk_root, tmp_path, monkeypatch):
+    import errno
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(chunk_root / HOOK / "0.safetensors"))
+    monkeypatch.setattr(sweep_mod, "load_chunk", unreadable)
+    with pytest.raises(PermissionError):
+        run_sweep(cfg_for(chunk_root, tmp_path / "o"))

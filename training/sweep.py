@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
+import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +34,8 @@ import training
 from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
-from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
+from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
+                             param_bytes)
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
 
@@ -133,9 +138,13 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_ever
 def l1_values(cfg: SweepConfig) -> list[float]:
     """The L1 penalties of the sweep."""
     if cfg.l1_values:
-        if min(cfg.l1_values) < 0:
-            raise UserError(f"--l1_values must not be negative (got {min(cfg.l1_values)})")
+        bad = [v for v in cfg.l1_values if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise UserError(f"--l1_values must be finite and not negative (got {bad[0]})")
         return [float(v) for v in cfg.l1_values]
+    for name in ("l1_value_min", "l1_value_max"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name} must be a finite number (log10 of the penalty; got {getattr(cfg, name)})")
     if cfg.l1_value_min > cfg.l1_value_max:
         raise UserError(f"--l1_value_min {cfg.l1_value_min} is above --l1_value_max {cfg.l1_value_max} "
                         "(both are log10 of the penalty)")
@@ -151,6 +160,73 @@ def l1_values(cfg: SweepConfig) -> list[float]:
 def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
     """What each member is keyed by: its L1 penalty, or its k."""
     return l1_values(cfg) if cfg.architecture == "l1" else [int(k) for k in cfg.k_values]
+
+
+POSITIVE = ("ratio", "adam_lr")
+"""Float flags that must be finite and above 0."""
+NON_NEGATIVE = ("activation_norm", "grad_clip")
+"""Float flags that must be finite and at least 0 (0 switches them off)."""
+FRACTIONS = ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction")
+"""Float flags that must lie in [0, 1]."""
+AT_LEAST_ONE = ("batch_size", "n_repetitions", "log_every", "dead_window_tokens", "l1_value_n")
+"""Integer flags that must be at least 1."""
+AT_LEAST_ZERO = ("resample_every", "holdout_rows")
+"""Integer flags that must be at least 0."""
+
+
+def _check_number(name: str, value: float, ok: bool, what: str) -> None:
+    """A one-line UserError naming flag `name` and its `value` unless `ok`."""
+    if not ok:
+        raise UserError(f"--{name} must be {what} (got {value})")
+
+
+def validate_flags(cfg: SweepConfig) -> None:
+    """Check every numeric and choice flag of `cfg` on its own (no file is touched): a one-line UserError if bad."""
+    for name in POSITIVE:
+        v = getattr(cfg, name)
+        _check_number(name, v, math.isfinite(v) and v > 0, "positive")
+    for name in NON_NEGATIVE:
+        v = getattr(cfg, name)
+        _check_number(name, v, math.isfinite(v) and v >= 0, "0 (off) or positive")
+    for name in FRACTIONS:
+        v = getattr(cfg, name)
+        _check_number(name, v, 0 <= v <= 1, "a fraction between 0 and 1")
+    for name in AT_LEAST_ONE:
+        _check_number(name, getattr(cfg, name), getattr(cfg, name) >= 1, "at least 1")
+    for name in AT_LEAST_ZERO:
+        _check_number(name, getattr(cfg, name), getattr(cfg, name) >= 0, "0 or more")
+    if cfg.max_tokens is not None:
+        _check_number("max_tokens", cfg.max_tokens, cfg.max_tokens >= 1, "at least 1")
+    if cfg.decoder_init_norm is not None:
+        v = cfg.decoder_init_norm
+        _check_number("decoder_init_norm", v, math.isfinite(v) and v > 0, "positive")
+    if cfg.architecture not in ARCHITECTURES:
+        raise UserError(f"unknown --architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if cfg.tied and cfg.architecture == "topk":
+        raise UserError("--tied applies to the l1 architecture only")
+    if cfg.architecture == "topk":
+        bad = [k for k in cfg.k_values if k < 1]
+        if not cfg.k_values or bad:
+            raise UserError(f"--k_values must be at least 1 each (got {bad[0] if bad else 'none'})")
+    else:
+        l1_values(cfg)
+
+
+def validate_paths(cfg: SweepConfig) -> None:
+    """Check that --output_dir can be a folder and --dataset_dir exists (nothing is created): a one-line UserError."""
+    out = Path(cfg.output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--output_dir {out}: {parent} is a file, not a folder: choose another --output_dir")
+    if not Path(cfg.dataset_dir).exists():
+        raise UserError(f"--dataset_dir {cfg.dataset_dir} does not exist: run generate_test_data.py first")
+
+
+def validate_config(cfg: SweepConfig) -> None:
+    """Every check of `cfg` that needs no data, before anything is written: a one-line UserError at the first bad
+    flag."""
+    validate_flags(cfg)
+    validate_paths(cfg)
 
 
 def lr_scale(step: int, total: int, cfg: SweepConfig) -> float:
@@ -185,6 +261,31 @@ def open_dataset(cfg: SweepConfig) -> HookData:
     return data
 
 
+def warn_if_unfinished(data: HookData) -> None:
+    """One warning line (stderr) when the dataset's manifest says Stage 1 has not finished writing it."""
+    if not data.manifest.get("finished", True):
+        print(f"warning: {data.root} is not finished (generate_test_data.py still running or interrupted): training "
+              f"on its {len(data.chunks)} complete chunks only; a later --resume on more chunks will be refused",
+              file=sys.stderr)
+
+
+def dataset_digest(data: HookData) -> str:
+    """SHA-256 over the name, rows and checksum of every chunk: what the run's schedule and chunk order depend on."""
+    listing = "\n".join(f"{c.path.name} {c.rows} {c.sha256}" for c in data.chunks)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def check_same_dataset(progress: Progress, data: HookData) -> None:
+    """A one-line UserError when a resumed run's dataset differs from the one it started on (older checkpoints,
+    which did not record it, pass)."""
+    if not progress.dataset_digest or progress.dataset_digest == dataset_digest(data):
+        return
+    now, then = len(data.chunks), progress.dataset_chunks
+    change = f"{now} chunks now, {then} then" if now != then else f"same {now} chunks, other checksums"
+    raise UserError(f"--resume: the dataset {data.root / data.hook} changed since this run started ({change}) and "
+                    "the run's schedule was computed for the old one: restore it, or start over with --overwrite")
+
+
 def chunk_order(n_chunks: int, seed: int, repetition: int) -> list[int]:
     """The order chunks are read in during one repetition (a seeded shuffle)."""
     g = torch.Generator().manual_seed(seed * 7919 + repetition)
@@ -198,22 +299,44 @@ def holdout_size(data: HookData, requested: int) -> int:
     return min(requested, data.chunks[-1].rows // 2)
 
 
+def all_finite(acts: torch.Tensor) -> bool:
+    """Whether `acts` holds no NaN or inf, from its min and max (NaN propagates through both; exact, no overflow): one
+    pass with no copy, measured at 15 ms (float32) and 5 ms (float16, bfloat16) for 131072 x 128 rows on one core,
+    against 110-150 ms for `isfinite().all()` and about 39 s of CPU training per such chunk at the default flags."""
+    return acts.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(acts))
+
+
+def check_finite(acts: torch.Tensor, data: HookData, index: int) -> None:
+    """A one-line UserError naming chunk `index` when its rows `acts` hold a NaN or inf (training on them would
+    freeze every member)."""
+    if all_finite(acts):
+        return
+    raw = data.load(index)["activations"]
+    row = int((~torch.isfinite(raw)).any(1).nonzero()[0, 0])
+    raise UserError(f"chunk {data.chunks[index].path} holds NaN or inf activations (first at row {row}): regenerate "
+                    "the dataset with generate_test_data.py (or fix the source of imported activations)")
+
+
 def heldout_rows(data: HookData, held: int) -> torch.Tensor:
-    """The held-out rows [held, d_in] (stored dtype): the tail of the last chunk, in stored order."""
+    """The held-out rows [held, d_in] (stored dtype): the tail of the last chunk, in stored order, checked finite."""
     acts = data.load(len(data.chunks) - 1, verify=True)["activations"]
+    check_finite(acts[len(acts) - held:], data, len(data.chunks) - 1)
     return acts[len(acts) - held:]
 
 
 def load_chunk(data: HookData, index: int, seed: int, repetition: int, held: int = 0,
                staging: PinnedStaging | None = None, slot: int = 0) -> torch.Tensor:
     """Chunk `index` verified against its checksum, less the held-out tail if it is the last chunk, rows shuffled
-    for this repetition: [n, d_in] (stored dtype); gathered into buffer `slot` of `staging` when given."""
+    for this repetition and checked finite (every read: see `all_finite` for the cost): [n, d_in] (stored dtype);
+    gathered into buffer `slot` of `staging` when given."""
     acts = data.load(index, verify=True)["activations"]
     if index == len(data.chunks) - 1 and held:
         acts = acts[:len(acts) - held]
     g = torch.Generator().manual_seed(seed * 104729 + repetition * 1009 + index)
     perm = torch.randperm(len(acts), generator=g)
-    return acts[perm] if staging is None else staging.gather(slot, acts, perm)
+    rows = acts[perm] if staging is None else staging.gather(slot, acts, perm)
+    check_finite(rows, data, index)
+    return rows
 
 
 def verify_threads() -> int:
@@ -253,6 +376,23 @@ def iter_chunks(data: HookData, seed: int, repetition: int, start: int, held: in
                 staging.release(pos % slots)
 
 
+def total_steps(cfg: SweepConfig, data: HookData, held: int) -> int:
+    """Training steps of the whole run (a UserError when the flags leave no full batch)."""
+    total = steps_per_repetition(data, cfg.batch_size, held) * cfg.n_repetitions
+    if cfg.max_tokens is not None:
+        total = min(total, cfg.max_tokens // cfg.batch_size)
+    if total < 1:
+        raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
+    return total
+
+
+def check_dictionary_size(cfg: SweepConfig, d_in: int) -> None:
+    """A one-line UserError when a TopK member's k exceeds the dictionary size for activations of width `d_in`."""
+    d_hidden = max(1, round(cfg.ratio * d_in))
+    if cfg.architecture == "topk" and max(cfg.k_values) > d_hidden:
+        raise UserError(f"--k_values {max(cfg.k_values)} exceeds the dictionary size {d_hidden}")
+
+
 def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
     """Full batches in one pass over the training rows (the remainder of each chunk, under one batch, is left out)."""
     rows = [c.rows for c in data.chunks]
@@ -280,6 +420,10 @@ class Progress:
     tokens: int = 0
     input_scale: float = 1.0
     eval_rows: str = ""
+    dataset_chunks: int = 0
+    """Chunks of the dataset when the run started (0: recorded by an older version)."""
+    dataset_digest: str = ""
+    """`dataset_digest` of the dataset when the run started ("": recorded by an older version)."""
 
 
 def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
@@ -339,6 +483,73 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished))
     save_tensors(out / CHECKPOINT_WEIGHTS, ens.state_dict(device="cpu"))
     atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
+
+
+SAVE_SLACK_BYTES = 1 << 20
+"""Room allowed per save beyond the weights: JSON files, safetensors headers."""
+
+
+def save_bytes(cfg: SweepConfig, n_models: int, d_in: int) -> int:
+    """Bytes one save writes: sweep.safetensors (untied-size parameters, an upper bound) and checkpoint.safetensors
+    (parameters, two Adam moments, int64 dead-latent counters [N, h]), plus SAVE_SLACK_BYTES."""
+    d_hidden = max(1, round(cfg.ratio * d_in))
+    return (param_bytes(n_models, d_in, d_hidden) + 3 * param_bytes(n_models, d_in, d_hidden, cfg.tied)
+            + 8 * n_models * d_hidden + SAVE_SLACK_BYTES)
+
+
+def existing_folder(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be created in `folder`: not on a read-only mount, and write permission for this user."""
+    return not os.statvfs(folder).f_flag & os.ST_RDONLY and os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_space(cfg: SweepConfig, n_models: int, d_in: int) -> None:
+    """One-line UserErrors, before anything is written, when --output_dir (or the folder it would be made in) is
+    read-only or its disk lacks room for two saves side by side (a save writes the new checkpoint beside the old
+    one); the sweep's files already there count as room, since they are replaced."""
+    out = Path(cfg.output_dir)
+    where = existing_folder(out)
+    if not writable(where):
+        raise UserError(f"--output_dir {out}: {where} is read-only: make it writable or choose another --output_dir")
+    held = sum((out / n).stat().st_size for n in (SWEEP_WEIGHTS, CHECKPOINT_WEIGHTS) if (out / n).is_file())
+    need, free = 2 * save_bytes(cfg, n_models, d_in) - held, shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"--output_dir {out}: the sweep needs {format_bytes(need).strip()} free on the disk of {where} "
+                        f"(a save writes the new checkpoint beside the old one) but {format_bytes(free).strip()} is "
+                        "free: free space or choose another --output_dir")
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on its disk", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+"""OSErrors while writing the output that are the disk's or the folder's fault, not the program's."""
+
+
+def in_folder(path: Path, folder: Path) -> bool:
+    """Whether `path` lies in `folder` (or is it)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _reports_disk_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap `run_sweep` so that a disk-full or read-only error while it writes into --output_dir is one line (its
+    stale .tmp files removed), not a traceback; other OSErrors (e.g. reading a chunk) pass through."""
+    @functools.wraps(fn)
+    def wrapper(cfg: SweepConfig, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(cfg, *args, **kwargs)
+        except OSError as e:
+            out = Path(cfg.output_dir)
+            if e.errno not in DISK_ERRNOS or (e.filename is not None and not in_folder(Path(e.filename), out)):
+                raise
+            for tmp in out.glob("*.tmp") if out.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+            raise UserError(f"writing {e.filename or out}: {DISK_ERRNOS[e.errno]}: free space (or fix the folder) and "
+                            "rerun with --resume to continue from the last checkpoint (without it if none was saved)"
+                            ) from None
+    return wrapper
 
 
 def input_scale(acts: torch.Tensor, target: float) -> float:
@@ -415,7 +626,15 @@ class SweepResult:
         n = len(self.keys)
         return (f"trained {n} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} tokens each; "
                 f"{rate:,.0f} tokens/s per member, {n * rate:,.0f} tokens/s in all) into {self.output_dir}\n"
-                f"scored on {self.progress.eval_rows}:\n{self.table()}")
+                f"scored on {self.progress.eval_rows}:\n{self.table()}{self.warnings()}")
+
+    def warnings(self) -> str:
+        """Lines after the table naming members that diverged (see `flag_diverged`), or ""."""
+        diverged = [key for key, m in zip(self.keys, self.metrics) if m.get("diverged")]
+        if not diverged:
+            return ""
+        return (f"\nwarning: members {diverged} diverged (explained variance below {DIVERGED_EXPLAINED_VARIANCE:g}: "
+                "the loss exploded while staying finite): lower --adam_lr")
 
 
 def training_device(name: str | None) -> torch.device:
@@ -523,19 +742,11 @@ def _restores_backend_flags(fn: Callable[..., T]) -> Callable[..., T]:
 def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
     """A fresh ensemble, one member per L1 value or k, centers initialised from `first_chunk` [n, d_in]."""
     from training.ensemble import Ensemble, make_members
-    if cfg.ratio <= 0:
-        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
-    if cfg.tied and cfg.architecture == "topk":
-        raise UserError("--tied applies to the l1 architecture only")
+    validate_flags(cfg)
+    check_dictionary_size(cfg, d_in)
     keys = member_keys(cfg)
     d_hidden = max(1, round(cfg.ratio * d_in))
-    if cfg.architecture == "topk" and max(keys) > d_hidden:
-        raise UserError(f"--k_values {max(keys)} exceeds the dictionary size {d_hidden}")
     init_norm = DEFAULT_INIT_NORM[cfg.architecture] if cfg.decoder_init_norm is None else cfg.decoder_init_norm
-    if init_norm <= 0:
-        raise UserError(f"--decoder_init_norm must be positive (got {init_norm})")
-    if not cfg.grad_clip >= 0:
-        raise UserError(f"--grad_clip must be 0 (off) or positive (got {cfg.grad_clip})")
     members = make_members(cfg.architecture, len(keys), d_in, d_hidden, k=keys if cfg.architecture == "topk" else None,
                            tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
                            device=device)
@@ -602,6 +813,21 @@ def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 
     return out
 
 
+DIVERGED_EXPLAINED_VARIANCE = -1.0
+"""A member that did not freeze but ends below this explained variance has diverged (see `flag_diverged`)."""
+
+
+def flag_diverged(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark each member's metrics with "diverged": not frozen, yet its final explained variance is not finite or
+    below DIVERGED_EXPLAINED_VARIANCE (-1: its reconstruction error exceeds twice the inputs' variance, far worse
+    than reconstructing every row as the mean, which any trained dictionary beats; a loss that exploded while
+    staying finite, e.g. from too high an --adam_lr, ends there)."""
+    for m in metrics:
+        ev = m["explained_variance"]
+        m["diverged"] = not m["frozen"] and not (math.isfinite(ev) and ev >= DIVERGED_EXPLAINED_VARIANCE)
+    return metrics
+
+
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
                 d_hidden: int, wandb_run: Any) -> None:
     """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked."""
@@ -632,38 +858,38 @@ def start_wandb(cfg: SweepConfig) -> Any:
     return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
 
 
+@_reports_disk_errors
 @_restores_backend_flags
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
-    for name in ("batch_size", "n_repetitions", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    validate_config(cfg)
     keys = member_keys(cfg)
     data = open_dataset(cfg)
+    warn_if_unfinished(data)
+    held = holdout_size(data, cfg.holdout_rows)
+    total = total_steps(cfg, data, held)
+    check_dictionary_size(cfg, data.d)
+    check_output_space(cfg, len(keys), data.d)
     device = training_device(cfg.device)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:                                 # a --resume without a run creates nothing
+        out.mkdir(parents=True, exist_ok=True)
     saved, state = prepare_output(cfg, out)
 
-    held = holdout_size(data, cfg.holdout_rows)
-    per_rep = steps_per_repetition(data, cfg.batch_size, held)
-    total = per_rep * cfg.n_repetitions
-    if cfg.max_tokens is not None:
-        total = min(total, cfg.max_tokens // cfg.batch_size)
-    if total < 1:
-        raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
     if state is not None:
         from training.ensemble import Ensemble
         state.pop("rng.resample", None)           # stored by older versions; every stream now derives from the seed
         ens = Ensemble.from_state_dict(state, backend="fused", device=device)
         del state
         progress = Progress(**saved["progress"])
+        check_same_dataset(progress, data)
         truncate_metrics(out / METRICS, progress.step)
     else:
         first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0, held)
-        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm))
+        progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm),
+                            dataset_chunks=len(data.chunks), dataset_digest=dataset_digest(data))
         ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
         del first
     key_name = "l1" if cfg.architecture == "l1" else "k"
@@ -716,8 +942,11 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
     save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
-    metrics = evaluate(ens, eval_rows, device, progress.input_scale,
-                       eval_block_rows(cfg.architecture, cfg.batch_size))
+    if bool(ens.frozen.all()):
+        raise UserError(f"every member hit a NaN/inf loss and froze (see {out / METRICS}), so the sweep is not "
+                        "finished: lower --adam_lr, check the data, and rerun with --overwrite")
+    metrics = flag_diverged(evaluate(ens, eval_rows, device, progress.input_scale,
+                                     eval_block_rows(cfg.architecture, cfg.batch_size)))
     atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished=True))
     if wandb_run is not None:
         wandb_run.finish()
@@ -729,10 +958,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
 def sweep_memory_report(cfg: SweepConfig) -> str:
     """The --dry_run printout: the device-memory estimate of the sweep `cfg` describes, and whether it fits."""
-    if cfg.ratio <= 0:
-        raise UserError(f"--ratio must be positive (got {cfg.ratio})")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1 (got {cfg.batch_size})")
+    validate_config(cfg)
     keys = member_keys(cfg)
     data = open_dataset(cfg)
     device = resolve_device(cfg.device)
