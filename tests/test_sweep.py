@@ -18,6 +18,7 @@ from training.chunks import atomic_write_json
 from training.cli import UserError, run_cli
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, l1_values, lr_scale, l1_scale, run_sweep
+from training.sweep_files import checkpoint_weights
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -268,7 +269,7 @@ def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run
     monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw))
-    checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
+    checkpoint = load_file(str(checkpoint_weights(tmp_path / "killed")))
     assert not [k for k in checkpoint if k.startswith("rng")]          # nothing device-specific is stored
     monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw, device="cpu:0", resume=True))
@@ -303,8 +304,12 @@ def test_a_checkpoint_with_an_older_versions_generator_state_resumes(chunk_root,
     monkeypatch.setattr(sweep_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))
-    path = tmp_path / "o" / "checkpoint.safetensors"
-    save_tensors(path, {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})  # as stored before
+    out = tmp_path / "o"
+    saved, path = json.loads((out / "checkpoint.json").read_text()), checkpoint_weights(out)
+    # the layout of an older version: checkpoint.safetensors (with a generator state) beside config and progress
+    save_tensors(out / "checkpoint.safetensors", {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})
+    path.unlink()
+    atomic_write_json(out / "checkpoint.json", {"config": saved["config"], "progress": saved["progress"]})
     monkeypatch.undo()
     assert run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4
 
@@ -403,3 +408,88 @@ def test_killed_topk_sweep_resumes_bit_exactly(chunk_root, tmp_path, monkeypatch
     run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     assert _same_weights(tmp_path / "whole", tmp_path / "killed")
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+class Killed(Exception):
+    """A kill -9 at a crash point of a save."""
+
+
+def crash_at(monkeypatch, k: int) -> dict:
+    """Make the k-th file operation of the sweep's saves die as a kill would: a half-written temporary file left
+    beside its target, nothing else; returns the counter (with the target hit)."""
+    import training.sweep_files as files_mod
+    seen = {"n": 0, "path": None}
+
+    def point(path: Path) -> None:
+        seen["n"] += 1
+        if seen["n"] == k:
+            seen["path"] = path
+            path.with_name(path.name + ".tmp").write_bytes(b"\\x00half")
+            raise Killed(str(path))
+    monkeypatch.setattr(files_mod, "crash_point", point)
+    return seen
+
+
+def test_a_kill_at_every_crash_point_of_every_save_resumes_to_the_uninterrupted_result(chunk_root, tmp_path,
+                                                                                      monkeypatch):
+    kw = dict(save_after_every=True, max_tokens=3000)                 # saves after chunks 1 and 2, and the last
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", **kw))
+    counted = crash_at(monkeypatch, 0)
+    run_sweep(cfg_for(chunk_root, tmp_path / "count", **kw))
+    n_points = counted["n"]
+    assert n_points >= 3 * 3 + 2                                      # 3 saves of >= 3 operations, the final json
+    whole = tmp_path / "whole"
+    reference = load_file(str(whole / "sweep.safetensors"))
+    hit = []
+    for k in range(1, n_points + 1):
+        out = tmp_path / f"k{k}"
+        seen = crash_at(monkeypatch, k)
+        with pytest.raises(Killed):
+            run_sweep(cfg_for(chunk_root, out, **kw))
+        hit.append(seen["path"].name)
+        monkeypatch.undo()
+        run_sweep(cfg_for(chunk_root, out, **kw, resume=(out / "checkpoint.json").exists()))
+        got = load_file(str(out / "sweep.safetensors"))
+        assert got.keys() == reference.keys() and all(torch.equal(got[n], reference[n]) for n in got), k
+        assert (out / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text(), k
+        a, b = (json.loads((d / "sweep.json").read_text()) for d in (whole, out))
+        assert a["members"] == b["members"] and a["progress"] == b["progress"] and b["finished"], k
+        def names(d: Path) -> list[str]:
+            return sorted(re.sub(r"checkpoint-\d+", "checkpoint-G", p.name) for p in d.iterdir())
+        assert names(out) == names(whole), k                           # one generation, no temporary file
+        shutil.rmtree(out)
+    assert {"checkpoint.json", "sweep.json", "sweep.safetensors"} <= set(hit)
+    assert any(name.startswith("checkpoint-") for name in hit)
+
+
+def test_resume_cross_checks_the_checkpoint(chunk_root, tmp_path):
+    from training.chunks import save_tensors
+    out = tmp_path / "o"
+    run_sweep(cfg_for(chunk_root, out, save_after_every=True, max_tokens=2000))
+    saved = json.loads((out / "checkpoint.json").read_text())
+    path = checkpoint_weights(out)
+    assert saved["format"] == 2 and saved["progress"]["step"] == 8 and path.exists()
+    legacy = out / "checkpoint.safetensors"
+
+    def refused(message: str) -> None:
+        with pytest.raises(UserError, match=message) as info:
+            run_sweep(cfg_for(chunk_root, out, save_after_every=True, max_tokens=2000, resume=True))
+        assert "\n" not in str(info.value)
+    # progress of step 4 beside the weights of step 8, as an older version's torn save left them
+    state = load_file(str(path))
+    save_tensors(legacy, state)
+    atomic_write_json(out / "checkpoint.json", {"config": saved["config"], "progress": {**saved["progress"], "step": 4}})
+    refused(r"checkpoint.safetensors holds the optimizer state of step 8 but its progress says step 4 .*--overwrite")
+    atomic_write_json(out / "checkpoint.json", {"config": saved["config"], "progress": saved["progress"]})
+    assert run_sweep(cfg_for(chunk_root, out, save_after_every=True, max_tokens=2000, resume=True)).progress.step == 8
+    assert not legacy.exists()                                         # replaced by a generation file
+    saved, path = json.loads((out / "checkpoint.json").read_text()), checkpoint_weights(out)
+    atomic_write_json(out / "checkpoint.json", {**saved, "progress": {**saved["progress"], "step": 4}})
+    refused(r"holds progress .* but .*checkpoint.json says")
+    atomic_write_json(out / "checkpoint.json", saved)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    refused(r"checkpoint-\d+.safetensors does not match the checksum recorded for it .*--overwrite")
+    (out / "checkpoint.json").write_text("{garbage")
+    refused(r"checkpoint.json is not valid JSON .*start the sweep again with --overwrite")

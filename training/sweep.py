@@ -3,8 +3,10 @@
 Output folder:
     sweep.safetensors   stacked weights of every member: center [n, d_in], encoder [n, d_hidden, d_in],
                         encoder_bias [n, d_hidden], decoder [n, d_hidden, d_in]
-    sweep.json          config, architecture, per-member hyperparameters and final metrics, source manifest
-    checkpoint.safetensors / checkpoint.json   full training state (optimizer too) for --resume
+    sweep.json          config, architecture, per-member hyperparameters and final metrics, source manifest, and
+                        the SHA-256 of sweep.safetensors
+    checkpoint.json + checkpoint-<generation>.safetensors   full training state (optimizer too) for --resume,
+                        saved as one unit (see training/sweep_files.py)
     metrics.jsonl       one line per member every --log_every steps
 """
 
@@ -27,12 +29,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
+from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
 from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
+from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, clear_sweep, read_checkpoint,
+                                  remove_temporaries, save_checkpoint, write_sweep_json, write_sweep_weights)
 
 ARCHITECTURES = ("l1", "topk")
 DEFAULT_INIT_NORM = {"l1": 0.1, "topk": 0.5}
@@ -262,9 +266,6 @@ def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
 
 # ------------------------------------------------------------------------------------- output
 
-SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
-CHECKPOINT_JSON, CHECKPOINT_WEIGHTS = "checkpoint.json", "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
 EVAL_ROWS = 65536
 AUX_REFRESH_STEPS = 100
 """TopK: steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
@@ -288,23 +289,23 @@ def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, 
     if cfg.resume:
         if not ckpt.exists():
             raise UserError(f"--resume: no {CHECKPOINT_JSON} in {out}: start the run without --resume")
-        saved = json.loads(ckpt.read_text())
+        remove_temporaries(out)
+        saved, state = read_checkpoint(out)
         diff = config_diff(config_from_dict(SweepConfig, saved["config"]), cfg, ignore=RESUMABLE_CHANGES)
         if diff:
             detail = "; ".join(f"--{k}: run has {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
             raise UserError(f"--resume with different flags ({detail}): resume with the run's flags")
-        return saved, load_file(str(out / CHECKPOINT_WEIGHTS))
+        return saved, state
     if (ckpt.exists() or (out / SWEEP_JSON).exists()) and not cfg.overwrite:
         raise UserError(f"{out} already holds a sweep: pass --resume to continue it, --overwrite to replace it, "
                         "or another --output_dir")
-    for name in (CHECKPOINT_JSON, CHECKPOINT_WEIGHTS, SWEEP_JSON, SWEEP_WEIGHTS, METRICS):
-        (out / name).unlink(missing_ok=True)
+    clear_sweep(out)
     return None, None
 
 
 def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-                   metrics: list[dict[str, float]] | None, finished: bool) -> dict[str, Any]:
-    """The contents of sweep.json."""
+                   metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str) -> dict[str, Any]:
+    """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
     keys = member_keys(cfg)
     name = "l1" if cfg.architecture == "l1" else "k"
     members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
@@ -323,22 +324,24 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
         "finished": finished,
         "config": config_to_dict(cfg),
         "source_manifest": data.manifest,
+        "weights_sha256": weights_sha256,
     }
 
 
 def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> None:
-    """Write the dictionaries (sweep.*) and the full training state (checkpoint.*), each atomically.
+               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> str:
+    """Write the full training state (one checkpoint unit), then the dictionaries (sweep.*); return the SHA-256
+    of sweep.safetensors.
 
     Every tensor is copied straight to the host, one at a time (no device-side copy). Nothing random is
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
+    save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
     weights = raw_space_params(ens.params, progress.input_scale)
-    save_tensors(out / SWEEP_WEIGHTS, weights)
+    digest = write_sweep_weights(out, weights)
     del weights
-    atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished))
-    save_tensors(out / CHECKPOINT_WEIGHTS, ens.state_dict(device="cpu"))
-    atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
+    return digest
 
 
 def input_scale(acts: torch.Tensor, target: float) -> float:
@@ -715,10 +718,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
+    digest = save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
     metrics = evaluate(ens, eval_rows, device, progress.input_scale,
                        eval_block_rows(cfg.architecture, cfg.batch_size))
-    atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished=True))
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, True, digest))
     if wandb_run is not None:
         wandb_run.finish()
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]

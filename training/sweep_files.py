@@ -1,0 +1,182 @@
+"""The on-disk format of a sweep folder: the dictionaries (sweep.*) and the checkpoint, written and read checked.
+
+    sweep.safetensors            stacked weights of every member (see training/sweep.py)
+    sweep.json                   what the sweep is; "weights_sha256" is the SHA-256 of sweep.safetensors
+    checkpoint-<g>.safetensors   the full training state of generation g, with its config and progress in the
+                                 file's own metadata
+    checkpoint.json              the commit point of a checkpoint: config, progress, and which generation's file
+                                 (name and SHA-256) they belong to
+
+A checkpoint is saved as one unit: the new generation's weights go to a new file, then one atomic rename of
+checkpoint.json switches to it, then older generations are removed. A kill at any instant leaves checkpoint.json
+naming a complete file of the same save. Older folders (checkpoint.safetensors beside a checkpoint.json without
+"weights") resume when their Adam step count agrees with the progress.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from training.chunks import atomic_write_json, file_sha256, save_tensors
+from training.cli import UserError
+
+SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+LEGACY_CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+CHECKPOINT_FORMAT = 2
+UNIT_NORM_TOLERANCE = 1e-3
+"""How far a decoder row's norm may be from 1 in a loaded sweep (they are saved normalised, in float32)."""
+_GENERATION = re.compile(r"checkpoint-(\d+)\.safetensors$")
+
+
+def crash_point(path: Path) -> None:
+    """Test-only hook, called before each file a save writes, replaces or removes (tests make it raise)."""
+
+
+def read_json(path: Path, advice: str) -> Any:
+    """The JSON in `path`; a missing, unreadable or invalid file is a one-line UserError ending in `advice`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {advice}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not valid JSON ({reason}): {advice}") from None
+
+
+def load_tensors(path: Path, advice: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file `path`; a missing file or a bad header is a one-line UserError."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: {advice}")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): {advice}") from None
+
+
+def check_sha256(path: Path, expected: str, advice: str) -> None:
+    """A one-line UserError unless the file's SHA-256 is `expected`."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: {advice}")
+    if file_sha256(path) != expected:
+        raise UserError(f"{path} does not match the checksum recorded for it (corrupt or modified): {advice}")
+
+
+def remove(path: Path) -> None:
+    """Delete a file of the sweep folder if it exists (a crash point)."""
+    if path.exists():
+        crash_point(path)
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- checkpoint
+
+def checkpoint_files(out: Path) -> dict[int, Path]:
+    """{generation: path} of the checkpoint weight files in `out`."""
+    found = {}
+    for p in out.glob("checkpoint-*.safetensors"):
+        m = _GENERATION.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return found
+
+
+def save_checkpoint(out: Path, config: dict[str, Any], progress: dict[str, Any],
+                    state: dict[str, torch.Tensor]) -> None:
+    """Save the training state as a new generation, switch checkpoint.json to it, then drop older generations."""
+    generation = max(checkpoint_files(out), default=0) + 1
+    weights = out / f"checkpoint-{generation}.safetensors"
+    info = {"config": config, "progress": progress, "generation": generation}
+    crash_point(weights)
+    digest = save_tensors(weights, state, info=info)
+    crash_point(out / CHECKPOINT_JSON)
+    atomic_write_json(out / CHECKPOINT_JSON, {"format": CHECKPOINT_FORMAT, **info, "weights": weights.name,
+                                              "weights_sha256": digest})
+    for stale in [p for g, p in sorted(checkpoint_files(out).items()) if g != generation]:
+        remove(stale)
+    remove(out / LEGACY_CHECKPOINT_WEIGHTS)
+
+
+def checkpoint_weights(out: Path) -> Path:
+    """The weights file that checkpoint.json names (checkpoint.safetensors for a folder of an older version)."""
+    saved = read_json(out / CHECKPOINT_JSON, "the checkpoint is damaged: start the sweep again with --overwrite")
+    return out / saved["weights"] if isinstance(saved, dict) and "weights" in saved else out / LEGACY_CHECKPOINT_WEIGHTS
+
+
+def read_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """checkpoint.json and the training state it names, checked against each other (UserError if they differ)."""
+    advice = "the checkpoint is damaged: start the sweep again with --overwrite"
+    saved = read_json(out / CHECKPOINT_JSON, advice)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
+            or not isinstance(saved.get("progress"), dict) or not isinstance(saved["progress"].get("step"), int):
+        raise UserError(f"{out / CHECKPOINT_JSON} lacks the config or progress of a sweep: {advice}")
+    if "weights" in saved:
+        weights = out / str(saved["weights"])
+        if Path(saved["weights"]).name != saved["weights"]:
+            raise UserError(f"{out / CHECKPOINT_JSON} names a weights file outside the folder: {advice}")
+        check_sha256(weights, str(saved.get("weights_sha256")), advice)
+    else:
+        weights = out / LEGACY_CHECKPOINT_WEIGHTS
+    state = load_tensors(weights, advice)
+    stored = _stored_progress(weights)
+    if stored is not None and stored != saved["progress"]:
+        raise UserError(f"{weights} holds progress {stored} but {out / CHECKPOINT_JSON} says {saved['progress']}: "
+                        f"{advice}")
+    check_adam_steps(state, saved["progress"]["step"], weights)
+    return saved, state
+
+
+def _stored_progress(path: Path) -> dict[str, Any] | None:
+    """The progress a checkpoint weights file records in its own metadata (None for older files)."""
+    with safe_open(str(path), "pt") as f:
+        info = (f.metadata() or {}).get("info")
+    return json.loads(info).get("progress") if info else None
+
+
+def check_adam_steps(state: dict[str, torch.Tensor], step: int, path: Path) -> None:
+    """UserError unless every member's Adam step count is `step` (frozen members: at most `step`)."""
+    counts, frozen = state.get("adam.step"), state.get("frozen")
+    if counts is None or frozen is None or counts.shape != frozen.shape:
+        raise UserError(f"{path} holds no Adam step counts of a sweep: start the sweep again with --overwrite")
+    active = counts[~frozen.bool()]
+    if bool((active != step).any()) or bool((counts > step).any()):
+        found = int(counts.max()) if counts.numel() else 0
+        raise UserError(f"{path} holds the optimizer state of step {found} but its progress says step {step} "
+                        "(a save was cut short by an older version): start the sweep again with --overwrite")
+
+
+# ------------------------------------------------------------------------------------- sweep
+
+def write_sweep_weights(out: Path, weights: dict[str, torch.Tensor]) -> str:
+    """Write sweep.safetensors atomically; return its SHA-256 (recorded in sweep.json)."""
+    crash_point(out / SWEEP_WEIGHTS)
+    return save_tensors(out / SWEEP_WEIGHTS, weights)
+
+
+def write_sweep_json(out: Path, meta: dict[str, Any]) -> None:
+    """Write sweep.json atomically."""
+    crash_point(out / SWEEP_JSON)
+    atomic_write_json(out / SWEEP_JSON, meta)
+
+
+def clear_sweep(out: Path) -> None:
+    """Delete the sweep and checkpoint files of `out` (for a fresh run), left-over temporary files too."""
+    names = [CHECKPOINT_JSON, LEGACY_CHECKPOINT_WEIGHTS, SWEEP_JSON, SWEEP_WEIGHTS, METRICS]
+    for path in [out / n for n in names] + list(checkpoint_files(out).values()):
+        path.unlink(missing_ok=True)
+    remove_temporaries(out)
+
+
+def remove_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed save left in `out`."""
+    for path in out.glob("*.tmp"):
+        if path.name.startswith(("checkpoint", "sweep.", "metrics.")):
+            path.unlink(missing_ok=True)
