@@ -268,11 +268,16 @@ def test_python_docs_defaults_to_its_validation_split(l1_sweep):
 
 def test_nan_member_is_reported_as_null_and_left_out_of_the_knee(l1_sweep, tmp_path):
     from safetensors.torch import load_file, save_file
+    from training.chunks import file_sha256
     broken = tmp_path / "broken"
     shutil.copytree(l1_sweep, broken)
     weights = load_file(str(broken / "sweep.safetensors"))
     weights["decoder"][0] = float("nan")  # as a member frozen after a NaN loss
     save_file(weights, str(broken / "sweep.safetensors"))
+    meta = json.loads((broken / "sweep.json").read_text())
+    meta["members"][0]["frozen"] = True
+    meta["weights_sha256"] = file_sha256(broken / "sweep.safetensors")   # as the sweep records it
+    (broken / "sweep.json").write_text(json.dumps(meta))
     result = evaluate_sweep(EvaluateConfig(sweep=str(broken), n_tokens=64, device="cpu"))
     report = json.loads((broken / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert report["members"][0]["explained_variance"] is None and report["members"][0]["ce_spliced"] is None

@@ -493,3 +493,91 @@ def test_resume_cross_checks_the_checkpoint(chunk_root, tmp_path):
     refused(r"checkpoint-\d+.safetensors does not match the checksum recorded for it .*--overwrite")
     (out / "checkpoint.json").write_text("{garbage")
     refused(r"checkpoint.json is not valid JSON .*start the sweep again with --overwrite")
+
+
+@pytest.fixture(scope="module")
+def small_sweep(chunk_root, tmp_path_factory) -> Path:
+    """A finished 3-member L1 sweep (4 steps)."""
+    out = tmp_path_factory.mktemp("small") / "o"
+    run_sweep(cfg_for(chunk_root, out, max_tokens=1000))
+    return out
+
+
+def damaged_copy(src: Path, dst: Path) -> Path:
+    """A copy of sweep folder `src` at `dst`, to damage."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line(call, message: str) -> None:
+    """`call()` raises a UserError of one line matching `message`."""
+    with pytest.raises(UserError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_sweep_json_records_the_weights_checksum(small_sweep):
+    from training.chunks import file_sha256
+    meta = json.loads((small_sweep / "sweep.json").read_text())
+    assert meta["weights_sha256"] == file_sha256(small_sweep / "sweep.safetensors")
+    saved = json.loads((small_sweep / "checkpoint.json").read_text())
+    assert saved["weights_sha256"] == file_sha256(checkpoint_weights(small_sweep))
+
+
+def test_a_one_bit_flip_in_the_weights_is_refused(small_sweep, tmp_path):
+    out = damaged_copy(small_sweep, tmp_path / "o")
+    path = out / "sweep.safetensors"
+    tensors = load_file(str(path))
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    start = 8 + size + json.loads(raw[8:8 + size])["decoder"]["data_offsets"][0]
+    raw[start + 3] ^= 0x40             # the top exponent bit of the decoder's first float32: x * 2^128
+    path.write_bytes(bytes(raw))
+    assert load_file(str(path))["decoder"][0, 0, 0].abs() > 1e30
+    one_line(lambda: load_sweep(out), r"sweep.safetensors does not match the checksum recorded for it .*rerun "
+                                      r"basic_l1_sweep.py --output_dir")
+    assert list(load_sweep(out, verify=False)) == [1e-3, 1e-2, 1e-1]          # the way to skip the checks
+    meta = json.loads((out / "sweep.json").read_text())
+    del meta["weights_sha256"]                                                # a sweep of an older version
+    atomic_write_json(out / "sweep.json", meta)
+    one_line(lambda: load_sweep(out), r"decoder row 0 of member 0 has norm .*, not 1 \(corrupt or modified\)")
+    path.write_bytes(path.read_bytes()[:30])                                  # a bad safetensors header
+    one_line(lambda: load_sweep(out, verify=False), r"sweep.safetensors is not a readable safetensors file")
+    assert tensors["decoder"].shape == (3, 64, 32)
+
+
+def test_sweep_json_that_disagrees_with_the_tensors_is_refused(small_sweep, tmp_path):
+    from training.steering import select_dictionary
+    from training.top_activations import select_member
+    out = damaged_copy(small_sweep, tmp_path / "o")
+    meta = json.loads((out / "sweep.json").read_text())
+    atomic_write_json(out / "sweep.json", {**meta, "keys": meta["keys"][:2], "members": meta["members"][:2]})
+    one_line(lambda: load_sweep(out), r"sweep.safetensors holds tensors .*\(3, 64, 32\).* but .*sweep.json "
+                                      r"describes .*\(2, 64, 32\)")
+    atomic_write_json(out / "sweep.json", {**meta, "keys": meta["keys"][:2]})
+    one_line(lambda: load_sweep(out), r"sweep.json is not a valid sweep description \(2 keys but 3 members\)")
+    atomic_write_json(out / "sweep.json", {**meta, "d_hidden": 65})
+    one_line(lambda: load_sweep(out, verify=False), r"holds tensors .* but .* describes")
+    (out / "sweep.json").write_text('{"architecture": "l1", "keys": [0.1')
+    for call in (lambda: load_sweep(out), lambda: select_member(out, l1=0.1), lambda: select_dictionary(out, l1=0.1)):
+        one_line(call, r"sweep.json is not valid JSON \(.*\): rerun basic_l1_sweep.py")
+    (out / "sweep.json").write_text("[1, 2]")
+    one_line(lambda: load_sweep(out), r"sweep.json is not a valid sweep description \(not a JSON object\)")
+
+
+def test_garbage_json_files_are_one_line_through_the_cli(small_sweep, tmp_path, capsys):
+    from training.evaluate import read_sweep
+    from training.top_activations import FeatureFile, read_features_json
+    out = damaged_copy(small_sweep, tmp_path / "o")
+    (out / "sweep.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda c: load_sweep(c.output_dir), "", SweepConfig, ["--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out / 'sweep.json'} is not valid JSON")
+    one_line(lambda: read_sweep(out), r"sweep.json is not valid JSON")
+    features = tmp_path / "features.json"
+    for garbage in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"format": 1}'):
+        features.write_bytes(garbage)
+        one_line(lambda: read_features_json(features), r"features.json (is not valid JSON|is not a features.json)")
+        one_line(lambda: FeatureFile(features), r"features.json (is not valid JSON|is not a features.json)")

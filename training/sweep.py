@@ -25,18 +25,18 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import training
 from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
-from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
+from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params
 from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
-from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, clear_sweep, read_checkpoint,
-                                  remove_temporaries, save_checkpoint, write_sweep_json, write_sweep_weights)
+from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, clear_sweep, load_sweep,
+                                  read_checkpoint, remove_temporaries, save_checkpoint, write_sweep_json,
+                                  write_sweep_weights)
 
 ARCHITECTURES = ("l1", "topk")
 DEFAULT_INIT_NORM = {"l1": 0.1, "topk": 0.5}
@@ -367,18 +367,6 @@ def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str,
     out["center"] /= scale
     out["encoder_bias"] /= scale
     return out
-
-
-def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> dict[float | int, torch.nn.Module]:
-    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): SparseLinearAutoencoder/TopKAutoencoder}."""
-    path = Path(path)
-    if not (path / SWEEP_JSON).exists():
-        raise UserError(f"no sweep in {path}: expected {SWEEP_JSON} and {SWEEP_WEIGHTS} written by basic_l1_sweep.py")
-    meta = json.loads((path / SWEEP_JSON).read_text())
-    params = load_file(str(path / SWEEP_WEIGHTS), device=str(device))
-    k = torch.tensor(meta["keys"]) if meta["architecture"] == "topk" else None
-    modules = unstack_dictionaries(params, meta["architecture"], k)
-    return dict(zip(meta["keys"], (m.eval() for m in modules)))
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -24,8 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from training.chunks import atomic_write_json, file_sha256, save_tensors
+from training.chunks import atomic_write_json, file_sha256, read_json, save_tensors
 from training.cli import UserError
+from training.dictionary import unstack_dictionaries
 
 SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
@@ -39,17 +40,6 @@ _GENERATION = re.compile(r"checkpoint-(\d+)\.safetensors$")
 
 def crash_point(path: Path) -> None:
     """Test-only hook, called before each file a save writes, replaces or removes (tests make it raise)."""
-
-
-def read_json(path: Path, advice: str) -> Any:
-    """The JSON in `path`; a missing, unreadable or invalid file is a one-line UserError ending in `advice`."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: {advice}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not valid JSON ({reason}): {advice}") from None
 
 
 def load_tensors(path: Path, advice: str, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -165,6 +155,90 @@ def write_sweep_json(out: Path, meta: dict[str, Any]) -> None:
     """Write sweep.json atomically."""
     crash_point(out / SWEEP_JSON)
     atomic_write_json(out / SWEEP_JSON, meta)
+
+
+def sweep_advice(path: Path) -> str:
+    """What to do about a damaged sweep in folder `path`."""
+    return (f"rerun basic_l1_sweep.py --output_dir {path} (with --resume if it was killed while saving, "
+            "else --overwrite)")
+
+
+def read_sweep_json(path: str | Path) -> dict[str, Any]:
+    """sweep.json of sweep folder `path`, checked to describe a sweep (a one-line UserError if not)."""
+    path = Path(path)
+    if not (path / SWEEP_JSON).exists():
+        raise UserError(f"no sweep in {path}: expected {SWEEP_JSON} and {SWEEP_WEIGHTS} written by basic_l1_sweep.py")
+    meta = read_json(path / SWEEP_JSON, sweep_advice(path))
+    problem = _sweep_json_problem(meta)
+    if problem:
+        raise UserError(f"{path / SWEEP_JSON} is not a valid sweep description ({problem}): {sweep_advice(path)}")
+    return meta
+
+
+def _sweep_json_problem(meta: Any) -> str:
+    """What is wrong with a parsed sweep.json ('' if nothing)."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for name, kind in (("architecture", str), ("keys", list), ("members", list), ("d_in", int), ("d_hidden", int)):
+        if not isinstance(meta.get(name), kind):
+            return f"no {name!r} of type {kind.__name__}"
+    if meta["architecture"] not in ("l1", "topk"):
+        return f"unknown architecture {meta['architecture']!r}"
+    if not all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in meta["keys"]):
+        return "'keys' are not all numbers"
+    if len(meta["members"]) != len(meta["keys"]):
+        return f"{len(meta['keys'])} keys but {len(meta['members'])} members"
+    return ""
+
+
+def sweep_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes sweep.safetensors must hold for the sweep sweep.json describes."""
+    n, d_in, d_hidden = len(meta["keys"]), meta["d_in"], meta["d_hidden"]
+    shapes = {"center": (n, d_in), "encoder_bias": (n, d_hidden), "decoder": (n, d_hidden, d_in)}
+    if not meta.get("tied", False):
+        shapes["encoder"] = (n, d_hidden, d_in)
+    return shapes
+
+
+def load_sweep_params(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(sweep.json, stacked weights) of a sweep folder, cross-checked: names, member counts and shapes always;
+    the recorded SHA-256 and unit-norm decoder rows when `verify`."""
+    path = Path(path)
+    meta = read_sweep_json(path)
+    weights, advice = path / SWEEP_WEIGHTS, sweep_advice(path)
+    if verify and meta.get("weights_sha256"):
+        check_sha256(weights, meta["weights_sha256"], advice)
+    params = load_tensors(weights, advice, str(device))
+    found = {n: tuple(t.shape) for n, t in params.items()}
+    if found != sweep_shapes(meta):
+        raise UserError(f"{weights} holds tensors {found} but {path / SWEEP_JSON} describes "
+                        f"{sweep_shapes(meta)}: {advice}")
+    if verify:
+        frozen = [bool(isinstance(m, dict) and m.get("frozen")) for m in meta["members"]]
+        check_unit_rows(params["decoder"], frozen, weights, advice)
+    return meta, params
+
+
+def check_unit_rows(decoder: torch.Tensor, frozen: list[bool], path: Path, advice: str) -> None:
+    """A one-line UserError unless every decoder row [n, h, d] of a member not frozen has norm 1 (or 0: unused)."""
+    norms = decoder.detach().float().norm(dim=-1)
+    bad = ~(((norms - 1).abs() <= UNIT_NORM_TOLERANCE) | (norms == 0))
+    bad[torch.tensor(frozen, dtype=torch.bool, device=bad.device)] = False
+    if bool(bad.any()):
+        member, row = (int(i) for i in bad.nonzero()[0])
+        raise UserError(f"{path}: decoder row {row} of member {member} has norm {float(norms[member, row]):.4g}, "
+                        f"not 1 (corrupt or modified): {advice}")
+
+
+def load_sweep(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+               ) -> dict[float | int, torch.nn.Module]:
+    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): SparseLinearAutoencoder/TopKAutoencoder},
+    checked as `load_sweep_params` does (`verify=False` skips the checksum and the norms, for speed)."""
+    meta, params = load_sweep_params(path, device, verify)
+    k = torch.tensor(meta["keys"]) if meta["architecture"] == "topk" else None
+    modules = unstack_dictionaries(params, meta["architecture"], k)
+    return dict(zip(meta["keys"], (m.eval() for m in modules)))
 
 
 def clear_sweep(out: Path) -> None:
