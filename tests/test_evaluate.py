@@ -87,6 +87,8 @@ def test_report_has_every_metric_with_sane_values(which, request, tiny_neox_dir,
     assert ev["model"] == str(tiny_neox_dir) and ev["hook"] == HOOK and ev["dataset"] == str(text_dir)
     assert ev["dataset_split"] == "validation" and ev["skip_sequences"] == 0 and "held out" in ev["held_out"]
     assert N_TOKENS <= ev["n_tokens"] < N_TOKENS + 32 and ev["excluded_token_ids"] == [0]
+    sweep_json = json.loads((Path(ev["sweep"]) / "sweep.json").read_text())
+    assert ev["sweep_sha256"] == sweep_json["weights_sha256"]                  # tied to the weights it scored
     topk = which == "topk_report"
     assert ev["keys"] == ([2, 4, 8] if topk else [1e-2, 1e-1, 1.0]) == [m["key"] for m in report["members"]]
     for m in report["members"]:

@@ -486,7 +486,7 @@ def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
     report = {
         "toolkit_version": training.__version__,
         "evaluated": {
-            "sweep": str(folder.resolve()), "architecture": arch, "key_name": key_name(arch), "keys": keys,
+            "sweep": str(folder.resolve()), "sweep_sha256": meta.get("weights_sha256"), "architecture": arch, "key_name": key_name(arch), "keys": keys,
             "model": ev.model, "hook": ev.hook, "dataset": ev.dataset, "dataset_split": ev.dataset_split,
             "text_column": ev.text_column, "context_length": ev.context_length, "held_out": ev.held_out,
             "skip_sequences": ev.skip_sequences, "n_tokens": n_tok, "n_tokens_requested": cfg.n_tokens,

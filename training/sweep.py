@@ -299,7 +299,7 @@ def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, 
     if (ckpt.exists() or (out / SWEEP_JSON).exists()) and not cfg.overwrite:
         raise UserError(f"{out} already holds a sweep: pass --resume to continue it, --overwrite to replace it, "
                         "or another --output_dir")
-    clear_sweep(out)
+    clear_sweep(out, derived=cfg.overwrite)
     return None, None
 
 

@@ -241,8 +241,36 @@ def load_sweep(path: str | Path, device: str | torch.device = "cpu", verify: boo
     return dict(zip(meta["keys"], (m.eval() for m in modules)))
 
 
-def clear_sweep(out: Path) -> None:
-    """Delete the sweep and checkpoint files of `out` (for a fresh run), left-over temporary files too."""
+# ------------------------------------------------------------------------------------- derived outputs
+
+DERIVED_FOLDERS = ("features",)
+"""Folders of a sweep folder made from its weights by other tools (gather_high_activations.py, its dashboards)."""
+
+
+def check_made_from(path: Path, recorded: str | None, sweep: str | Path, meta: dict[str, Any], tool: str) -> None:
+    """A one-line UserError when `path`, derived from a sweep's weights with checksum `recorded`, was made from
+    other weights than the sweep (its sweep.json `meta`) now holds; files of older versions record none."""
+    current = meta.get("weights_sha256")
+    if recorded and current and recorded != current:
+        raise UserError(f"{path} was made from other weights than the sweep in {sweep} now holds (it was retrained "
+                        f"or overwritten since): rerun {tool}")
+
+
+def clear_derived(out: Path) -> None:
+    """Delete what other tools derived from the sweep in `out` (features, dashboards, the evaluation report)."""
+    import shutil
+    from training.evaluate import PLOTS, REPORT_JSON, REPORT_MD
+    for name in DERIVED_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (REPORT_JSON, REPORT_MD, *PLOTS.values()):
+        (out / name).unlink(missing_ok=True)
+
+
+def clear_sweep(out: Path, derived: bool = False) -> None:
+    """Delete the sweep and checkpoint files of `out` (for a fresh run), left-over temporary files too, and with
+    `derived` first what other tools made from the sweep."""
+    if derived:
+        clear_derived(out)
     names = [CHECKPOINT_JSON, LEGACY_CHECKPOINT_WEIGHTS, SWEEP_JSON, SWEEP_WEIGHTS, METRICS]
     for path in [out / n for n in names] + list(checkpoint_files(out).values()):
         path.unlink(missing_ok=True)

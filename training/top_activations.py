@@ -892,7 +892,8 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
         scorer = SaeScorer(module, device)
         source_info = {"kind": "sae", "sweep": str(Path(cfg.sweep).resolve()), "key": key,  # type: ignore[arg-type]
                        "key_name": "l1" if meta["architecture"] == "l1" else "k",  # type: ignore[index]
-                       "architecture": meta["architecture"], "d_in": meta["d_in"]}  # type: ignore[index]
+                       "architecture": meta["architecture"], "d_in": meta["d_in"],  # type: ignore[index]
+                       "sweep_sha256": meta.get("weights_sha256")}  # type: ignore[union-attr]
     source_info.update(where)
     out_path = default_output(cfg, label, where["hook"])
 
