@@ -395,10 +395,11 @@ class SweepResult:
     def table(self) -> str:
         """The end-of-run summary: one row per member."""
         name = "l1" if self.architecture == "l1" else "k"
-        rows = [f"{name:>10} {'L0':>8} {'expl. var':>10} {'MSE':>10} {'dead %':>7} {'frozen':>7}"]
+        rows = [f"{name:>10} {'L0':>8} {'expl. var':>10} {'MSE':>10} {'dead %':>7} {'status':>8}"]
         for key, m in zip(self.keys, self.metrics):
+            status = "frozen" if m["frozen"] else "diverged" if m.get("diverged") else ""
             rows.append(f"{key:>10.3g} {m['l0']:>8.1f} {m['explained_variance']:>10.4f} {m['mse']:>10.4g} "
-                        f"{100 * m['dead_fraction']:>7.1f} {'yes' if m['frozen'] else '':>7}")
+                        f"{100 * m['dead_fraction']:>7.1f} {status:>8}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -406,7 +407,25 @@ class SweepResult:
         n = len(self.keys)
         return (f"trained {n} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} tokens each; "
                 f"{rate:,.0f} tokens/s per member, {n * rate:,.0f} tokens/s in all) into {self.output_dir}\n"
-                f"scored on {self.progress.eval_rows}:\n{self.table()}")
+                f"scored on {self.progress.eval_rows}:\n{self.table()}{diverged_note(self.keys, self.metrics)}")
+
+
+DIVERGED_EXPLAINED_VARIANCE = -1.0
+"""A member still finite but scoring below this (an error over twice the activations' variance) diverged."""
+
+
+def flag_diverged(metrics: list[dict[str, Any]]) -> None:
+    """Mark each member that is not frozen but whose loss exploded while staying finite ("diverged": True)."""
+    for m in metrics:
+        ev = m["explained_variance"]
+        m["diverged"] = not m["frozen"] and not (math.isfinite(ev) and ev >= DIVERGED_EXPLAINED_VARIANCE)
+
+
+def diverged_note(keys: list, metrics: list[dict[str, Any]]) -> str:
+    """The summary's warning line about diverged members ('' if none)."""
+    bad = [k for k, m in zip(keys, metrics) if m.get("diverged")]
+    return (f"\nwarning: members {bad} diverged (explained variance below {DIVERGED_EXPLAINED_VARIANCE:g}: the loss "
+            "exploded while staying finite): lower --adam_lr" if bad else "")
 
 
 def training_device(name: str | None) -> torch.device:
@@ -709,9 +728,14 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     digest = save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
     metrics = evaluate(ens, eval_rows, device, progress.input_scale,
                        eval_block_rows(cfg.architecture, cfg.batch_size))
-    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, True, digest))
+    flag_diverged(metrics)
+    usable = not all(m["frozen"] for m in metrics)
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, usable, digest))
     if wandb_run is not None:
         wandb_run.finish()
+    if not usable:
+        raise UserError(f"every member hit a NaN/inf loss and was frozen, so the sweep in {out} is not finished: "
+                        f"check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
     if frozen:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
