@@ -109,9 +109,10 @@ def read_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             or not isinstance(saved.get("progress"), dict) or not isinstance(saved["progress"].get("step"), int):
         raise UserError(f"{out / CHECKPOINT_JSON} lacks the config or progress of a sweep: {advice}")
     if "weights" in saved:
-        weights = out / str(saved["weights"])
-        if Path(saved["weights"]).name != saved["weights"]:
-            raise UserError(f"{out / CHECKPOINT_JSON} names a weights file outside the folder: {advice}")
+        name = saved["weights"]
+        if not isinstance(name, str) or Path(name).name != name or not _GENERATION.match(name):
+            raise UserError(f"{out / CHECKPOINT_JSON} names no checkpoint weights file of the folder: {advice}")
+        weights = out / name
         check_sha256(weights, str(saved.get("weights_sha256")), advice)
     else:
         weights = out / LEGACY_CHECKPOINT_WEIGHTS
