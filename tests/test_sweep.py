@@ -135,6 +135,8 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
     assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 22, "tok')                                     # a kill in the middle of an append
     monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     a, b = load_file(str(tmp_path / "whole" / "sweep.safetensors")), load_file(str(tmp_path / "killed" / "sweep.safetensors"))

@@ -370,9 +370,11 @@ def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str,
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after `step` (they belong to the part of a killed run that is redone)."""
+    """Drop metric lines logged after `step` (they belong to the part of a killed run that is redone), and a line
+    that a kill cut short."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        whole = path.read_text(errors="replace").split("\n")[:-1]      # the text after the last newline is cut short
+        lines = [ln for ln in whole if (s := _metric_step(ln)) is not None and s <= step]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in lines))
         tmp.replace(path)
@@ -610,6 +612,14 @@ def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 
                     "dead_fraction": float(host["dead_fraction"][i]),
                     "dead_on_eval": float((fired == 0).double().mean()), "frozen": bool(ens.frozen[i])})
     return out
+
+
+def _metric_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line (None if the line is not one)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
