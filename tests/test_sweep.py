@@ -493,6 +493,8 @@ def test_resume_cross_checks_the_checkpoint(chunk_root, tmp_path):
     raw[-5] ^= 0x01
     path.write_bytes(bytes(raw))
     refused(r"checkpoint-\d+.safetensors does not match the checksum recorded for it .*--overwrite")
+    atomic_write_json(out / "checkpoint.json", {**saved, "progress": {**saved["progress"], "epoch": 1}})
+    refused(r"checkpoint.json holds progress fields \['epoch'\] this version does not know")
     (out / "checkpoint.json").write_text("{garbage")
     refused(r"checkpoint.json is not valid JSON .*start the sweep again with --overwrite")
 

@@ -290,7 +290,7 @@ def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, 
         if not ckpt.exists():
             raise UserError(f"--resume: no {CHECKPOINT_JSON} in {out}: start the run without --resume")
         remove_temporaries(out)
-        saved, state = read_checkpoint(out)
+        saved, state = read_checkpoint(out, {f.name for f in dataclasses.fields(Progress)})
         diff = config_diff(config_from_dict(SweepConfig, saved["config"]), cfg, ignore=RESUMABLE_CHANGES)
         if diff:
             detail = "; ".join(f"--{k}: run has {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))

@@ -101,13 +101,18 @@ def checkpoint_weights(out: Path) -> Path:
     return out / saved["weights"] if isinstance(saved, dict) and "weights" in saved else out / LEGACY_CHECKPOINT_WEIGHTS
 
 
-def read_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """checkpoint.json and the training state it names, checked against each other (UserError if they differ)."""
+def read_checkpoint(out: Path, progress_fields: set[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """checkpoint.json and the training state it names, checked against each other and its progress against the
+    fields this version knows (a one-line UserError if not)."""
     advice = "the checkpoint is damaged: start the sweep again with --overwrite"
     saved = read_json(out / CHECKPOINT_JSON, advice)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
             or not isinstance(saved.get("progress"), dict) or not isinstance(saved["progress"].get("step"), int):
         raise UserError(f"{out / CHECKPOINT_JSON} lacks the config or progress of a sweep: {advice}")
+    unknown = set(saved["progress"]) - progress_fields
+    if unknown:
+        raise UserError(f"{out / CHECKPOINT_JSON} holds progress fields {sorted(unknown)} this version does not know: "
+                        "resume with the toolkit version that wrote it, or start again with --overwrite")
     if "weights" in saved:
         name = saved["weights"]
         if not isinstance(name, str) or Path(name).name != name or not _GENERATION.match(name):
