@@ -253,3 +253,30 @@ def test_site_in_headless_chromium(gathered, site, tmp_path):
         png = shots / f"{name}.png"
         chromium(url.as_uri(), profile, f"--screenshot={png}", "--window-size=1280,1600")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_derived_outputs_of_an_overwritten_sweep_are_refused_or_gone(gathered, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(gathered["sweep"], sweep)
+    res = gather(TopActivationsConfig(sweep=str(sweep), l1=1e-2, device="cpu", top_k=8))
+    meta = json.loads((sweep / "sweep.json").read_text())
+    assert read_features_json(res.path)["source"]["sweep_sha256"] == meta["weights_sha256"]
+    kept = tmp_path / "kept" / "features.json"                      # a copy the overwrite cannot know of
+    kept.parent.mkdir()
+    shutil.copy(res.path, kept)
+    (sweep / "report.json").write_text("{}")                         # as evaluate_sweep.py leaves it
+    (sweep / "ev_vs_l0.png").write_bytes(b"png")
+    make_dashboards(DashboardConfig(features=str(kept), device="cpu", logits=False))   # same weights: builds
+    run_sweep(SweepConfig(dataset_dir=str(gathered["root"] / "data" / HOOK), output_dir=str(sweep), ratio=2,
+                          l1_values=[1e-3, 1e-2], batch_size=175, device="cpu", center_init="mean", log_every=100,
+                          seed=1, overwrite=True))
+    assert not (sweep / "features").exists() and not (sweep / "report.json").exists()
+    assert not (sweep / "ev_vs_l0.png").exists()
+    with pytest.raises(UserError, match=r"kept/features.json was made from other weights than the sweep in .* now "
+                                        r"holds \(it was retrained or overwritten since\): rerun "
+                                        r"gather_high_activations.py$") as info:
+        make_dashboards(DashboardConfig(features=str(kept), device="cpu", logits=False))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="already holds a sweep"):    # without --overwrite nothing is removed
+        run_sweep(SweepConfig(dataset_dir=str(gathered["root"] / "data" / HOOK), output_dir=str(sweep), ratio=2,
+                              l1_values=[1e-3, 1e-2], batch_size=175, device="cpu"))

@@ -87,6 +87,8 @@ def test_report_has_every_metric_with_sane_values(which, request, tiny_neox_dir,
     assert ev["model"] == str(tiny_neox_dir) and ev["hook"] == HOOK and ev["dataset"] == str(text_dir)
     assert ev["dataset_split"] == "validation" and ev["skip_sequences"] == 0 and "held out" in ev["held_out"]
     assert N_TOKENS <= ev["n_tokens"] < N_TOKENS + 32 and ev["excluded_token_ids"] == [0]
+    sweep_json = json.loads((Path(ev["sweep"]) / "sweep.json").read_text())
+    assert ev["sweep_sha256"] == sweep_json["weights_sha256"]                  # tied to the weights it scored
     topk = which == "topk_report"
     assert ev["keys"] == ([2, 4, 8] if topk else [1e-2, 1e-1, 1.0]) == [m["key"] for m in report["members"]]
     for m in report["members"]:
@@ -268,11 +270,16 @@ def test_python_docs_defaults_to_its_validation_split(l1_sweep):
 
 def test_nan_member_is_reported_as_null_and_left_out_of_the_knee(l1_sweep, tmp_path):
     from safetensors.torch import load_file, save_file
+    from training.chunks import file_sha256
     broken = tmp_path / "broken"
     shutil.copytree(l1_sweep, broken)
     weights = load_file(str(broken / "sweep.safetensors"))
     weights["decoder"][0] = float("nan")  # as a member frozen after a NaN loss
     save_file(weights, str(broken / "sweep.safetensors"))
+    meta = json.loads((broken / "sweep.json").read_text())
+    meta["members"][0]["frozen"] = True
+    meta["weights_sha256"] = file_sha256(broken / "sweep.safetensors")   # as the sweep records it
+    (broken / "sweep.json").write_text(json.dumps(meta))
     result = evaluate_sweep(EvaluateConfig(sweep=str(broken), n_tokens=64, device="cpu"))
     report = json.loads((broken / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert report["members"][0]["explained_variance"] is None and report["members"][0]["ce_spliced"] is None

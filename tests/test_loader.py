@@ -15,6 +15,7 @@ from bench.top_activations import write_synthetic_folder
 from training.chunks import open_hook
 from training.cli import UserError
 from training.sweep import SweepConfig, run_sweep
+from training.sweep_files import checkpoint_weights
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_cpu_runs_unstaged():
 def weights(out: Path) -> dict[str, torch.Tensor]:
     """The sweep's saved tensors, weights and checkpoint."""
     return {**load_file(str(out / "sweep.safetensors")),
-            **{"ckpt." + k: v for k, v in load_file(str(out / "checkpoint.safetensors")).items()}}
+            **{"ckpt." + k: v for k, v in load_file(str(checkpoint_weights(out))).items()}}
 
 
 def test_staged_sweep_has_bit_identical_weights(hook_dir, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from training.chunks import atomic_write_json
 from training.cli import UserError, run_cli
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, l1_values, lr_scale, l1_scale, run_sweep
+from training.sweep_files import checkpoint_files, checkpoint_weights
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -134,6 +135,8 @@ def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
     assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 22, "tok')                                     # a kill in the middle of an append
     monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     a, b = load_file(str(tmp_path / "whole" / "sweep.safetensors")), load_file(str(tmp_path / "killed" / "sweep.safetensors"))
@@ -333,7 +336,7 @@ def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run
     monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw))
-    checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
+    checkpoint = load_file(str(checkpoint_weights(tmp_path / "killed")))
     assert not [k for k in checkpoint if k.startswith("rng")]          # nothing device-specific is stored
     monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw, device="cpu:0", resume=True))
@@ -368,8 +371,12 @@ def test_a_checkpoint_with_an_older_versions_generator_state_resumes(chunk_root,
     monkeypatch.setattr(sweep_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000))
-    path = tmp_path / "o" / "checkpoint.safetensors"
-    save_tensors(path, {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})  # as stored before
+    out = tmp_path / "o"
+    saved, path = json.loads((out / "checkpoint.json").read_text()), checkpoint_weights(out)
+    # the layout of an older version: checkpoint.safetensors (with a generator state) beside config and progress
+    save_tensors(out / "checkpoint.safetensors", {**load_file(str(path)), "rng.resample": torch.Generator().get_state()})
+    path.unlink()
+    atomic_write_json(out / "checkpoint.json", {"config": saved["config"], "progress": saved["progress"]})
     monkeypatch.undo()
     assert run_sweep(cfg_for(chunk_root, tmp_path / "o", max_tokens=1000, resume=True)).progress.step == 4
 
@@ -514,29 +521,12 @@ def test_all_finite_is_exact():
     assert not all_finite(pair)
 
 
-def test_a_sweep_in_which_every_member_froze_is_an_error(chunk_root, tmp_path):
-    with pytest.raises(UserError, match=r"every member hit a NaN/inf loss and froze .*not finished: lower --adam_lr"):
-        run_sweep(cfg_for(chunk_root, tmp_path / "o", adam_lr=1e6))
-    assert not json.loads((tmp_path / "o" / "sweep.json").read_text())["finished"]
-
-
 def test_flag_diverged_criterion():
     from training.sweep import flag_diverged
     rows = [{"explained_variance": ev, "frozen": frozen} for ev, frozen in
             [(0.9, False), (-0.5, False), (-1.0, False), (-1.01, False), (-3e9, False), (float("nan"), False),
              (float("-inf"), False), (float("-inf"), True)]]
     assert [m["diverged"] for m in flag_diverged(rows)] == [False, False, False, True, True, True, True, False]
-
-
-def test_a_member_whose_loss_explodes_is_flagged_in_the_summary(chunk_root, tmp_path):
-    calm = run_sweep(cfg_for(chunk_root, tmp_path / "calm", max_tokens=2000))
-    assert not any(m["diverged"] for m in calm.metrics) and "diverged" not in str(calm)
-    wild = run_sweep(cfg_for(chunk_root, tmp_path / "wild", max_tokens=2000, adam_lr=1e2))
-    assert not any(m["frozen"] for m in wild.metrics) and all(m["diverged"] for m in wild.metrics)
-    assert str(wild).splitlines()[-1] == ("warning: members [0.001, 0.01, 0.1] diverged (explained variance below -1: "
-                                          "the loss exploded while staying finite): lower --adam_lr")
-    meta = json.loads((tmp_path / "wild" / "sweep.json").read_text())
-    assert meta["finished"] and all(m["diverged"] for m in meta["members"])
 
 
 def test_an_unfinished_dataset_warns_in_one_line(chunk_root, tmp_path, capsys):
@@ -600,7 +590,8 @@ def test_too_little_free_space_is_refused_up_front(chunk_root, tmp_path, monkeyp
     assert not (tmp_path / "deep").exists()
     monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one))
     run_sweep(cfg)
-    held = sum((tmp_path / "deep" / "o" / n).stat().st_size for n in ("sweep.safetensors", "checkpoint.safetensors"))
+    o = tmp_path / "deep" / "o"
+    held = sum(f.stat().st_size for f in [o / "sweep.safetensors", *checkpoint_files(o).values()])
     assert held <= one                                           # the estimate bounds what a save writes
     monkeypatch.setattr(sweep_mod.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 2 * one - held))
     run_sweep(cfg_for(chunk_root, tmp_path / "deep" / "o", max_tokens=1000, resume=True))  # its files count as room
@@ -668,3 +659,193 @@ def test_a_permission_error_reading_the_dataset_is_not_reported_as_a_write(chunk
     monkeypatch.setattr(sweep_mod, "load_chunk", unreadable)
     with pytest.raises(PermissionError):
         run_sweep(cfg_for(chunk_root, tmp_path / "o"))
+
+
+class Killed(Exception):
+    """A kill -9 at a crash point of a save."""
+
+
+def crash_at(monkeypatch, k: int) -> dict:
+    """Make the k-th file operation of the sweep's saves die as a kill would: a half-written temporary file left
+    beside its target, nothing else; returns the counter (with the target hit)."""
+    import training.sweep_files as files_mod
+    seen = {"n": 0, "path": None}
+
+    def point(path: Path) -> None:
+        seen["n"] += 1
+        if seen["n"] == k:
+            seen["path"] = path
+            path.with_name(path.name + ".tmp").write_bytes(b"\\x00half")
+            raise Killed(str(path))
+    monkeypatch.setattr(files_mod, "crash_point", point)
+    return seen
+
+
+def test_a_kill_at_every_crash_point_of_every_save_resumes_to_the_uninterrupted_result(chunk_root, tmp_path,
+                                                                                      monkeypatch):
+    kw = dict(save_after_every=True, max_tokens=3000)                 # saves after chunks 1 and 2, and the last
+    run_sweep(cfg_for(chunk_root, tmp_path / "whole", **kw))
+    counted = crash_at(monkeypatch, 0)
+    run_sweep(cfg_for(chunk_root, tmp_path / "count", **kw))
+    n_points = counted["n"]
+    assert n_points >= 3 * 3 + 2                                      # 3 saves of >= 3 operations, the final json
+    whole = tmp_path / "whole"
+    reference = load_file(str(whole / "sweep.safetensors"))
+    hit = []
+    for k in range(1, n_points + 1):
+        out = tmp_path / f"k{k}"
+        seen = crash_at(monkeypatch, k)
+        with pytest.raises(Killed):
+            run_sweep(cfg_for(chunk_root, out, **kw))
+        hit.append(seen["path"].name)
+        monkeypatch.undo()
+        run_sweep(cfg_for(chunk_root, out, **kw, resume=(out / "checkpoint.json").exists()))
+        got = load_file(str(out / "sweep.safetensors"))
+        assert got.keys() == reference.keys() and all(torch.equal(got[n], reference[n]) for n in got), k
+        assert (out / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text(), k
+        a, b = (json.loads((d / "sweep.json").read_text()) for d in (whole, out))
+        assert a["members"] == b["members"] and a["progress"] == b["progress"] and b["finished"], k
+        def names(d: Path) -> list[str]:
+            return sorted(re.sub(r"checkpoint-\d+", "checkpoint-G", p.name) for p in d.iterdir())
+        assert names(out) == names(whole), k                           # one generation, no temporary file
+        shutil.rmtree(out)
+    assert {"checkpoint.json", "sweep.json", "sweep.safetensors"} <= set(hit)
+    assert any(name.startswith("checkpoint-") for name in hit)
+
+
+def test_resume_cross_checks_the_checkpoint(chunk_root, tmp_path):
+    from training.chunks import save_tensors
+    out = tmp_path / "o"
+    run_sweep(cfg_for(chunk_root, out, save_after_every=True, max_tokens=2000))
+    saved = json.loads((out / "checkpoint.json").read_text())
+    path = checkpoint_weights(out)
+    assert saved["format"] == 2 and saved["progress"]["step"] == 8 and path.exists()
+    legacy = out / "checkpoint.safetensors"
+
+    def refused(message: str) -> None:
+        with pytest.raises(UserError, match=message) as info:
+            run_sweep(cfg_for(chunk_root, out, save_after_every=True, max_tokens=2000, resume=True))
+        assert "\n" not in str(info.value)
+    # progress of step 4 beside the weights of step 8, as an older version's torn save left them
+    state = load_file(str(path))
+    save_tensors(legacy, state)
+    atomic_write_json(out / "checkpoint.json", {"config": saved["config"], "progress": {**saved["progress"], "step": 4}})
+    refused(r"checkpoint.safetensors holds the optimizer state of step 8 but its progress says step 4 .*--overwrite")
+    atomic_write_json(out / "checkpoint.json", {"config": saved["config"], "progress": saved["progress"]})
+    assert run_sweep(cfg_for(chunk_root, out, save_after_every=True, max_tokens=2000, resume=True)).progress.step == 8
+    assert not legacy.exists()                                         # replaced by a generation file
+    saved, path = json.loads((out / "checkpoint.json").read_text()), checkpoint_weights(out)
+    atomic_write_json(out / "checkpoint.json", {**saved, "progress": {**saved["progress"], "step": 4}})
+    refused(r"holds progress .* but .*checkpoint.json says")
+    atomic_write_json(out / "checkpoint.json", saved)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    refused(r"checkpoint-\d+.safetensors does not match the checksum recorded for it .*--overwrite")
+    atomic_write_json(out / "checkpoint.json", {**saved, "progress": {**saved["progress"], "epoch": 1}})
+    refused(r"checkpoint.json holds progress fields \['epoch'\] this version does not know")
+    (out / "checkpoint.json").write_text("{garbage")
+    refused(r"checkpoint.json is not valid JSON .*start the sweep again with --overwrite")
+
+
+@pytest.fixture(scope="module")
+def small_sweep(chunk_root, tmp_path_factory) -> Path:
+    """A finished 3-member L1 sweep (4 steps)."""
+    out = tmp_path_factory.mktemp("small") / "o"
+    run_sweep(cfg_for(chunk_root, out, max_tokens=1000))
+    return out
+
+
+def damaged_copy(src: Path, dst: Path) -> Path:
+    """A copy of sweep folder `src` at `dst`, to damage."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line(call, message: str) -> None:
+    """`call()` raises a UserError of one line matching `message`."""
+    with pytest.raises(UserError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_sweep_json_records_the_weights_checksum(small_sweep):
+    from training.chunks import file_sha256
+    meta = json.loads((small_sweep / "sweep.json").read_text())
+    assert meta["weights_sha256"] == file_sha256(small_sweep / "sweep.safetensors")
+    saved = json.loads((small_sweep / "checkpoint.json").read_text())
+    assert saved["weights_sha256"] == file_sha256(checkpoint_weights(small_sweep))
+
+
+def test_a_one_bit_flip_in_the_weights_is_refused(small_sweep, tmp_path):
+    out = damaged_copy(small_sweep, tmp_path / "o")
+    path = out / "sweep.safetensors"
+    tensors = load_file(str(path))
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    start = 8 + size + json.loads(raw[8:8 + size])["decoder"]["data_offsets"][0]
+    raw[start + 3] ^= 0x40             # the top exponent bit of the decoder's first float32: x * 2^128
+    path.write_bytes(bytes(raw))
+    assert load_file(str(path))["decoder"][0, 0, 0].abs() > 1e30
+    one_line(lambda: load_sweep(out), r"sweep.safetensors does not match the checksum recorded for it .*rerun "
+                                      r"basic_l1_sweep.py --output_dir")
+    assert list(load_sweep(out, verify=False)) == [1e-3, 1e-2, 1e-1]          # the way to skip the checks
+    meta = json.loads((out / "sweep.json").read_text())
+    del meta["weights_sha256"]                                                # a sweep of an older version
+    atomic_write_json(out / "sweep.json", meta)
+    one_line(lambda: load_sweep(out), r"decoder row 0 of member 0 has norm .*, not 1 \(corrupt or modified\)")
+    path.write_bytes(path.read_bytes()[:30])                                  # a bad safetensors header
+    one_line(lambda: load_sweep(out, verify=False), r"sweep.safetensors is not a readable safetensors file")
+    assert tensors["decoder"].shape == (3, 64, 32)
+
+
+def test_sweep_json_that_disagrees_with_the_tensors_is_refused(small_sweep, tmp_path):
+    from training.steering import select_dictionary
+    from training.top_activations import select_member
+    out = damaged_copy(small_sweep, tmp_path / "o")
+    meta = json.loads((out / "sweep.json").read_text())
+    atomic_write_json(out / "sweep.json", {**meta, "keys": meta["keys"][:2], "members": meta["members"][:2]})
+    one_line(lambda: load_sweep(out), r"sweep.safetensors holds tensors .*\(3, 64, 32\).* but .*sweep.json "
+                                      r"describes .*\(2, 64, 32\)")
+    atomic_write_json(out / "sweep.json", {**meta, "keys": meta["keys"][:2]})
+    one_line(lambda: load_sweep(out), r"sweep.json is not a valid sweep description \(2 keys but 3 members\)")
+    atomic_write_json(out / "sweep.json", {**meta, "d_hidden": 65})
+    one_line(lambda: load_sweep(out, verify=False), r"holds tensors .* but .* describes")
+    (out / "sweep.json").write_text('{"architecture": "l1", "keys": [0.1')
+    for call in (lambda: load_sweep(out), lambda: select_member(out, l1=0.1), lambda: select_dictionary(out, l1=0.1)):
+        one_line(call, r"sweep.json is not valid JSON \(.*\): rerun basic_l1_sweep.py")
+    (out / "sweep.json").write_text("[1, 2]")
+    one_line(lambda: load_sweep(out), r"sweep.json is not a valid sweep description \(not a JSON object\)")
+
+
+def test_garbage_json_files_are_one_line_through_the_cli(small_sweep, tmp_path, capsys):
+    from training.evaluate import read_sweep
+    from training.top_activations import FeatureFile, read_features_json
+    out = damaged_copy(small_sweep, tmp_path / "o")
+    (out / "sweep.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda c: load_sweep(c.output_dir), "", SweepConfig, ["--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out / 'sweep.json'} is not valid JSON")
+    one_line(lambda: read_sweep(out), r"sweep.json is not valid JSON")
+    features = tmp_path / "features.json"
+    for garbage in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"format": 1}'):
+        features.write_bytes(garbage)
+        one_line(lambda: read_features_json(features), r"features.json (is not valid JSON|is not a features.json)")
+        one_line(lambda: FeatureFile(features), r"features.json (is not valid JSON|is not a features.json)")
+
+
+def test_an_all_frozen_sweep_is_an_error_and_a_finite_explosion_is_flagged(chunk_root, tmp_path):
+    with pytest.raises(UserError, match=r"every member hit a NaN/inf loss and was frozen, so the sweep in .* is not "
+                                        r"finished: .*lower --adam_lr \(now 1e\+06\)$"):
+        run_sweep(cfg_for(chunk_root, tmp_path / "nan", adam_lr=1e6, max_tokens=1000))
+    meta = json.loads((tmp_path / "nan" / "sweep.json").read_text())
+    assert not meta["finished"] and all(m["frozen"] for m in meta["members"])
+    result = run_sweep(cfg_for(chunk_root, tmp_path / "big", adam_lr=1e3, max_tokens=2000))
+    assert all(not m["frozen"] and m["diverged"] for m in result.metrics), result.metrics
+    printed = str(result)
+    assert "diverged" in result.table().splitlines()[1] and "warning: members [0.001, 0.01, 0.1] diverged" in printed
+    assert all(m["diverged"] for m in json.loads((tmp_path / "big" / "sweep.json").read_text())["members"])
+    fine = run_sweep(cfg_for(chunk_root, tmp_path / "fine", max_tokens=2000))
+    assert not any(m["diverged"] for m in fine.metrics) and "warning" not in str(fine)

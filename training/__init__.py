@@ -3,10 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load_sweep(path, device="cpu"):
-    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): module}; see training.sweep."""
-    from training.sweep import load_sweep as _load
-    return _load(path, device)
+def load_sweep(path, device="cpu", verify=True):
+    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): module}, checked against sweep.json
+    (`verify=False` skips the checksum and norm checks); see training.sweep_files."""
+    from training.sweep_files import load_sweep as _load
+    return _load(path, device, verify)
 
 
 def open_hook(path, hook=None):

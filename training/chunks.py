@@ -50,6 +50,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path, advice: str) -> Any:
+    """The JSON in `path`; a missing, unreadable or invalid file is a one-line UserError ending in `advice`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {advice}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not valid JSON ({reason}): {advice}") from None
+
+
 def file_sha256(path: Path, block: int = 1 << 24) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

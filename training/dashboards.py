@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from training.chunks import has_tokens
 from training.cli import UserError
 from training.models import DTYPE_CHOICES
+from training.sweep_files import check_made_from
 from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
                                       select_member, visible_token)
 
@@ -638,6 +639,7 @@ def make_dashboards(cfg: DashboardConfig) -> DashboardResult:
     if src["kind"] == "sae":
         sweep = cfg.sweep or src["sweep"]
         _, module, sweep_meta = select_member(sweep, key=str(src["key"]))
+        check_made_from(path, src.get("sweep_sha256"), sweep, sweep_meta, "gather_high_activations.py")
         manifest = sweep_meta.get("source_manifest")
         decoder = module.decoder.detach().float()
         if decoder.shape[0] != doc["n_features"]:

@@ -153,9 +153,8 @@ def read_sweep(path: Path, allow_unfinished: bool = False) -> dict[str, Any]:
     """sweep.json of a sweep folder with finished weights; a missing or unfinished sweep is a UserError."""
     if not path.exists():
         raise UserError(f"sweep folder {path} does not exist: give a folder written by basic_l1_sweep.py")
-    if not (path / "sweep.json").exists():
-        raise UserError(f"no sweep in {path}: expected sweep.json and sweep.safetensors written by basic_l1_sweep.py")
-    meta = json.loads((path / "sweep.json").read_text())
+    from training.sweep_files import read_sweep_json
+    meta = read_sweep_json(path)
     if not (path / "sweep.safetensors").exists():
         raise UserError(f"{path} has sweep.json but no sweep.safetensors: the sweep saved no weights yet")
     if not meta.get("finished", False) and not allow_unfinished:
@@ -429,7 +428,7 @@ def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
     """Evaluate every member of the sweep in cfg.sweep and write report.json, report.md and the plots there."""
     from training.hooks import describe_valid_hooks
     from training.models import analysis_dtype, load_model, resolve_device
-    from training.sweep import load_sweep
+    from training.sweep_files import load_sweep
 
     for name in ("n_tokens", "batch_size", "histogram_bins"):
         if getattr(cfg, name) < 1:
@@ -487,7 +486,7 @@ def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
     report = {
         "toolkit_version": training.__version__,
         "evaluated": {
-            "sweep": str(folder.resolve()), "architecture": arch, "key_name": key_name(arch), "keys": keys,
+            "sweep": str(folder.resolve()), "sweep_sha256": meta.get("weights_sha256"), "architecture": arch, "key_name": key_name(arch), "keys": keys,
             "model": ev.model, "hook": ev.hook, "dataset": ev.dataset, "dataset_split": ev.dataset_split,
             "text_column": ev.text_column, "context_length": ev.context_length, "held_out": ev.held_out,
             "skip_sequences": ev.skip_sequences, "n_tokens": n_tok, "n_tokens_requested": cfg.n_tokens,

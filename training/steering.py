@@ -493,13 +493,11 @@ def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None 
                       device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], float | int]:
     """(dictionary, sweep.json, its key) of the member chosen by `l1` (L1 sweep) or `k` (TopK sweep);
     either may be left out when the sweep has a single member."""
-    from training.sweep import SWEEP_JSON, load_sweep
+    from training.sweep_files import load_sweep, read_sweep_json
     path = Path(sweep)
     if not path.exists():
         raise UserError(f"sweep {path} does not exist: pass the --output_dir of basic_l1_sweep.py")
-    if not (path / SWEEP_JSON).exists():
-        raise UserError(f"no sweep in {path}: expected {SWEEP_JSON} written by basic_l1_sweep.py")
-    meta = json.loads((path / SWEEP_JSON).read_text())
+    meta = read_sweep_json(path)
     keys = meta["keys"]
     topk = meta["architecture"] == "topk"
     flag, value, other = ("--k", k, l1) if topk else ("--l1", l1, k)

@@ -3,8 +3,10 @@
 Output folder:
     sweep.safetensors   stacked weights of every member: center [n, d_in], encoder [n, d_hidden, d_in],
                         encoder_bias [n, d_hidden], decoder [n, d_hidden, d_in]
-    sweep.json          config, architecture, per-member hyperparameters and final metrics, source manifest
-    checkpoint.safetensors / checkpoint.json   full training state (optimizer too) for --resume
+    sweep.json          config, architecture, per-member hyperparameters and final metrics, source manifest, and
+                        the SHA-256 of sweep.safetensors
+    checkpoint.json + checkpoint-<generation>.safetensors   full training state (optimizer too) for --resume,
+                        saved as one unit (see training/sweep_files.py)
     metrics.jsonl       one line per member every --log_every steps
 """
 
@@ -27,17 +29,20 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
+from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
-from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
+from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
+from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, checkpoint_files, clear_sweep,
+                                  load_sweep,
+                                  read_checkpoint, remove_temporaries, save_checkpoint, write_sweep_json,
+                                  write_sweep_weights)
 
 ARCHITECTURES = ("l1", "topk")
 DEFAULT_INIT_NORM = {"l1": 0.1, "topk": 0.5}
@@ -402,9 +407,6 @@ def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
 
 # ------------------------------------------------------------------------------------- output
 
-SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
-CHECKPOINT_JSON, CHECKPOINT_WEIGHTS = "checkpoint.json", "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
 EVAL_ROWS = 65536
 AUX_REFRESH_STEPS = 100
 """TopK: steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
@@ -432,23 +434,23 @@ def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, 
     if cfg.resume:
         if not ckpt.exists():
             raise UserError(f"--resume: no {CHECKPOINT_JSON} in {out}: start the run without --resume")
-        saved = json.loads(ckpt.read_text())
+        remove_temporaries(out)
+        saved, state = read_checkpoint(out, {f.name for f in dataclasses.fields(Progress)})
         diff = config_diff(config_from_dict(SweepConfig, saved["config"]), cfg, ignore=RESUMABLE_CHANGES)
         if diff:
             detail = "; ".join(f"--{k}: run has {a!r}, asked {b!r}" for k, (a, b) in sorted(diff.items()))
             raise UserError(f"--resume with different flags ({detail}): resume with the run's flags")
-        return saved, load_file(str(out / CHECKPOINT_WEIGHTS))
+        return saved, state
     if (ckpt.exists() or (out / SWEEP_JSON).exists()) and not cfg.overwrite:
         raise UserError(f"{out} already holds a sweep: pass --resume to continue it, --overwrite to replace it, "
                         "or another --output_dir")
-    for name in (CHECKPOINT_JSON, CHECKPOINT_WEIGHTS, SWEEP_JSON, SWEEP_WEIGHTS, METRICS):
-        (out / name).unlink(missing_ok=True)
+    clear_sweep(out, derived=cfg.overwrite)
     return None, None
 
 
 def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-                   metrics: list[dict[str, float]] | None, finished: bool) -> dict[str, Any]:
-    """The contents of sweep.json."""
+                   metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str) -> dict[str, Any]:
+    """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
     keys = member_keys(cfg)
     name = "l1" if cfg.architecture == "l1" else "k"
     members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
@@ -467,22 +469,24 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
         "finished": finished,
         "config": config_to_dict(cfg),
         "source_manifest": data.manifest,
+        "weights_sha256": weights_sha256,
     }
 
 
 def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> None:
-    """Write the dictionaries (sweep.*) and the full training state (checkpoint.*), each atomically.
+               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> str:
+    """Write the full training state (one checkpoint unit), then the dictionaries (sweep.*); return the SHA-256
+    of sweep.safetensors.
 
     Every tensor is copied straight to the host, one at a time (no device-side copy). Nothing random is
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
+    save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
     weights = raw_space_params(ens.params, progress.input_scale)
-    save_tensors(out / SWEEP_WEIGHTS, weights)
+    digest = write_sweep_weights(out, weights)
     del weights
-    atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished))
-    save_tensors(out / CHECKPOINT_WEIGHTS, ens.state_dict(device="cpu"))
-    atomic_write_json(out / CHECKPOINT_JSON, {"config": config_to_dict(cfg), "progress": vars(progress)})
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
+    return digest
 
 
 SAVE_SLACK_BYTES = 1 << 20
@@ -515,7 +519,7 @@ def check_output_space(cfg: SweepConfig, n_models: int, d_in: int) -> None:
     where = existing_folder(out)
     if not writable(where):
         raise UserError(f"--output_dir {out}: {where} is read-only: make it writable or choose another --output_dir")
-    held = sum((out / n).stat().st_size for n in (SWEEP_WEIGHTS, CHECKPOINT_WEIGHTS) if (out / n).is_file())
+    held = sum(f.stat().st_size for f in [out / SWEEP_WEIGHTS, *checkpoint_files(out).values()] if f.is_file())
     need, free = 2 * save_bytes(cfg, n_models, d_in) - held, shutil.disk_usage(where).free
     if free < need:
         raise UserError(f"--output_dir {out}: the sweep needs {format_bytes(need).strip()} free on the disk of {where} "
@@ -577,22 +581,12 @@ def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str,
     return out
 
 
-def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> dict[float | int, torch.nn.Module]:
-    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): SparseLinearAutoencoder/TopKAutoencoder}."""
-    path = Path(path)
-    if not (path / SWEEP_JSON).exists():
-        raise UserError(f"no sweep in {path}: expected {SWEEP_JSON} and {SWEEP_WEIGHTS} written by basic_l1_sweep.py")
-    meta = json.loads((path / SWEEP_JSON).read_text())
-    params = load_file(str(path / SWEEP_WEIGHTS), device=str(device))
-    k = torch.tensor(meta["keys"]) if meta["architecture"] == "topk" else None
-    modules = unstack_dictionaries(params, meta["architecture"], k)
-    return dict(zip(meta["keys"], (m.eval() for m in modules)))
-
-
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after `step` (they belong to the part of a killed run that is redone)."""
+    """Drop metric lines logged after `step` (they belong to the part of a killed run that is redone), and a line
+    that a kill cut short."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        whole = path.read_text(errors="replace").split("\n")[:-1]      # the text after the last newline is cut short
+        lines = [ln for ln in whole if (s := _metric_step(ln)) is not None and s <= step]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in lines))
         tmp.replace(path)
@@ -615,10 +609,11 @@ class SweepResult:
     def table(self) -> str:
         """The end-of-run summary: one row per member."""
         name = "l1" if self.architecture == "l1" else "k"
-        rows = [f"{name:>10} {'L0':>8} {'expl. var':>10} {'MSE':>10} {'dead %':>7} {'frozen':>7}"]
+        rows = [f"{name:>10} {'L0':>8} {'expl. var':>10} {'MSE':>10} {'dead %':>7} {'status':>8}"]
         for key, m in zip(self.keys, self.metrics):
+            status = "frozen" if m["frozen"] else "diverged" if m.get("diverged") else ""
             rows.append(f"{key:>10.3g} {m['l0']:>8.1f} {m['explained_variance']:>10.4f} {m['mse']:>10.4g} "
-                        f"{100 * m['dead_fraction']:>7.1f} {'yes' if m['frozen'] else '':>7}")
+                        f"{100 * m['dead_fraction']:>7.1f} {status:>8}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -626,15 +621,29 @@ class SweepResult:
         n = len(self.keys)
         return (f"trained {n} dictionaries for {self.progress.step:,} steps ({self.progress.tokens:,} tokens each; "
                 f"{rate:,.0f} tokens/s per member, {n * rate:,.0f} tokens/s in all) into {self.output_dir}\n"
-                f"scored on {self.progress.eval_rows}:\n{self.table()}{self.warnings()}")
+                f"scored on {self.progress.eval_rows}:\n{self.table()}{diverged_note(self.keys, self.metrics)}")
 
-    def warnings(self) -> str:
-        """Lines after the table naming members that diverged (see `flag_diverged`), or ""."""
-        diverged = [key for key, m in zip(self.keys, self.metrics) if m.get("diverged")]
-        if not diverged:
-            return ""
-        return (f"\nwarning: members {diverged} diverged (explained variance below {DIVERGED_EXPLAINED_VARIANCE:g}: "
-                "the loss exploded while staying finite): lower --adam_lr")
+
+DIVERGED_EXPLAINED_VARIANCE = -1.0
+"""A member that did not freeze but ends below this explained variance has diverged (see `flag_diverged`)."""
+
+
+def flag_diverged(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark each member's metrics with "diverged": not frozen, yet its final explained variance is not finite or
+    below DIVERGED_EXPLAINED_VARIANCE (-1: its reconstruction error exceeds twice the inputs' variance, far worse
+    than reconstructing every row as the mean, which any trained dictionary beats; a loss that exploded while
+    staying finite, e.g. from too high an --adam_lr, ends there)."""
+    for m in metrics:
+        ev = m["explained_variance"]
+        m["diverged"] = not m["frozen"] and not (math.isfinite(ev) and ev >= DIVERGED_EXPLAINED_VARIANCE)
+    return metrics
+
+
+def diverged_note(keys: list, metrics: list[dict[str, Any]]) -> str:
+    """The summary's warning line about diverged members ('' if none)."""
+    bad = [k for k, m in zip(keys, metrics) if m.get("diverged")]
+    return (f"\nwarning: members {bad} diverged (explained variance below {DIVERGED_EXPLAINED_VARIANCE:g}: the loss "
+            "exploded while staying finite): lower --adam_lr" if bad else "")
 
 
 def training_device(name: str | None) -> torch.device:
@@ -813,19 +822,12 @@ def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 
     return out
 
 
-DIVERGED_EXPLAINED_VARIANCE = -1.0
-"""A member that did not freeze but ends below this explained variance has diverged (see `flag_diverged`)."""
-
-
-def flag_diverged(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mark each member's metrics with "diverged": not frozen, yet its final explained variance is not finite or
-    below DIVERGED_EXPLAINED_VARIANCE (-1: its reconstruction error exceeds twice the inputs' variance, far worse
-    than reconstructing every row as the mean, which any trained dictionary beats; a loss that exploded while
-    staying finite, e.g. from too high an --adam_lr, ends there)."""
-    for m in metrics:
-        ev = m["explained_variance"]
-        m["diverged"] = not m["frozen"] and not (math.isfinite(ev) and ev >= DIVERGED_EXPLAINED_VARIANCE)
-    return metrics
+def _metric_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line (None if the line is not one)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
@@ -941,15 +943,16 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
-    if bool(ens.frozen.all()):
-        raise UserError(f"every member hit a NaN/inf loss and froze (see {out / METRICS}), so the sweep is not "
-                        "finished: lower --adam_lr, check the data, and rerun with --overwrite")
+    digest = save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
     metrics = flag_diverged(evaluate(ens, eval_rows, device, progress.input_scale,
                                      eval_block_rows(cfg.architecture, cfg.batch_size)))
-    atomic_write_json(out / SWEEP_JSON, sweep_metadata(cfg, ens, data, progress, metrics, finished=True))
+    usable = not all(m["frozen"] for m in metrics)
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, usable, digest))
     if wandb_run is not None:
         wandb_run.finish()
+    if not usable:
+        raise UserError(f"every member hit a NaN/inf loss and was frozen, so the sweep in {out} is not finished: "
+                        f"check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
     if frozen:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")

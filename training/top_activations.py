@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, require_tokens
+from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, read_json, require_tokens
 from training.cli import UserError, config_to_dict
 from training.models import DTYPE_CHOICES, analysis_dtype, manifest_dtype, resolve_device, resolve_model_path
 
@@ -667,11 +667,9 @@ def key_label(key_name: str, key: float | int) -> str:
 def select_member(sweep: str | Path, l1: float | None = None, k: int | None = None, key: str | None = None
                   ) -> tuple[float | int, torch.nn.Module, dict[str, Any]]:
     """(key, dictionary, sweep.json) of the member chosen by --l1 / --k / --key (or the only one)."""
-    from training.sweep import SWEEP_JSON, load_sweep
+    from training.sweep_files import load_sweep, read_sweep_json
     path = Path(sweep)
-    if not (path / SWEEP_JSON).exists():
-        raise UserError(f"no sweep in {path}: expected {SWEEP_JSON} written by basic_l1_sweep.py")
-    meta = json.loads((path / SWEEP_JSON).read_text())
+    meta = read_sweep_json(path)
     arch, keys = meta["architecture"], list(meta["keys"])
     name = "l1" if arch == "l1" else "k"
     listing = ", ".join(f"{v:g}" for v in keys)
@@ -745,14 +743,18 @@ class FeatureFile:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"{self.path} does not exist: run gather_high_activations.py first")
-        with open(self.path, encoding="utf-8") as f:
-            first = f.readline()
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                first = f.readline()
+        except UnicodeDecodeError:
+            first = ""
         self._whole: list[dict[str, Any]] | None = None
         if first.endswith(_FEATURES_OPEN):
             try:
                 self.header = json.loads(first[:-len(_FEATURES_OPEN)] + "}")
             except json.JSONDecodeError:
-                raise UserError(f"{self.path} has a damaged first line: regenerate it") from None
+                raise UserError(f"{self.path} has a damaged first line: rerun gather_high_activations.py to "
+                                "regenerate it") from None
         else:
             data = read_features_json(self.path)
             self._whole = data.pop("features")
@@ -788,11 +790,8 @@ def read_features_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: run gather_high_activations.py first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): regenerate it") from None
-    if data.get("format") != FORMAT:
+    data = read_json(path, "rerun gather_high_activations.py to regenerate it")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("features"), list):
         raise UserError(f"{path} is not a features.json written by gather_high_activations.py")
     return data
 
@@ -880,10 +879,8 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
         key, module, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)  # type: ignore[arg-type]
         label = key_label("l1" if meta["architecture"] == "l1" else "k", key)
     elif cfg.sweep is not None:
-        from training.sweep import SWEEP_JSON
-        if not (Path(cfg.sweep) / SWEEP_JSON).exists():
-            raise UserError(f"no sweep in {cfg.sweep}: expected {SWEEP_JSON} written by basic_l1_sweep.py")
-        meta = json.loads((Path(cfg.sweep) / SWEEP_JSON).read_text())
+        from training.sweep_files import read_sweep_json
+        meta = read_sweep_json(cfg.sweep)
     source, tokenizer, where = open_source(cfg, meta, device)
     if cfg.neurons:
         scorer: Any = NeuronScorer(source.d, cfg.make_positive_by)
@@ -895,7 +892,8 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
         scorer = SaeScorer(module, device)
         source_info = {"kind": "sae", "sweep": str(Path(cfg.sweep).resolve()), "key": key,  # type: ignore[arg-type]
                        "key_name": "l1" if meta["architecture"] == "l1" else "k",  # type: ignore[index]
-                       "architecture": meta["architecture"], "d_in": meta["d_in"]}  # type: ignore[index]
+                       "architecture": meta["architecture"], "d_in": meta["d_in"],  # type: ignore[index]
+                       "sweep_sha256": meta.get("weights_sha256")}  # type: ignore[union-attr]
     source_info.update(where)
     out_path = default_output(cfg, label, where["hook"])
 
