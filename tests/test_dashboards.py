@@ -253,3 +253,12 @@ def test_site_in_headless_chromium(gathered, site, tmp_path):
         png = shots / f"{name}.png"
         chromium(url.as_uri(), profile, f"--screenshot={png}", "--window-size=1280,1600")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_locked_site_is_refused(gathered, tmp_path):
+    from lock_holder import held_lock
+    with held_lock(tmp_path, ".site.lock") as holder:
+        with pytest.raises(UserError, match=f"site is in use by another process \\(PID {holder.pid}\\)"):
+            make_dashboards(DashboardConfig(features=str(gathered["features"]), output=str(tmp_path / "site"),
+                                            logits=False, device="cpu"))
+    assert not (tmp_path / "site").exists()

@@ -22,6 +22,7 @@ from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_js
                              remove_dataset, save_tensors)
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
+from training.locks import folder_lock
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
 from training.prefetch import Prefetch
 from training.text import iter_documents, pack_token_rows, special_token_ids
@@ -411,8 +412,13 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     stop = stop_at_layer(hooks, n_layers)
     if cfg.context_length > model.cfg.n_ctx:
         raise UserError(f"--context_length {cfg.context_length} exceeds the model's {model.cfg.n_ctx} positions")
+    with folder_lock(root):  # one writer per dataset folder
+        return write_dataset(cfg, root, model, hooks, stop, device, argv)
 
-    root.mkdir(parents=True, exist_ok=True)
+
+def write_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str], stop: int | None,
+                  device: torch.device, argv: Sequence[str]) -> Summary:
+    """Write (or resume writing) the chunks of `hooks` into the locked folder `root`."""
     manifest = prepare_folder(cfg, root)
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.inference_mode():

@@ -30,6 +30,7 @@ import training
 from training.chunks import HookData, atomic_write_json, open_hook, save_tensors
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params, unstack_dictionaries
+from training.locks import folder_lock
 from training.memory import available_bytes, estimate_sweep, eval_block_rows, memory_report
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
@@ -634,6 +635,12 @@ def start_wandb(cfg: SweepConfig) -> Any:
 
 @_restores_backend_flags
 def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder)."""
+    with folder_lock(cfg.output_dir):
+        return _train_sweep(cfg)
+
+
+def _train_sweep(cfg: SweepConfig) -> SweepResult:
     """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
     for name in ("batch_size", "n_repetitions", "log_every"):
         if getattr(cfg, name) < 1:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from training.cli import UserError, config_to_dict
+from training.locks import output_lock
 from training.corpus import BUILTIN_DATASET, document_bucket
 from training.text import Document, available_splits, iter_documents, pack_token_rows
 
@@ -379,6 +380,12 @@ def train_tiny_lm(cfg: TinyLMConfig) -> dict[str, Any]:
     """Train tokenizer + model as `cfg` says, save them to `cfg.output_dir`; return training.json's content."""
     cfg.validate()
     out = _check_output_dir(cfg)
+    with output_lock(out):  # one writer per output folder
+        return _train(cfg, out)
+
+
+def _train(cfg: TinyLMConfig, out: Path) -> dict[str, Any]:
+    """Train and save, the output folder `out` locked."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.monotonic()
