@@ -42,7 +42,7 @@ def test_killed_holder_releases_the_lock(tmp_path):
 def test_clean_release_leaves_nothing(tmp_path):
     with folder_lock(tmp_path / "new" / "out") as folder:
         assert folder.is_dir()
-    assert not (tmp_path / "new" / "out").exists()  # created by the job and left empty: removed
+    assert not (tmp_path / "new").exists()  # created by the job and left empty: removed, parents too
     (tmp_path / "kept").mkdir()
     with folder_lock(tmp_path / "kept"):
         (tmp_path / "kept" / "result.txt").write_text("x")
@@ -110,3 +110,10 @@ def test_tools_refuse_a_locked_output(tmp_path, local_text_files):
     with held_lock(tmp_path, ".imported.lock") as holder:
         with pytest.raises(UserError, match=f"PID {holder.pid}"):
             run_import(ImportConfig(input=[str(tmp_path / "a.npy")], out=str(tmp_path / "imported")), argv=["x"])
+
+
+def test_a_file_in_place_of_the_folder_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        with folder_lock(tmp_path / "f"):
+            pass

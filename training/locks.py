@@ -60,22 +60,25 @@ def _write_pid(fd: int) -> None:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
-def _make_folder(folder: Path) -> bool:
-    """Create `folder` (and its parents) if missing; True when this call created it."""
-    if folder.is_dir():
-        return False
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` (and its parents) if missing; returns the folders this call created, innermost first."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder: choose another path")
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    if not missing:
+        return []
     try:
         folder.mkdir(parents=True)
     except FileExistsError:
         if not folder.is_dir():
             raise UserError(f"{folder} exists and is not a folder: choose another path") from None
-        return False
+        return []
     except OSError as e:
         if e.errno in READ_ONLY:
             raise UserError(f"cannot create {folder}: {e.strerror} (read-only location): choose another "
                             "folder") from None
         raise
-    return True
+    return missing
 
 
 @contextmanager
@@ -94,11 +97,11 @@ def folder_lock(folder: str | Path, lock_name: str = LOCK_NAME, what: str | None
             path.unlink(missing_ok=True)  # while still locked: a waiting opener sees the inode change and retries
         finally:
             os.close(fd)
-        if created:
+        for made in created:
             try:
-                folder.rmdir()  # only when the job left it empty
+                made.rmdir()  # only when the job left it empty
             except OSError:
-                pass
+                break
 
 
 def output_lock(target: str | Path) -> ContextManager[Path]:
