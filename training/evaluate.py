@@ -467,14 +467,13 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     stats = [MemberStats(EvalStats(sparsity=SparsityStats(dense_threshold=cfg.dense_threshold))) for _ in members]
 
     t0 = time.perf_counter()
-    batches = token_batches(token_rows(ev, model.tokenizer), cfg.batch_size, special, cfg.n_tokens)
-    first = next(batches, None)
-    if first is not None:
-        _check_width(model, ev.hook, first[0][:1].to(device), meta["d_in"], ev.model)
-        batches = itertools.chain([first], batches)
+    # tokenised up front (ids only: small), so that the bar counts to the tokens the text actually holds
+    batches = list(token_batches(token_rows(ev, model.tokenizer), cfg.batch_size, special, cfg.n_tokens))
+    if batches:
+        _check_width(model, ev.hook, batches[0][0][:1].to(device), meta["d_in"], ev.model)
     n_seq, n_tok = 0, 0
-    bar = tqdm(total=cfg.n_tokens, unit="tok", unit_scale=True, desc=f"evaluating {len(members)} members",
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(int(mask.sum()) for _, mask in batches), unit="tok", unit_scale=True,
+               desc=f"evaluating {len(members)} members", dynamic_ncols=True)
     try:
         for tokens, mask in batches:
             evaluate_batch(model, ev.hook, tokens.to(device), mask.to(device), members, stats, cfg.with_error)
