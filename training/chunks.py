@@ -42,14 +42,33 @@ _NP_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np
               "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON to `path` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the written and fsynced file `tmp` to `path`, then flush the folder entry."""
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON to `path` through a temporary file, fsynced, and a rename (no .tmp left on failure)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: Path, block: int = 1 << 24) -> str:
@@ -68,6 +87,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, A
     the hash in one pass, with no serialised copy and no re-read (it is on the hot path of Stage 1). The layout
     is the safetensors format: u64 header size, JSON header (names sorted, `info` as sorted JSON under the one
     metadata key "info", padded to 8 bytes), then the tensors' bytes in header order. Same input, same bytes.
+    The file is fsynced before the rename that publishes it, and the folder entry after it.
     """
     names = sorted(tensors)
     header: dict[str, Any] = {}
@@ -83,16 +103,22 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, A
     blob += b" " * (-len(blob) % 8)
     digest = hashlib.sha256()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for part in (struct.pack("<Q", len(blob)), blob):
-            f.write(part)
-            digest.update(part)
-        for name in names:
-            t = tensors[name].detach().contiguous()
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-            f.write(data)
-            digest.update(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for part in (struct.pack("<Q", len(blob)), blob):
+                f.write(part)
+                digest.update(part)
+            for name in names:
+                t = tensors[name].detach().contiguous()
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+                f.write(data)
+                digest.update(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no partial file behind
+        raise
     return digest.hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import queue
@@ -309,11 +310,12 @@ class ChunkWriter(threading.Thread):
 
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep taking items, so a main thread blocked in put() wakes and sees the error
             try:
                 self.write(item)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
-                return
 
     def write(self, item: dict[str, Any]) -> None:
         """Write one chunk for every hook, its contexts file, then the manifest (in that order)."""
@@ -397,10 +399,15 @@ def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
     return old
 
 
+def bytes_needed(cfg: GenerateConfig, widths: dict[str, int], n_new: int) -> int:
+    """About how many bytes `n_new` more chunks take on disk (every hook's file and the contexts)."""
+    bytes_per_row = sum(widths.values()) * PRECISIONS[cfg.precision].itemsize + 16 * (len(widths) + 1)
+    return n_new * cfg.chunk_size * bytes_per_row
+
+
 def check_disk_space(root: Path, cfg: GenerateConfig, widths: dict[str, int], n_new: int) -> None:
     """Refuse up front a run whose chunks would not fit on the disk."""
-    bytes_per_row = sum(widths.values()) * PRECISIONS[cfg.precision].itemsize + 16 * (len(widths) + 1)
-    need = n_new * cfg.chunk_size * bytes_per_row
+    need = bytes_needed(cfg, widths, n_new)
     free = shutil.disk_usage(root).free
     if need > free:
         raise UserError(f"{n_new} more chunk(s) need about {need / 1e9:.1f} GB but {root} has "
@@ -526,9 +533,11 @@ def write_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str],
     with no chunk in the folder leaves no dataset behind, so it cannot block the corrected rerun."""
     try:
         summary = extend_dataset(cfg, root, model, hooks, stop, widths, device, argv)
-    except BaseException:
+    except BaseException as e:
         if holds_no_chunk(root):
             remove_dataset(root)
+        if isinstance(e, OSError) and (plain := disk_error(e, cfg, root, widths)) is not None:
+            raise plain from None
         raise
     if summary.chunks == 0:
         remove_dataset(root)
@@ -536,6 +545,35 @@ def write_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str],
                         f"than --context_length {cfg.context_length}, or only special tokens): give a dataset with "
                         "more text")
     return summary
+
+
+def chunks_on_disk(root: Path) -> int:
+    """How many chunks the manifest in `root` lists (0 when there is none or it cannot be read)."""
+    try:
+        return len(json.loads((root / MANIFEST).read_text())["chunks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def disk_error(e: OSError, cfg: GenerateConfig, root: Path, widths: dict[str, int]) -> UserError | None:
+    """The one-line error for a full disk or a read-only folder met while writing `root` (None for others)."""
+    where = e.filename or root
+    if e.errno == errno.ENOSPC:
+        n_new = max(1, cfg.n_chunks - chunks_on_disk(root))
+        return UserError(f"the disk is full: no space left writing {where}; the {n_new} chunk(s) still to write "
+                         f"need about {bytes_needed(cfg, widths, n_new) / 1e9:.2f} GB on the disk of {root}: free "
+                         "space there (or choose another --dataset_folder) and rerun the same command to resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{where} is read-only ({e.strerror}): make {root} writable or choose another "
+                         "--dataset_folder")
+    return None
+
+
+def remove_stale_tmp(root: Path, hooks: Sequence[str]) -> None:
+    """Delete the .tmp files that a killed run left in `root` (the folder is locked: no writer owns them)."""
+    for folder in [root, *(root / h for h in hooks), root / CONTEXTS]:
+        for tmp in folder.glob("*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
 
 
 def holds_no_chunk(root: Path) -> bool:
@@ -549,6 +587,7 @@ def holds_no_chunk(root: Path) -> bool:
 def extend_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str], stop: int | None,
                    widths: dict[str, int], device: torch.device, argv: Sequence[str]) -> Summary:
     """Repair the chunks already in `root`, then write the ones still missing."""
+    remove_stale_tmp(root, hooks)
     manifest = prepare_folder(cfg, root)
     repaired = 0 if manifest is None else repair(cfg, root, manifest, model, hooks, stop, device, widths)
     if manifest is None:
