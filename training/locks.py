@@ -33,6 +33,9 @@ def _open_locked(path: Path, what: str) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # a releasing holder removed the folder it had created: make it again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         except OSError as e:
             if e.errno in READ_ONLY:
                 raise UserError(f"{path.parent} is read-only ({e.strerror}): make it writable or choose another "
