@@ -88,3 +88,28 @@ def test_files_read_back_with_the_official_safetensors_reader(tmp_path):
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert f.metadata() == {"info": '{"partial": false}'}
+
+
+@pytest.mark.parametrize("replacement, message", [
+    ({"activations": torch.ones(5, 2)}, r"holds \[5, 2\] float32, not the \[4, 2\]"),
+    ({"activations": torch.ones(4, 3)}, r"holds \[4, 3\] float32, not the \[4, 2\]"),
+    ({"activations": torch.ones(4, 2, dtype=torch.float16)}, r"holds \[4, 2\] float16, not the \[4, 2\] float32"),
+    ({"other": torch.ones(4, 2)}, r"holds no activations"),
+    (b"\xff" * 8 + b"{}", "has a damaged header"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ", "has a damaged header"),
+])
+def test_load_checks_the_header_against_the_manifest(tmp_path, replacement, message):
+    write_folder(tmp_path, ["h"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    atomic_write_json(tmp_path / "manifest.json", dict(manifest, config={"precision": "float32"}))
+    data = open_hook(tmp_path)
+    assert data.load(0)["activations"].shape == (4, 2)
+    path = tmp_path / "h" / "0.safetensors"
+    if isinstance(replacement, bytes):
+        path.write_bytes(replacement)
+    else:
+        save_tensors(path, replacement)
+    with pytest.raises(UserError, match=message) as info:
+        data.load(0)  # no checksum asked: the header alone gives it away
+    assert str(path) in str(info.value) and "rerun generate_test_data.py with the same flags, which repairs it" \
+        in str(info.value) and "\n" not in str(info.value)

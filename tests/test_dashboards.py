@@ -280,3 +280,12 @@ def test_derived_outputs_of_an_overwritten_sweep_are_refused_or_gone(gathered, t
     with pytest.raises(UserError, match="already holds a sweep"):    # without --overwrite nothing is removed
         run_sweep(SweepConfig(dataset_dir=str(gathered["root"] / "data" / HOOK), output_dir=str(sweep), ratio=2,
                               l1_values=[1e-3, 1e-2], batch_size=175, device="cpu"))
+
+
+def test_locked_site_is_refused(gathered, tmp_path):
+    from lock_holder import held_lock
+    with held_lock(tmp_path, ".site.lock") as holder:
+        with pytest.raises(UserError, match=f"site is in use by another process \\(PID {holder.pid}\\)"):
+            make_dashboards(DashboardConfig(features=str(gathered["features"]), output=str(tmp_path / "site"),
+                                            logits=False, device="cpu"))
+    assert not (tmp_path / "site").exists()

@@ -285,3 +285,27 @@ def test_nan_member_is_reported_as_null_and_left_out_of_the_knee(l1_sweep, tmp_p
     assert report["members"][0]["explained_variance"] is None and report["members"][0]["ce_spliced"] is None
     assert report["members"][1]["explained_variance"] is not None and report["knee"]["distances"][0] is None
     assert "n/a" in str(result) and (broken / "ev_vs_l0.png").exists()
+
+
+def test_progress_bar_counts_to_the_tokens_the_text_holds(l1_sweep, tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+    from conftest import fixture_documents
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+    monkeypatch.setattr(evaluate, "tqdm", Recorder)
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(fixture_documents(20)))
+    result = evaluate_sweep(EvaluateConfig(sweep=str(l1_sweep), dataset=str(short), n_tokens=200000, batch_size=5,
+                                           device="cpu"))
+    n = result.report["evaluated"]["n_tokens"]
+    assert 0 < n < 200000 and [(b.total, b.n) for b in bars] == [(n, n)]

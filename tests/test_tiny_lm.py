@@ -96,3 +96,14 @@ def test_committed_default_model_boots_and_is_trained() -> None:
     assert cache["blocks.1.hook_resid_post"].shape == (1, tokens.shape[1], 128)
     info = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text())
     assert info["heldout_loss"] < info["unigram_heldout_loss"] - 1.0
+
+
+def test_empty_heldout_set_is_said_not_nan(local_text_files: Any, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    info = train_tiny_lm(_small_config(str(local_text_files.jsonl), tmp_path / "lm", heldout_fraction=1e-9))
+    err = capsys.readouterr().err
+    assert info["data"]["heldout_rows"] == 0 and info["heldout_loss"] is None
+    assert "no held-out loss: the held-out text (" in err and "gives no row of 32 tokens" in err
+    assert "nan" not in err.lower()
+    saved = json.loads((tmp_path / "lm" / "training.json").read_text())  # null, not NaN
+    assert saved["heldout_loss"] is None and saved["unigram_heldout_loss"] is None

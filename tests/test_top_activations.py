@@ -284,3 +284,10 @@ def test_features_file_streams_and_reports_damage(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"format": "x", "features": []}, indent=1))
     with pytest.raises(UserError, match="not a features.json written by gather_high_activations.py"):
         FeatureFile(tmp_path / "other.json")
+
+
+def test_locked_features_folder_is_refused(sweeps):
+    from lock_holder import held_lock
+    with held_lock(sweeps["l1"] / "features" / "l1_0.001") as holder:
+        with pytest.raises(UserError, match=f"features.l1_0.001 is in use by another process \\(PID {holder.pid}\\)"):
+            gather(TopActivationsConfig(sweep=str(sweeps["l1"]), l1=1e-3, device="cpu", top_k=2))

@@ -37,6 +37,7 @@ import training
 from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_json, mmap_tensors, remove_dataset,
                              save_tensors)
 from training.cli import UserError, config_to_dict
+from training.locks import output_lock
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUFFIXES = (".npy", ".safetensors")
@@ -435,17 +436,18 @@ def import_sources(sources: Sequence[np.ndarray | torch.Tensor | str | Path], cf
     check_disk_space(out.parent, n, d, cfg.precision)
     tmp = out.resolve().parent / f".{out.resolve().name}.importing"
     t0 = time.perf_counter()
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed import
-    try:
-        (tmp / cfg.hook).mkdir(parents=True)
-        manifest = new_manifest(cfg, command, opened, d, source)
-        written = write_chunks(opened, tmp, cfg, manifest)
-        atomic_write_json(tmp / MANIFEST, manifest)
-        install(tmp, out, cfg.hook)
-    except OSError as e:
-        raise UserError(f"could not write {out}: {one_line(e)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(out.resolve()):  # one writer per dataset folder (the lock sits beside it: it is swapped in)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed import
+        try:
+            (tmp / cfg.hook).mkdir(parents=True)
+            manifest = new_manifest(cfg, command, opened, d, source)
+            written = write_chunks(opened, tmp, cfg, manifest)
+            atomic_write_json(tmp / MANIFEST, manifest)
+            install(tmp, out, cfg.hook)
+        except OSError as e:
+            raise UserError(f"could not write {out}: {one_line(e)}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return ImportSummary(out / cfg.hook, len(opened), n, d, len(manifest["chunks"]), cfg.chunk_size, cfg.precision,
                          written, time.perf_counter() - t0)
 

@@ -36,18 +36,39 @@ CONTEXTS = "contexts"
 FORMAT_VERSION = 1
 _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
               torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The activations' dtype in chunk files, by the manifest's config.precision."""
 _NP_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64,
               "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON to `path` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the written and fsynced file `tmp` to `path`, then flush the folder entry."""
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON to `path` through a temporary file, fsynced, and a rename (no .tmp left on failure)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path, advice: str) -> Any:
@@ -77,6 +98,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, A
     the hash in one pass, with no serialised copy and no re-read (it is on the hot path of Stage 1). The layout
     is the safetensors format: u64 header size, JSON header (names sorted, `info` as sorted JSON under the one
     metadata key "info", padded to 8 bytes), then the tensors' bytes in header order. Same input, same bytes.
+    The file is fsynced before the rename that publishes it, and the folder entry after it.
     """
     names = sorted(tensors)
     header: dict[str, Any] = {}
@@ -92,23 +114,32 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, A
     blob += b" " * (-len(blob) % 8)
     digest = hashlib.sha256()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for part in (struct.pack("<Q", len(blob)), blob):
-            f.write(part)
-            digest.update(part)
-        for name in names:
-            t = tensors[name].detach().contiguous()
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-            f.write(data)
-            digest.update(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for part in (struct.pack("<Q", len(blob)), blob):
+                f.write(part)
+                digest.update(part)
+            for name in names:
+                t = tensors[name].detach().contiguous()
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+                f.write(data)
+                digest.update(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no partial file behind
+        raise
     return digest.hexdigest()
 
 
 def mmap_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Memory-map every tensor of a safetensors file (no copy until touched); also return its `info` metadata."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{len(head)} bytes: not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
         size = os.fstat(f.fileno()).st_size
         if n > size - 8:
             raise ValueError(f"header of {n} bytes in a file of {size} bytes: not a safetensors file")
@@ -170,11 +201,32 @@ class HookData:
         the folder has tokens; `verify` checks the file against its checksum the first time this object loads it."""
         info = self.chunks[i]
         if not info.path.exists():
-            raise UserError(f"chunk {info.path} listed in the manifest is missing: regenerate the dataset")
+            raise UserError(f"chunk {info.path} listed in the manifest is missing: {self.remedy}")
         if verify:
             self.verify(i)
-        tensors, _ = mmap_tensors(info.path)
+        try:
+            tensors, _ = mmap_tensors(info.path)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error):
+            raise UserError(f"chunk {info.path} has a damaged header: {self.remedy}") from None
+        self.check_header(info, tensors)
         return tensors
+
+    @property
+    def remedy(self) -> str:
+        """What to do about a damaged chunk of this folder."""
+        if self.has_tokens:
+            return "rerun generate_test_data.py with the same flags, which repairs it"
+        return "import the activations again with import_activations.py"
+
+    def check_header(self, info: ChunkInfo, tensors: dict[str, torch.Tensor]) -> None:
+        """A UserError when a chunk's activations do not have the shape [rows, d] and the precision the manifest
+        says (read from the header only)."""
+        acts = tensors.get("activations")
+        want = STORAGE_DTYPES.get(self.manifest.get("config", {}).get("precision"))
+        if acts is None or tuple(acts.shape) != (info.rows, self.d) or (want is not None and acts.dtype != want):
+            found = "no activations" if acts is None else f"{list(acts.shape)} {str(acts.dtype).removeprefix('torch.')}"
+            raise UserError(f"chunk {info.path} holds {found}, not the [{info.rows}, {self.d}] "
+                            f"{self.manifest.get('config', {}).get('precision')} the manifest lists: {self.remedy}")
 
     def verify(self, i: int) -> None:
         """Check chunk i against the manifest's checksum unless this object already has (a UserError if it differs);
@@ -185,8 +237,7 @@ class HookData:
             info = self.chunks[i]
             if file_sha256(info.path) != info.sha256:
                 raise UserError(f"chunk {info.path} does not match the checksum in the manifest (corrupt or "
-                                "modified): regenerate it with generate_test_data.py (import_activations.py for "
-                                "imported activations)")
+                                f"modified): {self.remedy}")
             self.verified.add(i)
 
     def iter_chunks(self, verify: bool = False) -> Iterator[dict[str, torch.Tensor]]:

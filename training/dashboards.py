@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from training.chunks import has_tokens
 from training.cli import UserError
+from training.locks import output_lock
 from training.models import DTYPE_CHOICES
 from training.sweep_files import check_made_from
 from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
@@ -685,7 +686,8 @@ def make_dashboards(cfg: DashboardConfig) -> DashboardResult:
         extras.prompts = prompt_activations(model, src["hook"], scorer, cfg.prompt, cfg.prompt_top, shift, device)
 
     out = Path(cfg.output) if cfg.output else path.parent / "dashboards"
-    index = build_site(out, doc, extras, cfg.feature_ids, cfg.title)
+    with output_lock(out):  # one writer per dashboards folder
+        index = build_site(out, doc, extras, cfg.feature_ids, cfg.title)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     pages = len(list((out / "features").glob("*.html")))
     return DashboardResult(index, pages, size, time.perf_counter() - t0, extras.notes)

@@ -33,11 +33,13 @@ from tqdm.auto import tqdm
 import training
 from training.chunks import CONTEXTS, atomic_write_json, has_tokens, mmap_tensors
 from training.cli import UserError, config_to_dict
+from training.locks import folder_lock
 from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
                               next_token_ce)
 from training.models import DTYPE_CHOICES
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+EVALUATE_LOCK = ".evaluate.lock"
 PLOTS = {"ev": "ev_vs_l0.png", "ce": "ce_score_vs_l0.png", "dead": "dead_vs_key.png",
          "density": "density_histograms.png"}
 HELD_OUT_SPLITS = ("validation", "test")
@@ -425,6 +427,14 @@ def _json_safe(obj: Any) -> Any:
 
 
 def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
+    """Evaluate the sweep in cfg.sweep, holding its evaluation lock (one evaluation writes a sweep's report)."""
+    if not Path(cfg.sweep).is_dir():
+        return _evaluate(cfg)  # which says what is missing (locking would create the folder)
+    with folder_lock(cfg.sweep, EVALUATE_LOCK, what=f"the evaluation report of {cfg.sweep}"):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     """Evaluate every member of the sweep in cfg.sweep and write report.json, report.md and the plots there."""
     from training.hooks import describe_valid_hooks
     from training.models import analysis_dtype, load_model, resolve_device
@@ -456,14 +466,13 @@ def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
     stats = [MemberStats(EvalStats(sparsity=SparsityStats(dense_threshold=cfg.dense_threshold))) for _ in members]
 
     t0 = time.perf_counter()
-    batches = token_batches(token_rows(ev, model.tokenizer), cfg.batch_size, special, cfg.n_tokens)
-    first = next(batches, None)
-    if first is not None:
-        _check_width(model, ev.hook, first[0][:1].to(device), meta["d_in"], ev.model)
-        batches = itertools.chain([first], batches)
+    # tokenised up front (ids only: small), so that the bar counts to the tokens the text actually holds
+    batches = list(token_batches(token_rows(ev, model.tokenizer), cfg.batch_size, special, cfg.n_tokens))
+    if batches:
+        _check_width(model, ev.hook, batches[0][0][:1].to(device), meta["d_in"], ev.model)
     n_seq, n_tok = 0, 0
-    bar = tqdm(total=cfg.n_tokens, unit="tok", unit_scale=True, desc=f"evaluating {len(members)} members",
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(int(mask.sum()) for _, mask in batches), unit="tok", unit_scale=True,
+               desc=f"evaluating {len(members)} members", dynamic_ncols=True)
     try:
         for tokens, mask in batches:
             evaluate_batch(model, ev.hook, tokens.to(device), mask.to(device), members, stats, cfg.with_error)

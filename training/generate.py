@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
+import json
 import queue
 import shlex
 import shutil
@@ -12,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -22,8 +24,10 @@ from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_js
                              remove_dataset, save_tensors)
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
+from training.locks import folder_lock
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
 from training.prefetch import Prefetch
+from training.repair import damaged_chunks
 from training.text import iter_documents, pack_token_rows, special_token_ids
 from training.transfer import Landing, to_device
 
@@ -89,11 +93,19 @@ class Summary:
     tokens: int
     bytes_written: int
     seconds: float
+    repaired: int = 0
+    """Listed chunks found missing or corrupt and rewritten."""
+    already_complete: bool = False
+    """The folder held every chunk asked for: no new chunk was written (`tokens` is then 0)."""
 
     def __str__(self) -> str:
+        repaired = f"; repaired {self.repaired} missing or corrupt chunk(s)" if self.repaired else ""
+        if self.already_complete:
+            return (f"{self.folder} is already complete ({self.chunks} chunk(s) per hook)"
+                    + (repaired or "; every chunk matches the manifest, nothing to do"))
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         return (f"wrote {self.tokens:,} tokens in {self.chunks} chunk(s) per hook for {len(self.hooks)} hook(s), "
-                f"{self.bytes_written / 1e9:.2f} GB, {rate:,.0f} tokens/s, into {self.folder}\n  hooks: "
+                f"{self.bytes_written / 1e9:.2f} GB, {rate:,.0f} tokens/s, into {self.folder}{repaired}\n  hooks: "
                 + ", ".join(self.hooks))
 
 
@@ -298,35 +310,46 @@ class ChunkWriter(threading.Thread):
 
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep taking items, so a main thread blocked in put() wakes and sees the error
             try:
                 self.write(item)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
-                return
 
     def write(self, item: dict[str, Any]) -> None:
         """Write one chunk for every hook, its contexts file, then the manifest (in that order)."""
         index = len(self.manifest["chunks"])
         n = len(item["token_ids"])
         partial = n < self.manifest["config"]["chunk_size"]
-        meta = {"rows": n, "partial": partial, "chunk": index}
-        shared = {k: item[k] for k in ("token_ids", "sequence_ids", "positions")}
-        for hook, acts in item["acts"].items():
+        digests, size = write_chunk_files(self.root, index, item, self.manifest["config"]["chunk_size"])
+        self.bytes_written += size
+        for hook, digest in digests.items():
             path = self.root / hook / f"{index}.safetensors"
-            digest = save_tensors(path, {"activations": acts, **shared}, meta)
-            self.bytes_written += path.stat().st_size
             entry = self.manifest["hooks"][hook]
             rows = sum(c["rows"] for c in entry["chunks"])
             mean = torch.tensor(entry["mean"], dtype=torch.float64)
             entry["mean"] = ((mean * rows + item["sums"][hook]) / (rows + n)).tolist()
             entry["mean_norm"] = (entry["mean_norm"] * rows + item["norm_sums"][hook]) / (rows + n)
             entry["chunks"].append({"file": path.name, "rows": n, "sha256": digest, "partial": partial})
-        ctx_path = self.root / CONTEXTS / f"{index}.safetensors"
-        save_tensors(ctx_path, {"sequence_ids": item["context_ids"], "tokens": item["context_tokens"]}, meta)
-        self.bytes_written += ctx_path.stat().st_size
         self.manifest["chunks"].append({"rows": n, "partial": partial, "resume_at": item["resume"]})
         self.manifest["total_tokens"] += n
         atomic_write_json(self.root / MANIFEST, self.manifest)
+
+
+def write_chunk_files(root: Path, index: int, item: dict[str, Any], chunk_size: int) -> tuple[dict[str, str], int]:
+    """Write chunk `index` of every hook, then its contexts file: ({hook: SHA-256}, bytes written)."""
+    n = len(item["token_ids"])
+    meta = {"rows": n, "partial": n < chunk_size, "chunk": index}
+    shared = {k: item[k] for k in ("token_ids", "sequence_ids", "positions")}
+    digests, size = {}, 0
+    for hook, acts in item["acts"].items():
+        path = root / hook / f"{index}.safetensors"
+        digests[hook] = save_tensors(path, {"activations": acts, **shared}, meta)
+        size += path.stat().st_size
+    ctx_path = root / CONTEXTS / f"{index}.safetensors"
+    save_tensors(ctx_path, {"sequence_ids": item["context_ids"], "tokens": item["context_tokens"]}, meta)
+    return digests, size + ctx_path.stat().st_size
 
 
 def new_manifest(cfg: GenerateConfig, model: Any, widths: dict[str, int], argv: Sequence[str]) -> dict[str, Any]:
@@ -360,6 +383,9 @@ def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
                             "--dataset_folder")
         remove_dataset(root)
         return None
+    if not old["chunks"]:  # a run that wrote nothing (an older version's failed start): nothing to keep
+        remove_dataset(root)
+        return None
     diff = config_diff(config_from_dict(GenerateConfig, old["config"]), cfg, ignore=RESUMABLE_CHANGES)
     if old["model"].get("fingerprint") != model_fingerprint(cfg.model):
         diff["model weights"] = ("other weights", "the model's current weights")
@@ -373,10 +399,15 @@ def prepare_folder(cfg: GenerateConfig, root: Path) -> dict[str, Any] | None:
     return old
 
 
+def bytes_needed(cfg: GenerateConfig, widths: dict[str, int], n_new: int) -> int:
+    """About how many bytes `n_new` more chunks take on disk (every hook's file and the contexts)."""
+    bytes_per_row = sum(widths.values()) * PRECISIONS[cfg.precision].itemsize + 16 * (len(widths) + 1)
+    return n_new * cfg.chunk_size * bytes_per_row
+
+
 def check_disk_space(root: Path, cfg: GenerateConfig, widths: dict[str, int], n_new: int) -> None:
     """Refuse up front a run whose chunks would not fit on the disk."""
-    bytes_per_row = sum(widths.values()) * PRECISIONS[cfg.precision].itemsize + 16 * (len(widths) + 1)
-    need = n_new * cfg.chunk_size * bytes_per_row
+    need = bytes_needed(cfg, widths, n_new)
     free = shutil.disk_usage(root).free
     if need > free:
         raise UserError(f"{n_new} more chunk(s) need about {need / 1e9:.1f} GB but {root} has "
@@ -397,6 +428,69 @@ def land_batch(filler: ChunkFiller, batch: PlannedBatch, landing: Landing, keep_
     return batch.rows
 
 
+def run_batches(model: Any, plans: Iterable[PlannedBatch], filler: ChunkFiller, hooks: Sequence[str],
+                stop: int | None, device: torch.device, cfg: GenerateConfig, landed: Callable[[int], None]) -> int:
+    """Run the model over the planned batches into `filler`, the device computing one batch while the host lands
+    the previous one; calls `landed(rows)` after each; returns the rows added."""
+    precision = PRECISIONS[cfg.precision]
+    produced = 0
+    with torch.inference_mode(), Prefetch(plans, depth=2) as batches:
+        in_flight: tuple[PlannedBatch, Landing, dict[str, Any]] | None = None
+        fill = 0
+        for batch in itertools.chain(batches, [None]):  # None: land the last batch
+            launched = None
+            if batch is not None:
+                launched = (batch, *launch_batch(model, batch, hooks, stop, device, precision, fill, cfg.chunk_size))
+                fill = (fill + batch.rows) % cfg.chunk_size
+            if in_flight is not None:  # the host's share of the previous batch, while the device runs this one
+                rows = land_batch(filler, *in_flight, cfg.precision)
+                produced += rows
+                landed(rows)
+            in_flight = launched
+    return produced
+
+
+def plan_from(cfg: GenerateConfig, model: Any, manifest: dict[str, Any], resume_at: Sequence[int], produced: int,
+              target: int) -> Iterator[PlannedBatch]:
+    """The planned batches from `resume_at` (batch, kept rows to skip) until `target` rows (from `produced`)."""
+    start_batch, skip_rows = resume_at
+    special = torch.tensor(manifest["special_token_ids"], dtype=torch.long)
+    return plan_batches(itertools.islice(token_batches(cfg, model.tokenizer), start_batch, None), start_batch,
+                        skip_rows, cfg.batch_size, special if cfg.skip_special_tokens else None, produced, target)
+
+
+def regenerate_chunk(cfg: GenerateConfig, root: Path, manifest: dict[str, Any], index: int, model: Any,
+                     hooks: Sequence[str], stop: int | None, device: torch.device, widths: dict[str, int]) -> None:
+    """Compute chunk `index` again from the point the chunk before it ends and rewrite its files: chunks are
+    deterministic, so they come out as the manifest lists them (checked)."""
+    before = sum(c["rows"] for c in manifest["chunks"][:index])
+    target = before + manifest["chunks"][index]["rows"]
+    items: list[dict[str, Any]] = []
+    filler = ChunkFiller(widths, cfg.chunk_size, PRECISIONS[cfg.precision], items.append, cfg.seed, index)
+    resume_at = manifest["chunks"][index - 1]["resume_at"] if index else (0, 0)
+    run_batches(model, plan_from(cfg, model, manifest, resume_at, before, target), filler, hooks, stop, device, cfg,
+                lambda rows: None)
+    filler.flush(None)
+    digests, _ = write_chunk_files(root, index, items[0], cfg.chunk_size)
+    for hook, digest in digests.items():
+        if digest != manifest["hooks"][hook]["chunks"][index]["sha256"]:
+            raise UserError(f"chunk {index} of {root / hook} came out different from the one the manifest lists (the "
+                            "model or the software changed since): regenerate the folder with --overwrite")
+
+
+def repair(cfg: GenerateConfig, root: Path, manifest: dict[str, Any], model: Any, hooks: Sequence[str],
+           stop: int | None, device: torch.device, widths: dict[str, int]) -> int:
+    """Check every chunk the manifest lists and rewrite the missing or corrupt ones; returns how many."""
+    damaged = damaged_chunks(root, manifest)
+    for hook in hooks:
+        (root / hook).mkdir(exist_ok=True)
+    (root / CONTEXTS).mkdir(exist_ok=True)
+    for index, problems in damaged.items():
+        print(f"repairing chunk {index} ({', '.join(problems)})", file=sys.stderr)
+        regenerate_chunk(cfg, root, manifest, index, model, hooks, stop, device, widths)
+    return len(damaged)
+
+
 def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     """Write (or resume writing) the dataset folder described by `cfg`."""
     for name in ("n_chunks", "chunk_size", "context_length", "batch_size"):
@@ -406,24 +500,102 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     root = Path(cfg.dataset_folder)
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, cfg.dtype)
+    hooks, stop, widths = check_model(cfg, model, device)
+    check_dataset(cfg)
+    with folder_lock(root):  # one writer per dataset folder; nothing is written before the inputs are checked
+        return write_dataset(cfg, root, model, hooks, stop, widths, device, argv)
+
+
+def check_model(cfg: GenerateConfig, model: Any, device: torch.device) -> tuple[list[str], int | None, dict[str, int]]:
+    """The hooks to read, the block to stop after and each hook's width; a UserError for hooks or a context
+    length the model does not have."""
     n_layers = model.cfg.n_layers
     hooks = resolve_hooks(list(model.hook_dict), n_layers, cfg.layers, cfg.locations, cfg.hooks)
     stop = stop_at_layer(hooks, n_layers)
     if cfg.context_length > model.cfg.n_ctx:
         raise UserError(f"--context_length {cfg.context_length} exceeds the model's {model.cfg.n_ctx} positions")
-
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = prepare_folder(cfg, root)
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.inference_mode():
         widths = {h: a.shape[-1] for h, a in capture(model, probe, hooks, stop).items()}
+    return hooks, stop, widths
+
+
+def check_dataset(cfg: GenerateConfig) -> None:
+    """Open the dataset and read its first document: a UserError (missing file, no text column, unknown split, no
+    document at all) comes before anything is written."""
+    if next(iter_documents(cfg.dataset, cfg.dataset_split, cfg.text_column, cfg.streaming), None) is None:
+        raise UserError(f"dataset {cfg.dataset!r} (split {cfg.dataset_split!r}) is empty: give a dataset with text")
+
+
+def write_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str], stop: int | None,
+                  widths: dict[str, int], device: torch.device, argv: Sequence[str]) -> Summary:
+    """Write (or resume writing) the chunks of `hooks` into the locked folder `root`; a run that ends (or fails)
+    with no chunk in the folder leaves no dataset behind, so it cannot block the corrected rerun."""
+    try:
+        summary = extend_dataset(cfg, root, model, hooks, stop, widths, device, argv)
+    except BaseException as e:
+        if holds_no_chunk(root):
+            remove_dataset(root)
+        if isinstance(e, OSError) and (plain := disk_error(e, cfg, root, widths)) is not None:
+            raise plain from None
+        raise
+    if summary.chunks == 0:
+        remove_dataset(root)
+        raise UserError(f"dataset {cfg.dataset!r} (split {cfg.dataset_split!r}) gives no token to store (shorter "
+                        f"than --context_length {cfg.context_length}, or only special tokens): give a dataset with "
+                        "more text")
+    return summary
+
+
+def chunks_on_disk(root: Path) -> int:
+    """How many chunks the manifest in `root` lists (0 when there is none or it cannot be read)."""
+    try:
+        return len(json.loads((root / MANIFEST).read_text())["chunks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def disk_error(e: OSError, cfg: GenerateConfig, root: Path, widths: dict[str, int]) -> UserError | None:
+    """The one-line error for a full disk or a read-only folder met while writing `root` (None for others)."""
+    where = e.filename or root
+    if e.errno == errno.ENOSPC:
+        n_new = max(1, cfg.n_chunks - chunks_on_disk(root))
+        return UserError(f"the disk is full: no space left writing {where}; the {n_new} chunk(s) still to write "
+                         f"need about {bytes_needed(cfg, widths, n_new) / 1e9:.2f} GB on the disk of {root}: free "
+                         "space there (or choose another --dataset_folder) and rerun the same command to resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{where} is read-only ({e.strerror}): make {root} writable or choose another "
+                         "--dataset_folder")
+    return None
+
+
+def remove_stale_tmp(root: Path, hooks: Sequence[str]) -> None:
+    """Delete the .tmp files that a killed run left in `root` (the folder is locked: no writer owns them)."""
+    for folder in [root, *(root / h for h in hooks), root / CONTEXTS]:
+        for tmp in folder.glob("*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+
+
+def holds_no_chunk(root: Path) -> bool:
+    """Whether `root` has a Stage 1 manifest that lists no chunk (False when it cannot be read: left alone)."""
+    try:
+        return not json.loads((root / MANIFEST).read_text())["chunks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def extend_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str], stop: int | None,
+                   widths: dict[str, int], device: torch.device, argv: Sequence[str]) -> Summary:
+    """Repair the chunks already in `root`, then write the ones still missing."""
+    remove_stale_tmp(root, hooks)
+    manifest = prepare_folder(cfg, root)
+    repaired = 0 if manifest is None else repair(cfg, root, manifest, model, hooks, stop, device, widths)
     if manifest is None:
         manifest = new_manifest(cfg, model, widths, argv)
     manifest["config"]["n_chunks"] = cfg.n_chunks
     done = len(manifest["chunks"])
     if done >= cfg.n_chunks or manifest.get("exhausted"):
-        print(f"{root} is already complete ({done} chunk(s) per hook); nothing to do")
-        return Summary(root, hooks, done, manifest["total_tokens"], 0, 0.0)
+        return Summary(root, hooks, done, 0, 0, 0.0, repaired, already_complete=True)
     check_disk_space(root, cfg, widths, cfg.n_chunks - done)
     for h in hooks:
         (root / h).mkdir(exist_ok=True)
@@ -433,34 +605,21 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
 
     writer = ChunkWriter(root, manifest)
     writer.start()
-    start_batch, skip_rows = manifest["chunks"][-1]["resume_at"] if done else (0, 0)
-    special = torch.tensor(manifest["special_token_ids"], dtype=torch.long)
     target = cfg.n_chunks * cfg.chunk_size
-    precision = PRECISIONS[cfg.precision]
     written_before = manifest["total_tokens"]
     t0 = time.perf_counter()
     bar = tqdm(total=target, initial=written_before, unit="tok", unit_scale=True, desc="generating",
                dynamic_ncols=True)
 
-    filler = ChunkFiller(widths, cfg.chunk_size, precision, writer.put, cfg.seed, done)
-    produced = written_before
-    plans = plan_batches(itertools.islice(token_batches(cfg, model.tokenizer), start_batch, None), start_batch,
-                         skip_rows, cfg.batch_size, special if cfg.skip_special_tokens else None, produced, target)
+    def landed(rows: int) -> None:
+        bar.update(rows)
+        writer.check()
+
+    filler = ChunkFiller(widths, cfg.chunk_size, PRECISIONS[cfg.precision], writer.put, cfg.seed, done)
+    plans = plan_from(cfg, model, manifest, manifest["chunks"][-1]["resume_at"] if done else (0, 0),
+                      written_before, target)
     try:
-        with torch.inference_mode(), Prefetch(plans, depth=2) as batches:
-            in_flight: tuple[PlannedBatch, Landing, dict[str, Any]] | None = None
-            fill = 0
-            for batch in itertools.chain(batches, [None]):  # None: land the last batch
-                launched = None
-                if batch is not None:
-                    launched = (batch, *launch_batch(model, batch, hooks, stop, device, precision, fill,
-                                                     cfg.chunk_size))
-                    fill = (fill + batch.rows) % cfg.chunk_size
-                if in_flight is not None:  # the host's share of the previous batch, while the device runs this one
-                    produced += land_batch(filler, *in_flight, cfg.precision)
-                    bar.update(in_flight[0].rows)
-                    writer.check()
-                in_flight = launched
+        produced = written_before + run_batches(model, plans, filler, hooks, stop, device, cfg, landed)
         filler.flush(None)
         writer.queue.put(None)
         writer.join()
@@ -474,4 +633,4 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
     manifest["exhausted"] = produced < target
     atomic_write_json(root / MANIFEST, manifest)
     return Summary(root, hooks, len(manifest["chunks"]), manifest["total_tokens"] - written_before,
-                   writer.bytes_written, time.perf_counter() - t0)
+                   writer.bytes_written, time.perf_counter() - t0, repaired)

@@ -16,6 +16,7 @@ activation is the dictionary's code (`sae.encode`) of the activation at the hook
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
+from training.locks import output_lock
 from training.text import special_token_ids
 
 DEFAULT_STRENGTH = 8.0
@@ -612,6 +614,12 @@ class SteerConfig:
 
 
 def run_steer(cfg: SteerConfig) -> SteeringResult:
+    """Steer as `cfg` says, holding the lock on --save_json's file when there is one (one writer per output)."""
+    with output_lock(cfg.save_json) if cfg.save_json else contextlib.nullcontext():
+        return _steer(cfg)
+
+
+def _steer(cfg: SteerConfig) -> SteeringResult:
     """Load the sweep's dictionary and its model, steer, print the report; returns the result."""
     from training.models import load_model, resolve_device
     if not cfg.prompt:

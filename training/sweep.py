@@ -35,6 +35,7 @@ import training
 from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params
+from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
 from training.models import resolve_device
@@ -863,15 +864,22 @@ def start_wandb(cfg: SweepConfig) -> Any:
 @_reports_disk_errors
 @_restores_backend_flags
 def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Train (or resume) the sweep described by `cfg` and write it to `cfg.output_dir`."""
-    validate_config(cfg)
-    keys = member_keys(cfg)
+    """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder)."""
+    validate_config(cfg)                    # flags, data and disk first: a bad input creates nothing
     data = open_dataset(cfg)
     warn_if_unfinished(data)
+    total_steps(cfg, data, holdout_size(data, cfg.holdout_rows))
+    check_dictionary_size(cfg, data.d)
+    check_output_space(cfg, len(member_keys(cfg)), data.d)
+    with folder_lock(cfg.output_dir):
+        return _train_sweep(cfg, data)
+
+
+def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
+    """Train (or resume) the checked sweep `cfg` on `data` and write it to `cfg.output_dir`."""
+    keys = member_keys(cfg)
     held = holdout_size(data, cfg.holdout_rows)
     total = total_steps(cfg, data, held)
-    check_dictionary_size(cfg, data.d)
-    check_output_space(cfg, len(keys), data.d)
     device = training_device(cfg.device)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     autocast = set_precision(cfg, device)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from training.cli import UserError, config_to_dict
+from training.locks import output_lock
 from training.corpus import BUILTIN_DATASET, document_bucket
 from training.text import Document, available_splits, iter_documents, pack_token_rows
 
@@ -379,6 +380,12 @@ def train_tiny_lm(cfg: TinyLMConfig) -> dict[str, Any]:
     """Train tokenizer + model as `cfg` says, save them to `cfg.output_dir`; return training.json's content."""
     cfg.validate()
     out = _check_output_dir(cfg)
+    with output_lock(out):  # one writer per output folder
+        return _train(cfg, out)
+
+
+def _train(cfg: TinyLMConfig, out: Path) -> dict[str, Any]:
+    """Train and save, the output folder `out` locked."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.monotonic()
@@ -398,8 +405,8 @@ def train_tiny_lm(cfg: TinyLMConfig) -> dict[str, Any]:
 
     model = build_model(cfg, tokenizer)
     stats = train_model(model, train_rows, cfg, eval_rows)
-    heldout = evaluate_loss(model, eval_rows, cfg.batch_size)
-    unigram = unigram_loss(train_rows, eval_rows, len(tokenizer))
+    heldout = evaluate_loss(model, eval_rows, cfg.batch_size) if len(eval_rows) else None
+    unigram = unigram_loss(train_rows, eval_rows, len(tokenizer)) if len(eval_rows) else None
     info = {
         "config": config_to_dict(cfg) | {"output_dir": out.name},
         "data": {"dataset": cfg.dataset, "train_rows": len(train_rows), "train_tokens": train_rows.numel(),
@@ -409,17 +416,25 @@ def train_tiny_lm(cfg: TinyLMConfig) -> dict[str, Any]:
         "model": {"parameters": sum(p.numel() for p in model.parameters()),
                   "architecture": "GPTNeoXForCausalLM"},
         "training": stats | {"prepare_seconds": round(prep_seconds, 1)},
-        "heldout_loss": round(heldout, 4),
-        "unigram_heldout_loss": round(unigram, 4),
+        "heldout_loss": None if heldout is None else round(heldout, 4),
+        "unigram_heldout_loss": None if unigram is None else round(unigram, 4),
         "versions": _versions(),
     }
     model.config.hidden_dropout = model.config.attention_dropout = 0.0  # the saved model has no dropout
     save_atomically(model, tokenizer, info, out)
     check_bridge(out)
-    print(f"held-out loss {heldout:.4f} nats/token (unigram baseline {unigram:.4f}); "
+    print(f"{heldout_line(heldout, unigram, plan.heldout_source, cfg.context_length)}; "
           f"{stats['tokens_trained']:,} tokens in {stats['wall_seconds']:.0f}s; saved to {out}",
           file=sys.stderr)
     return info
+
+
+def heldout_line(heldout: float | None, unigram: float | None, source: str, context_length: int) -> str:
+    """The held-out loss and its unigram baseline, or why there is none (an empty held-out set)."""
+    if heldout is None or unigram is None:
+        return (f"no held-out loss: the held-out text ({source}) gives no row of {context_length} tokens (raise "
+                "--heldout_fraction, or give a dataset with an eval split)")
+    return f"held-out loss {heldout:.4f} nats/token (unigram baseline {unigram:.4f})"
 
 
 def _corpus_size(cfg: TinyLMConfig) -> dict[str, Any]:

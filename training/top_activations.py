@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, read_json, require_tokens
 from training.cli import UserError, config_to_dict
+from training.locks import folder_lock
 from training.models import DTYPE_CHOICES, analysis_dtype, manifest_dtype, resolve_device, resolve_model_path
 
 POSITIVE_BY = ("abs", "relu", "affine")
@@ -896,41 +897,42 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
                        "sweep_sha256": meta.get("weights_sha256")}  # type: ignore[union-attr]
     source_info.update(where)
     out_path = default_output(cfg, label, where["hook"])
+    with folder_lock(out_path.parent):  # one writer per features folder
+        F = scorer.n_features
+        batch = cfg.batch_size or max(256, min(65536, (1 << 25) // max(1, F)))
+        stats = RunningTop(F, cfg.top_k, cfg.sample_size, scorer.all_fire, device, cfg.seed)
+        bar = tqdm(total=source.total, desc="encoding", unit="tok", unit_scale=True, dynamic_ncols=True)
+        with torch.no_grad():
+            for x, keys in source.batches(batch):
+                stats.update(scorer.codes_t(x), keys)
+                bar.update(len(keys))
+        bar.close()
+        if stats.n_tokens == 0:
+            raise UserError("no tokens to read: the dataset is empty")
 
-    F = scorer.n_features
-    batch = cfg.batch_size or max(256, min(65536, (1 << 25) // max(1, F)))
-    stats = RunningTop(F, cfg.top_k, cfg.sample_size, scorer.all_fire, device, cfg.seed)
-    bar = tqdm(total=source.total, desc="encoding", unit="tok", unit_scale=True, dynamic_ncols=True)
-    with torch.no_grad():
-        for x, keys in source.batches(batch):
-            stats.update(scorer.codes_t(x), keys)
-            bar.update(len(keys))
-    bar.close()
-    if stats.n_tokens == 0:
-        raise UserError("no tokens to read: the dataset is empty")
+        ex, bands = choose_examples(stats, cfg.n_quantiles, cfg.per_quantile)
+        shift = stats.shift().double().cpu().numpy()
+        positions, acts = window_activations(source, scorer, ex, shift, cfg.window_before, cfg.window_after,
+                                             device)
+        tokens = source.tokens(np.unique(ex.key // source.context_length))
+        features = build_features(stats, ex, bands, positions, acts, tokens, TokenDecoder(tokenizer),
+                                  source.context_length, cfg.n_quantiles, cfg.histogram_bins)
+        counts = (stats.count - (stats.at_minimum if stats.all_fire else 0)).cpu()
+        n_dead = int((counts == 0).sum())
+        header = {"format": FORMAT, "version": VERSION, "source": source_info, "n_tokens": stats.n_tokens,
+                  "n_features": F, "top_k": cfg.top_k, "window_before": cfg.window_before,
+                  "window_after": cfg.window_after, "n_quantiles": cfg.n_quantiles, "per_quantile": cfg.per_quantile,
+                  "sample_size": cfg.sample_size, "histogram_bins": cfg.histogram_bins, "n_dead": n_dead,
+                  "config": config_to_dict(cfg)}
+        strongest = set((stats.top_values[:, 0] - stats.shift()).topk(min(3, F)).indices.tolist())
+        shown: dict[int, str] = {}
 
-    ex, bands = choose_examples(stats, cfg.n_quantiles, cfg.per_quantile)
-    shift = stats.shift().double().cpu().numpy()
-    positions, acts = window_activations(source, scorer, ex, shift, cfg.window_before, cfg.window_after, device)
-    tokens = source.tokens(np.unique(ex.key // source.context_length))
-    features = build_features(stats, ex, bands, positions, acts, tokens, TokenDecoder(tokenizer),
-                              source.context_length, cfg.n_quantiles, cfg.histogram_bins)
-    counts = (stats.count - (stats.at_minimum if stats.all_fire else 0)).cpu()
-    n_dead = int((counts == 0).sum())
-    header = {"format": FORMAT, "version": VERSION, "source": source_info, "n_tokens": stats.n_tokens,
-              "n_features": F, "top_k": cfg.top_k, "window_before": cfg.window_before,
-              "window_after": cfg.window_after, "n_quantiles": cfg.n_quantiles, "per_quantile": cfg.per_quantile,
-              "sample_size": cfg.sample_size, "histogram_bins": cfg.histogram_bins, "n_dead": n_dead,
-              "config": config_to_dict(cfg)}
-    strongest = set((stats.top_values[:, 0] - stats.shift()).topk(min(3, F)).indices.tolist())
-    shown: dict[int, str] = {}
-
-    def keep_preview(feats: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for f in feats:
-            if f["id"] in strongest and f["top"]:
-                shown[f["id"]] = f["text"]
-            yield f
-    size = write_features_json(out_path, header, keep_preview(features))
-    preview = [line for i in sorted(shown, key=lambda i: -float(stats.top_values[i, 0]))
-               for line in shown[i].split("\n")[:3]]
-    return GatherResult(out_path, F, stats.n_tokens, n_dead, size, time.perf_counter() - t0, preview)
+        def keep_preview(feats: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            for f in feats:
+                if f["id"] in strongest and f["top"]:
+                    shown[f["id"]] = f["text"]
+                yield f
+        size = write_features_json(out_path, header, keep_preview(features))
+        preview = [line for i in sorted(shown, key=lambda i: -float(stats.top_values[i, 0]))
+                   for line in shown[i].split("\n")[:3]]
+        return GatherResult(out_path, F, stats.n_tokens, n_dead, size, time.perf_counter() - t0, preview)
