@@ -291,3 +291,15 @@ def test_locked_features_folder_is_refused(sweeps):
     with held_lock(sweeps["l1"] / "features" / "l1_0.001") as holder:
         with pytest.raises(UserError, match=f"features.l1_0.001 is in use by another process \\(PID {holder.pid}\\)"):
             gather(TopActivationsConfig(sweep=str(sweeps["l1"]), l1=1e-3, device="cpu", top_k=2))
+
+
+def test_a_corrupt_chunk_is_refused(tiny_tokenizer_dir, tmp_path):
+    hook_dir = write_synthetic_folder(tmp_path / "data", 3000, 8, str(tiny_tokenizer_dir), 300, chunk_size=1500,
+                                      context_length=50)
+    sweep = write_random_sweep(tmp_path / "sweep", hook_dir, 8, 32, bias=-1.0)
+    chunk = hook_dir / "1.safetensors"
+    raw = bytearray(chunk.read_bytes())
+    raw[-5] ^= 0x01                                             # one bit in the last stored activation
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"1.safetensors does not match the checksum in the manifest"):
+        gather(TopActivationsConfig(sweep=str(sweep), device="cpu", batch_size=700, n_tokens=3000))

@@ -400,7 +400,7 @@ class StoredSource:
             if left <= 0:
                 break
             self.last_chunk = i
-            t = self.data.load(i)
+            t = self.data.load(i, verify=True)
             n = min(left, len(t["activations"]))
             keys = row_keys(t["sequence_ids"][:n], t["positions"][:n], self.context_length)
             for s in range(0, n, batch_size):
@@ -411,7 +411,7 @@ class StoredSource:
     def rows_with_keys(self, keys: np.ndarray) -> Iterator[tuple[Tensor, np.ndarray]]:
         """Scan the chunks that may hold the wanted rows; read only those rows."""
         for i in self._scan_range():
-            t = self.data.load(i)
+            t = self.data.load(i, verify=True)
             k = row_keys(t["sequence_ids"], t["positions"], self.context_length).numpy()
             hit = np.nonzero(np.isin(k, keys))[0]
             if len(hit):
