@@ -646,7 +646,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="training budgets in tokens (default 1000000 4000000; --quick: 200000)")
     ap.add_argument("--batch_size", type=int, default=None, help="default 4096 (--quick: 1024)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--l1_values", type=float, nargs="+", default=[0.05, 0.08, 0.12, 0.2, 0.3, 0.5, 0.8],
+    ap.add_argument("--l1_values", type=float, nargs="+", default=[0.02, 0.03, 0.05, 0.08, 0.14, 0.23, 0.37],
                     help="our L1 members (penalties at E||x||^2 = 1, SweepConfig.activation_norm)")
     ap.add_argument("--k_values", type=int, nargs="+", default=[16, 32, 64, 128], help="our TopK members")
     ap.add_argument("--ratio", type=float, default=8.0, help="d_hidden = ratio * d, for every system")
