@@ -120,3 +120,13 @@ def test_dashboards_use_the_recorded_dtype(bf16_sweep, loaded, tmp_path):
     make_dashboards(DashboardConfig(features=str(features), device="cpu", n_logits=3, dtype="float32",
                                     output=str(tmp_path / "site3")))
     assert loaded == [torch.bfloat16, torch.bfloat16, torch.float32]
+
+
+def test_steer_uses_the_manifest_dtype(bf16_sweep, loaded):
+    from training.steering import SteerConfig, run_steer
+    kw = dict(sweep=str(bf16_sweep["sweep"]), l1=1e-2, feature=0, strength=[4.0], prompt="The old lamp.",
+              max_new_tokens=3, device="cpu", width=80)
+    run_steer(SteerConfig(**kw))
+    assert loaded == [torch.bfloat16]
+    run_steer(SteerConfig(dtype="float32", **kw))
+    assert loaded == [torch.bfloat16, torch.float32]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.locks import output_lock
+from training.models import DTYPE_CHOICES
 from training.text import special_token_ids
 
 DEFAULT_STRENGTH = 8.0
@@ -521,13 +522,13 @@ def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None 
 
 
 def load_for_steering(sweep: str | Path, l1: float | None = None, k: int | None = None, model: str | None = None,
-                      device: str | None = None, dtype: str = "float32") -> tuple[Any, Any, str]:
+                      device: str | None = None, dtype: str = "auto") -> tuple[Any, Any, str]:
     """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` and the model its
-    activations came from (or `model`)."""
-    from training.models import load_model, resolve_device
+    activations came from (or `model`), in `dtype` (auto: the one Stage 1 ran it in)."""
+    from training.models import analysis_dtype, load_model, resolve_device
     dev = resolve_device(device)
     sae, meta, _ = select_dictionary(sweep, l1, k, dev)
-    loaded = load_model(model_name(meta, model), dev, dtype)
+    loaded = load_model(model_name(meta, model), dev, analysis_dtype(dtype, meta.get("source_manifest")))
     check_sweep_hook(loaded, meta)
     return loaded, sae, meta["hook"]
 
@@ -603,8 +604,8 @@ class SteerConfig:
     """Model to steer (default: the one the sweep's activations came from)."""
     device: str | None = None
     """cpu, cuda, cuda:N or mps (default: cuda when available)."""
-    dtype: str = "float32"
-    """Model dtype: float32, float16 or bfloat16."""
+    dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
+    """Precision to run the model in; auto: the one Stage 1 ran it in (float32 when no manifest records one)."""
     threads: int | None = None
     """Torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)."""
     width: int | None = None
@@ -621,7 +622,7 @@ def run_steer(cfg: SteerConfig) -> SteeringResult:
 
 def _steer(cfg: SteerConfig) -> SteeringResult:
     """Load the sweep's dictionary and its model, steer, print the report; returns the result."""
-    from training.models import load_model, resolve_device
+    from training.models import analysis_dtype, load_model, resolve_device
     if not cfg.prompt:
         raise UserError("empty prompt: pass --prompt TEXT")
     runs = parse_feature_args(cfg.feature, cfg.features, cfg.strength)
@@ -632,7 +633,7 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     sae, meta, key = select_dictionary(cfg.sweep, cfg.l1, cfg.k, device)
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)
-    model = load_model(name, device, cfg.dtype)
+    model = load_model(name, device, analysis_dtype(cfg.dtype, meta.get("source_manifest")))
     check_sweep_hook(model, meta)
     result = steer(model, sae, meta["hook"], runs, prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
                    seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
