@@ -171,3 +171,26 @@ def local_text_files(tmp_path_factory: pytest.TempPathFactory) -> LocalTextFiles
         token_rows=token_rows,
         split_folder=split_folder,
     )
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local .txt dataset of about 10k tokens (more than any Stage 1 test asks for)."""
+    path = tmp_path_factory.mktemp("stage1-text") / "docs.txt"
+    path.write_text("\n\n".join(fixture_documents(600)) + "\n")
+    return path
+
+
+def small_generate_cfg(model_dir: Path, text_file: Path, folder: Path, **kw):
+    """A small Stage 1 config over a test model and text: layers 0-1 x residual and attn_concat, 3 chunks of 700
+    rows, context 16, batch 4, on the CPU; `kw` overrides any flag."""
+    from training.generate import GenerateConfig
+    base = dict(model=str(model_dir), dataset=str(text_file), dataset_folder=str(folder), layers=[0, 1],
+                locations=["residual", "attn_concat"], n_chunks=3, chunk_size=700, context_length=16,
+                batch_size=4, device="cpu")
+    return GenerateConfig(**(base | kw))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `folder` (a dataset folder: manifest.json included)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

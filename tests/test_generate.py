@@ -13,25 +13,8 @@ import training.generate as gen
 from training.chunks import mmap_tensors, open_hook
 from training.cli import UserError
 from training.generate import GenerateConfig, generate
+from conftest import small_generate_cfg as make_cfg
 from training.models import load_model
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory) -> Path:
-    """A local .txt dataset of about 10k tokens (more than the largest test asks for)."""
-    from conftest import fixture_documents
-    path = tmp_path_factory.mktemp("gen-text") / "docs.txt"
-    path.write_text("\n\n".join(fixture_documents(600)) + "\n")
-    return path
-
-
-def make_cfg(model_dir: Path, text_file: Path, folder: Path, **kw) -> GenerateConfig:
-    """A small generation config over the test model and text."""
-    base = dict(model=str(model_dir), dataset=str(text_file), dataset_folder=str(folder), layers=[0, 1],
-                locations=["residual", "attn_concat"], n_chunks=3, chunk_size=700, context_length=16,
-                batch_size=4, device="cpu")
-    base.update(kw)
-    return GenerateConfig(**base)
 
 
 def file_digests(folder: Path) -> dict[str, str]:

@@ -13,27 +13,12 @@ import torch
 import training.chunks as chunks
 from training.cli import UserError
 from training.generate import GenerateConfig, generate
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """A local .txt dataset of about 10k tokens."""
-    from conftest import fixture_documents
-    path = tmp_path_factory.mktemp("disk-text") / "docs.txt"
-    path.write_text("\n\n".join(fixture_documents(600)) + "\n")
-    return path
+from conftest import folder_bytes, small_generate_cfg
 
 
 def make_cfg(model_dir: Path, text_file: Path, folder: Path, **kw) -> GenerateConfig:
     """One hook, 3 chunks of 500 rows."""
-    base = dict(model=str(model_dir), dataset=str(text_file), dataset_folder=str(folder), layers=[0], n_chunks=3,
-                chunk_size=500, context_length=16, batch_size=4, device="cpu")
-    return GenerateConfig(**(base | kw))
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file under `folder`."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return small_generate_cfg(model_dir, text_file, folder, **(dict(layers=[0], locations=["residual"], chunk_size=500) | kw))
 
 
 def fail_fsync_of(monkeypatch, name: str, code: int) -> None:

@@ -20,30 +20,9 @@ import training.transfer as transfer
 from legacy_generate import legacy_generate
 from training.cli import UserError
 from training.generate import GenerateConfig, chunk_pieces, generate
+from conftest import folder_bytes
+from conftest import small_generate_cfg as make_cfg
 from training.prefetch import Prefetch
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """A local .txt dataset of about 10k tokens."""
-    from conftest import fixture_documents
-    path = tmp_path_factory.mktemp("pipe-text") / "docs.txt"
-    path.write_text("\n\n".join(fixture_documents(600)) + "\n")
-    return path
-
-
-def make_cfg(model_dir: Path, text_file: Path, folder: Path, **kw) -> GenerateConfig:
-    """A small generation config: two layers x residual and attn_concat, 3 chunks of 700 rows."""
-    base = dict(model=str(model_dir), dataset=str(text_file), dataset_folder=str(folder), layers=[0, 1],
-                locations=["residual", "attn_concat"], n_chunks=3, chunk_size=700, context_length=16,
-                batch_size=4, device="cpu")
-    base.update(kw)
-    return GenerateConfig(**base)
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file in a dataset folder, manifest.json included."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def run_both(cfg_of, folder: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:

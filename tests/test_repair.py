@@ -10,30 +10,14 @@ import pytest
 
 from training.cli import UserError
 from training.generate import GenerateConfig, generate
+from conftest import folder_bytes, small_generate_cfg
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """A local .txt dataset of about 10k tokens."""
-    from conftest import fixture_documents
-    path = tmp_path_factory.mktemp("repair-text") / "docs.txt"
-    path.write_text("\n\n".join(fixture_documents(600)) + "\n")
-    return path
-
-
 def make_cfg(model_dir: Path, text_file: Path, folder: Path, **kw) -> GenerateConfig:
     """Two hooks, 3 chunks of 700 rows, by default."""
-    base = dict(model=str(model_dir), dataset=str(text_file), dataset_folder=str(folder), layers=[0],
-                locations=["residual"], hooks=["blocks.1.attn.hook_z"], n_chunks=3, chunk_size=700,
-                context_length=16, batch_size=4, device="cpu")
-    return GenerateConfig(**(base | kw))
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file in a dataset folder, manifest.json included."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return small_generate_cfg(model_dir, text_file, folder, **(dict(layers=[0], locations=["residual"], hooks=["blocks.1.attn.hook_z"]) | kw))
 
 
 def flip_a_byte(path: Path) -> None:
