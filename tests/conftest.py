@@ -7,9 +7,11 @@ folder it was saved to, to be loaded like a hub name:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,3 +196,22 @@ def small_generate_cfg(model_dir: Path, text_file: Path, folder: Path, **kw):
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """{relative path: bytes} of every file under `folder` (a dataset folder: manifest.json included)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def sweep_killed_at_chunk(n: int) -> Iterator[None]:
+    """Within the block, the sweep's chunk iterator dies as a kill would (KeyboardInterrupt) when it reaches its n-th
+    chunk, and the block must end so; the real iterator is back afterwards."""
+    import training.sweep as sweep_mod
+    real_iter, seen = sweep_mod.iter_chunks, [0]
+
+    def dying_iter(*args, **kwargs):
+        for item in real_iter(*args, **kwargs):
+            seen[0] += 1
+            if seen[0] == n:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(sweep_mod, "iter_chunks", dying_iter)
+        yield

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import training.chunks as chunks_mod
 import training.sweep as sweep_mod
 from bench.top_activations import write_synthetic_folder
+from conftest import sweep_killed_at_chunk
 from training.chunks import open_hook
 from training.cli import UserError
 from training.sweep import SweepConfig, run_sweep
@@ -53,20 +54,9 @@ def test_each_chunk_is_hashed_once_per_run(hook_dir, tmp_path, hashed):
 
 
 def test_a_resumed_run_verifies_again_once(hook_dir, tmp_path, hashed, monkeypatch):
-    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
-
-    def dying_iter(*args, **kwargs):
-        for item in real_iter(*args, **kwargs):
-            seen["n"] += 1
-            if seen["n"] == 6:  # killed in the second repetition
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
-    with pytest.raises(KeyboardInterrupt):
+    with sweep_killed_at_chunk(6):  # killed in the second repetition
         run_sweep(sweep_cfg(hook_dir, tmp_path / "o", save_after_every=True))
     assert len(hashed) == 4
-    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     hashed.clear()
     run_sweep(sweep_cfg(hook_dir, tmp_path / "o", save_after_every=True, resume=True))
     assert sorted(hashed) == ["0.safetensors", "1.safetensors", "2.safetensors", "3.safetensors"]

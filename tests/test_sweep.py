@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import training.sweep as sweep_mod
 from training import load_sweep
 from bench.top_activations import write_synthetic_folder
+from conftest import sweep_killed_at_chunk
 from training.chunks import atomic_write_json
 from training.cli import UserError, run_cli
 from training.generate import GenerateConfig, generate
@@ -122,22 +123,11 @@ def test_dataset_root_with_one_hook_and_topk(chunk_root, tmp_path):
 
 def test_resume_reaches_the_uninterrupted_result(chunk_root, tmp_path, monkeypatch):
     run_sweep(cfg_for(chunk_root, tmp_path / "whole", n_repetitions=2, save_after_every=True))
-    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
-
-    def dying_iter(*args, **kwargs):
-        for item in real_iter(*args, **kwargs):
-            seen["n"] += 1
-            if seen["n"] == 6:  # killed while training on the second chunk of the second repetition
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
-    with pytest.raises(KeyboardInterrupt):
+    with sweep_killed_at_chunk(6):  # killed while training on the second chunk of the second repetition
         run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
     assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
     with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
         f.write('{"step": 22, "tok')                                     # a kill in the middle of an append
-    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(cfg_for(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     a, b = load_file(str(tmp_path / "whole" / "sweep.safetensors")), load_file(str(tmp_path / "killed" / "sweep.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -324,21 +314,10 @@ def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run
               l1_value_min=-1, l1_value_max=0.5)
     run_sweep(cfg_for(chunk_root, tmp_path / "whole", **kw))
     run_sweep(cfg_for(chunk_root, tmp_path / "never", **{**kw, "resample_every": 0}))
-    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
-
-    def dying_iter(*args, **kwargs):
-        for item in real_iter(*args, **kwargs):
-            seen["n"] += 1
-            if seen["n"] == 6:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
-    with pytest.raises(KeyboardInterrupt):
+    with sweep_killed_at_chunk(6):
         run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw))
     checkpoint = load_file(str(checkpoint_weights(tmp_path / "killed")))
     assert not [k for k in checkpoint if k.startswith("rng")]          # nothing device-specific is stored
-    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(cfg_for(chunk_root, tmp_path / "killed", **kw, device="cpu:0", resume=True))
     a, b = (load_file(str(tmp_path / name / "sweep.safetensors")) for name in ("whole", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -458,20 +437,9 @@ def test_killed_topk_sweep_resumes_bit_exactly(chunk_root, tmp_path, monkeypatch
     # killed at step 20 with latents dead but the aux-K loss still off (first refresh at step 24)
     monkeypatch.setattr(sweep_mod, "AUX_REFRESH_STEPS", 24)
     run_sweep(_topk(chunk_root, tmp_path / "whole", n_repetitions=2, save_after_every=True))
-    real_iter, seen = sweep_mod.iter_chunks, {"n": 0}
-
-    def dying_iter(*args, **kwargs):
-        for item in real_iter(*args, **kwargs):
-            seen["n"] += 1
-            if seen["n"] == 6:  # killed while training on the second chunk of the second repetition
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(sweep_mod, "iter_chunks", dying_iter)
-    with pytest.raises(KeyboardInterrupt):
+    with sweep_killed_at_chunk(6):  # killed while training on the second chunk of the second repetition
         run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True))
     assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["progress"]["step"] == 20
-    monkeypatch.setattr(sweep_mod, "iter_chunks", real_iter)
     run_sweep(_topk(chunk_root, tmp_path / "killed", n_repetitions=2, save_after_every=True, resume=True))
     assert _same_weights(tmp_path / "whole", tmp_path / "killed")
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
