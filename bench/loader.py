@@ -5,7 +5,7 @@ consumes at GPU speed.
 Times `training.sweep.iter_chunks` over every chunk of one hook (checksum checks, shuffle gather, prefetch thread),
 consuming nothing:
   first pass   a new run's first repetition: each chunk is hashed once (by `training.sweep.verify_threads()`
-               threads, ahead of the gather), then gathered
+               threads, while the prefetch thread gathers its rows) and handed over once it has passed
   later pass   a repetition after the first: chunks are only gathered (they were verified earlier in the run)
 each into fresh tensors (what a CPU run does) and staged into two reusable buffers (what a CUDA run does: pinned
 there; not pinned on a machine without CUDA). Each figure is the median over --repeats timed runs, with the page

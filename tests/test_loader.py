@@ -201,7 +201,51 @@ def test_checksums_of_upcoming_chunks_are_checked_ahead_in_parallel(hook_dir, mo
     data = open_hook(hook_dir)
     for rep in range(2):
         assert [pos for pos, _ in iter_chunks(data, 0, rep, 0)] == [0, 1, 2, 3]
-    assert len(threads) == 4 and threads.count("verify") >= 2 and data.verified == {0, 1, 2, 3}
+    assert threads == ["verify"] * 4 and data.verified == {0, 1, 2, 3}
+
+
+def test_a_chunk_is_hashed_while_its_rows_are_gathered(hook_dir, monkeypatch):
+    """Each chunk's hash waits until its own gather has begun: it would never finish if the gather waited for it."""
+    import threading
+    from training.sweep import iter_chunks
+    real_hash, real_mmap = chunks_mod.file_sha256, chunks_mod.mmap_tensors
+    gathering = {name: threading.Event() for name in ("0.safetensors", "1.safetensors", "2.safetensors",
+                                                       "3.safetensors")}
+
+    def mapped(path, *a, **k):
+        gathering[Path(path).name].set()
+        return real_mmap(path, *a, **k)
+
+    def hash_after_gather(path, *a, **k):
+        assert gathering[Path(path).name].wait(timeout=10), "the gather waited for the hash"
+        return real_hash(path, *a, **k)
+
+    monkeypatch.setattr(chunks_mod, "mmap_tensors", mapped)
+    monkeypatch.setattr(chunks_mod, "file_sha256", hash_after_gather)
+    assert [pos for pos, _ in iter_chunks(open_hook(hook_dir), 0, 0, 0)] == [0, 1, 2, 3]
+
+
+def test_a_corrupt_chunk_is_reported_as_such_and_never_handed_over(hook_dir, tmp_path):
+    """A chunk whose bytes were damaged into a NaN fails its checksum: the run says so (not "NaN activations"), and
+    its rows never reach the caller."""
+    import shutil
+    from training.sweep import iter_chunks
+    root = tmp_path / "c"
+    shutil.copytree(hook_dir.parent, root)
+    data = open_hook(root / "h")
+    path = root / "h" / "2.safetensors"
+    raw = bytearray(path.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    offset = 8 + header + json.loads(raw[8:8 + header])["activations"]["data_offsets"][0]  # first activation
+    nan = torch.tensor([float("nan")], dtype=data.load(2)["activations"].dtype).view(torch.uint8).numpy().tobytes()
+    raw[offset:offset + len(nan)] = nan
+    path.write_bytes(bytes(raw))
+    assert not torch.isfinite(data.load(2)["activations"][0, 0])
+    handed = []
+    with pytest.raises(UserError, match=r"2\.safetensors does not match the checksum"):
+        for pos, chunk in iter_chunks(open_hook(root / "h"), 0, 0, 0):
+            handed.append(bool(torch.isfinite(chunk).all()))
+    assert all(handed) and len(handed) < 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging)")
