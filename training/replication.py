@@ -231,7 +231,7 @@ def train_grid(cfg: ReplicationConfig, ensembles: list[Ensemble], features: Tens
         x, _ = sample_batch(toy, features, cfg.batch_size, generator)     # [batch, d]
         lr_s, l1_s = lr_scale(step, cfg), l1_scale(step, cfg)
         for ens in ensembles:
-            ens.step(x, lr_scale=lr_s, l1_scale=l1_s)
+            ens.step(x, lr_scale=lr_s, coefficient_scales={"l1": l1_s})
 
 
 @torch.no_grad()

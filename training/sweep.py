@@ -834,7 +834,7 @@ def _metric_step(line: str) -> int | None:
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
                 d_hidden: int, wandb_run: Any) -> None:
     """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked."""
-    names = {"loss": "loss", "mse": "mse", "l1": "l1_norm", "l0": "l0", "explained_variance": "explained_variance",
+    names = {"loss": "loss", "mse": "mse", "l1_norm": "l1_norm", "l0": "l0", "explained_variance": "explained_variance",
              "aux": "aux"}
     host = {names[k]: v.double().tolist() for k, v in stats.items() if k in names}
     n_dead, frozen = stats["n_dead"].tolist(), stats["frozen"].tolist()
