@@ -144,7 +144,9 @@ class Ensemble:
         self.params: Params = params
         like = self.params["decoder"]
         self.hparams: dict[str, Tensor] = self._checked_hparams(hparams, member_keys)
-        self.member_state: dict[str, Any] = self.arch.member_state(self.hparams[self.arch.sweep_param], like)
+        host_keys = (torch.tensor(member_keys) if member_keys is not None      # no device read (meta-safe)
+                     else torch.as_tensor(hparams[self.arch.sweep_param]).to("cpu", copy=True))
+        self.member_state: dict[str, Any] = self.arch.member_state(host_keys, like)
         self.exp_avg, self.exp_avg_sq = moments if moments is not None else (
             {n: torch.zeros_like(p) for n, p in self.params.items()},
             {n: torch.zeros_like(p) for n, p in self.params.items()})

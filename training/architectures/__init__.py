@@ -14,7 +14,7 @@ gradient sees the stacked `[N, ...]` params):
     hparam of that name (int64 when `sweep_param_integer`, else float64) and in sweep.json as the members' keys.
   - `scheduled`: the coefficients (per-member float hparams) that `Ensemble.step(coefficient_scales=)` scales,
     e.g. the l1 warm-up; they reach the losses, already scaled, in `coefficients`.
-  - `member_state(keys: [N], like) -> dict`: per-member state derived from the keys (tensors with a leading [N]
+  - `member_state(keys: [N] on the CPU, like) -> dict`: per-member state derived from the keys (tensors with a leading [N]
     axis, vmapped by the autograd backend) and static values (ints, floats, bools: shared by all members).
     Each step the ensemble adds its options (`k_aux`, `aux_coef`, `decoder_impl`) and, under the "aux_k" dead
     policy while any member has dead latents, `dead: [N, d_hidden]`.
@@ -29,6 +29,8 @@ gradient sees the stacked `[N, ...]` params):
   - `activate_(pre: [N, b, h], params, state) -> codes: [N, b, h]`: stacked encoding for evaluation (may reuse pre).
   - `dead_policy`: "resample" (Anthropic resampling, called by the sweep every --resample_every steps) or "aux_k"
     (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents).
+  - `check_keys(keys, d_hidden) -> problem | None`: a one-line complaint about member keys that cannot work at
+    this dictionary size (TopK: a k above d_hidden), else None.
   - `tieable`, `default_init_norm`, `title` ("L1", "TopK"), `format_key(key) -> str` ("L1 = 0.1", "k = 32"),
     `short_key(key) -> str` (plot labels), and the memory model `workspace_bytes`, `transient_bytes`,
     `eval_block_rows` (training/memory.py).
@@ -70,6 +72,7 @@ class Architecture:
     activate_: Callable[[Tensor, Params, dict[str, Any]], Tensor]
     dead_policy: DeadPolicy
     tieable: bool
+    check_keys: Callable[[list, int], str | None]
     default_init_norm: float
     format_key: Callable[[float | int], str]
     short_key: Callable[[float | int], str]

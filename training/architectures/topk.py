@@ -212,6 +212,11 @@ def _transient_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, k_max:
     return 3 * FP32 * n_models * batch * d_in + 8 * 8 * n_models * batch * k
 
 
+def _check_keys(keys: list, d_hidden: int) -> str | None:
+    """A complaint when a member's k exceeds the dictionary size."""
+    return f"--k_values {max(keys)} exceeds the dictionary size {d_hidden}" if max(keys) > d_hidden else None
+
+
 ARCHITECTURE = Architecture(
     name="topk", title="TopK", module=TopKAutoencoder, make_member=_make_member, member_key=lambda m: m.k,
     param_names=("center", "encoder", "encoder_bias", "decoder"),
@@ -219,7 +224,7 @@ ARCHITECTURE = Architecture(
     member_state=_member_state, loss=_loss, fused_grads=_fused,
     workspace=lambda batch, chunk_tokens, state: (batch, state["decoder_impl"] == "dense"),
     activate_=_activate_,
-    dead_policy="aux_k", tieable=False, default_init_norm=0.5,
+    dead_policy="aux_k", tieable=False, check_keys=_check_keys, default_init_norm=0.5,
     format_key=lambda key: f"k = {int(key)}", short_key=lambda key: f"k={int(key)}",
     workspace_bytes=_workspace_bytes, transient_bytes=_transient_bytes,
     eval_block_rows=lambda batch: max(1, batch // 2),   # an encode holds two [N, rows, h] buffers, the step one
