@@ -31,7 +31,7 @@ gradient sees the stacked `[N, ...]` params):
     (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents).
   - `check_keys(keys, d_hidden) -> problem | None`: a one-line complaint about member keys that cannot work at
     this dictionary size (TopK: a k above d_hidden), else None.
-  - `key_column` (the key's table header: "L1 penalty", "k"), `key_axis` (its plot axis label),
+  - `key_symbol` ("L1", "k": "its L1 values are ..."), `key_column` (the key's table header: "L1 penalty", "k"), `key_axis` (its plot axis label),
   - `tieable`, `default_init_norm`, `title` ("L1", "TopK"), `format_key(key) -> str` ("L1 = 0.1", "k = 32"),
     `short_key(key) -> str` (plot labels), and the memory model `workspace_bytes`, `transient_bytes`,
     `eval_block_rows` (training/memory.py).
@@ -75,6 +75,7 @@ class Architecture:
     tieable: bool
     check_keys: Callable[[list, int], str | None]
     default_init_norm: float
+    key_symbol: str
     key_column: str
     key_axis: str
     format_key: Callable[[float | int], str]
