@@ -168,7 +168,7 @@ def read_sweep(path: Path, allow_unfinished: bool = False) -> dict[str, Any]:
 
 
 def key_name(architecture: str) -> str:
-    """What members are keyed by: the architecture's sweep parameter ("l1": the L1 penalty, "k", ...)."""
+    """What members are keyed by: the architecture's sweep parameter (l1: the L1 penalty, k, ...)."""
     return get_architecture(architecture).sweep_param
 
 

@@ -22,7 +22,7 @@ gradient sees the stacked `[N, ...]` params):
     `vmap(grad)` backend; `parts` has "mse", "codes" [B, h], "x_hat" [B, d_in] and any extra scalar terms
     (e.g. "aux"), which become step stats.
   - `fused_grads(params, x, coefficients, state, ws, grads) -> stats` or None: the hand-written gradient of the
-    same loss over the stacked params, written into `grads` in place; stats {"loss", "mse", "l1", "l0",
+    same loss over the stacked params, written into `grads` in place; stats {"loss", "mse", "l1_norm", "l0",
     "sq_err_sum": [N], "fired": [N, h], extras}. None: the sweep trains it with autograd.
   - `workspace(batch, chunk_tokens, state) -> (chunk, dense)`: the fused step's buffer layout (tokens per pass,
     whether the [N, C, h] buffers are needed).
