@@ -501,6 +501,7 @@ class Ensemble:
         out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
         out["option.unit_decoder"] = torch.tensor(self.unit_decoder)
         out["option.grad_clip"] = torch.tensor(self.grad_clip, dtype=torch.float64)
+        out["option.architecture"] = architecture_tensor(self.architecture)
         return out
 
     def state_dict(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
@@ -540,7 +541,7 @@ class Ensemble:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
-        state = _with_aux_flag(state)
+        state = _with_architecture(_with_aux_flag(state))
         self._check_state({n: t.shape for n, t in state.items()})
         for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
                               ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
@@ -563,13 +564,13 @@ class Ensemble:
         (the entries of a copy of `state` are consumed, so the caller's dropping `state` frees each host tensor
         as soon as it is on the device); only the gradient and scratch buffers are new.
         """
-        state = _with_aux_flag(dict(state))
+        state = _with_architecture(_with_aux_flag(dict(state)))
         shapes = {n: t.shape for n, t in state.items()}
         device = torch.device(device) if device is not None else state["param.decoder"].device
 
         if "param.decoder" not in state or "hparam.lr" not in state:
             raise ValueError("not an Ensemble state_dict: no param.decoder or hparam.lr")
-        arch = by_sweep_param({n[len("hparam."):] for n in state if n.startswith("hparam.")})
+        arch = get_architecture(architecture_name(state["option.architecture"]))
         order = _order(arch)
 
         def take(prefix: str) -> dict[str, Tensor]:
@@ -590,6 +591,24 @@ class Ensemble:
         ens.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         ens.frozen.copy_(state["frozen"])
         return ens
+
+
+def architecture_tensor(name: str) -> Tensor:
+    """The architecture's name as a uint8 tensor of its UTF-8 bytes (how a state_dict records it)."""
+    return torch.tensor(list(name.encode()), dtype=torch.uint8)
+
+
+def architecture_name(t: Tensor) -> str:
+    """The name `architecture_tensor` encoded."""
+    return bytes(t.tolist()).decode()
+
+
+def _with_architecture(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state`, with the architecture's name added if it predates it being saved (told by its sweep hparam)."""
+    if "option.architecture" in state or "hparam.lr" not in state:
+        return state
+    arch = by_sweep_param({n[len("hparam."):] for n in state if n.startswith("hparam.")})
+    return {**state, "option.architecture": architecture_tensor(arch.name)}
 
 
 def _with_aux_flag(state: dict[str, Tensor]) -> dict[str, Tensor]:

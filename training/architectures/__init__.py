@@ -36,7 +36,8 @@ gradient sees the stacked `[N, ...]` params):
     `short_key(key) -> str` (plot labels), and the memory model `workspace_bytes`, `transient_bytes`,
     `eval_block_rows` (training/memory.py).
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
-(`param.<name>`, `hparam.<sweep_param>`); `from_state_dict` finds the architecture by its sweep hparam.
+(`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
+apart by their sweep hparam.
 """
 
 from __future__ import annotations
