@@ -28,6 +28,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
+from training.adam import adam_factors, adam_members_, adam_stacked_, clip_grads_, member_groups, project_rows_
 from training.architectures import Architecture, by_sweep_param, get as get_architecture
 from training.dictionary import (
     Dictionary,
@@ -37,7 +38,6 @@ from training.dictionary import (
     encoder_weight,
     init_center_value,
     l1_penalty,
-    project_decoder_grad_,
     unstack_dictionaries,
 )
 from training.fused import Workspace, autocast_dtype, make_workspace, per_member as _per_member, to_device
@@ -66,15 +66,6 @@ def member_generator(seed: int, step: int, member: int, stream: str = "resample"
     (stream, seed, step, member): derivable again on any machine, so no generator state is ever stored."""
     digest = hashlib.blake2b(f"{stream}/{seed}/{step}/{member}".encode(), digest_size=8).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
-def _project_rows_(decoder: Tensor, grad: Tensor, low_memory: bool) -> Tensor:
-    """`project_decoder_grad_` ([N, h, d], in place); `low_memory`: the row dot products as a batched matmul, without
-    its [N, h, d] temporary (the off-CPU path; the same values up to summation order)."""
-    if not low_memory:
-        return project_decoder_grad_(decoder, grad)
-    dots = torch.matmul(grad.unsqueeze(-2), decoder.unsqueeze(-1)).squeeze(-1)         # [N, h, 1]
-    return grad.addcmul_(dots, decoder, value=-1)
 
 
 # ----------------------------------------------------------------------------- the ensemble
@@ -273,102 +264,37 @@ class Ensemble:
 
     def _update_(self, active: Tensor, lr_scale: float) -> None:
         """Gradient clipping, then Adam (with `unit_decoder`: decoder-gradient projection, Adam, decoder
-        renormalisation) in place, frozen members untouched. Off the CPU every member at once on the whole stacked
-        tensors (foreach ops, no [N, h, d] temporary: a constant number of kernels per step); on the CPU one
-        parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache)."""
+        renormalisation) in place, frozen members untouched (training/adam.py). Off the CPU every member at once on
+        the whole stacked tensors (foreach ops, no [N, h, d] temporary: a constant number of kernels per step); on the
+        CPU one parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache)."""
         coefs = self._adam_coefficients(active, lr_scale)
         if self.grad_clip > 0:
-            self._clip_grads_()
-        adam_ = self._adam_stacked_ if self.whole_stack_update else self._adam_members_
-        for members in self._member_groups():
+            clip_grads_(self._grads, self.n_models, self.grad_clip)
+        for members in member_groups(self.params["decoder"], self.whole_stack_update, self.unit_decoder):
             dec, g_dec = self.params["decoder"][members], self._grads["decoder"][members]
             if self.unit_decoder:
-                _project_rows_(dec, g_dec, low_memory=self.whole_stack_update)
-            adam_(members, coefs)
+                project_rows_(dec, g_dec, low_memory=self.whole_stack_update)
+            self._adam_members(members, coefs)
             if self.unit_decoder:
                 dec.div_(dec.norm(dim=-1, keepdim=True).masked_fill_(_per_member(coefs["frozen"][members], dec), 1))
 
-    def _member_groups(self) -> list[slice]:
-        """Members updated together: all of them, except on the CPU with `unit_decoder`: groups of about 4 MiB per
-        tensor, which stay in cache from the projection through Adam to the renormalisation."""
-        if self.whole_stack_update or not self.unit_decoder:
-            return [slice(None)]
-        dec = self.params["decoder"]
-        per_group = max(1, (4 << 20) // (dec[0].numel() * dec.element_size()))
-        return [slice(start, start + per_group) for start in range(0, self.n_models, per_group)]
-
-    def _clip_grads_(self) -> None:
-        """Scale each member's gradients by min(1, grad_clip / (norm + 1e-6)), norm over all its parameters."""
-        grads = list(self._grads.values())
-        blocks = [g[i] for g in grads for i in range(self.n_models)]                     # one per parameter and member
-        sq = torch.stack(torch._foreach_norm(blocks)).view(len(grads), self.n_models).square().sum(0)   # [N]
-        scale = (self.grad_clip / (sq.sqrt() + 1e-6)).clamp_max(1)
-        torch._foreach_mul_(grads, [_per_member(scale, g) for g in grads])
-
     def _adam_(self, active: Tensor, lr_scale: float) -> None:
         """One in-place Adam step of every member with the gradients in self._grads (no constraint)."""
-        adam_ = self._adam_stacked_ if self.whole_stack_update else self._adam_members_
-        adam_(slice(None), self._adam_coefficients(active, lr_scale))
+        self._adam_members(slice(None), self._adam_coefficients(active, lr_scale))
+
+    def _adam_members(self, members: slice, coefs: dict[str, Tensor]) -> None:
+        """Adam on `members` with factors `coefs`: all parameters at once off the CPU, one at a time on it."""
+        adam_ = adam_stacked_ if self.whole_stack_update else adam_members_
+        adam_(self.params, self._grads, self.exp_avg, self.exp_avg_sq, self._scratch, members, coefs,
+              self.adam_betas[1], self.adam_eps)
 
     def _adam_coefficients(self, active: Tensor, lr_scale: float) -> dict[str, Tensor]:
-        """Advance the step counts of active members; their per-member Adam factors ([N], params dtype).
-
-        The factors of every member as if active are computed on the host in float64 from host copies of the
-        learning rates and step counts (made at construction and loading; the counts of active members advance
-        together) and sent in one copy; one `where` on the device gives frozen members factors that leave them as
-        they are (their host count runs on, unused).
-        """
-        beta1, beta2 = self.adam_betas
+        """Advance the step counts of active members (the host counts of every member: a frozen member's runs on,
+        unused); their per-member Adam factors ([N], params dtype)."""
         self.adam_step += active
         self._host_step += 1
-        step = self._host_step.clamp_min(1)
-        zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N], host
-        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
-        on = torch.stack([one * (1 - beta1), one * beta2, bias_correction2_sqrt,
-                          -(self._host_hparams["lr"] * lr_scale) / (1 - beta1 ** step)])
-        off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
-        both = to_device(torch.stack([on, off]).to(self.params["decoder"].dtype), active.device)   # [2, 4, N]
-        weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
-        return {"frozen": ~active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
-                "neg_step_size": neg_step}
-
-    def _adam_members_(self, members: slice, c: dict[str, Tensor]) -> None:
-        """Adam on the given members: torch.optim.Adam's single-tensor arithmetic, vectorised over
-        members with per-member factors, in place (frozen members: zero gradient, zero step), one parameter at a
-        time (the CPU path: each stays in cache)."""
-        beta2 = self.adam_betas[1]
-        for name, p_all in self.params.items():
-            p, g = p_all[members], self._grads[name][members]
-            m, v, tmp = self.exp_avg[name][members], self.exp_avg_sq[name][members], self._scratch[name][members]
-            g.masked_fill_(_per_member(c["frozen"][members], g), 0)
-            m.lerp_(g, _per_member(c["weight1"][members], m))
-            v.mul_(_per_member(c["beta2"][members], v)).addcmul_(g, g, value=1 - beta2)
-            denom = torch.sqrt(v, out=g).div_(_per_member(c["bias_correction2_sqrt"][members], v)).add_(self.adam_eps)
-            p.add_(torch.mul(m, _per_member(c["neg_step_size"][members], m), out=tmp).div_(denom))
-
-    def _adam_stacked_(self, members: slice, c: dict[str, Tensor]) -> None:
-        """`_adam_members_`'s arithmetic (the same bits) on every parameter at once with foreach ops, the denominator
-        in the gradient's memory and the step in the scratch buffers (no allocation): the off-CPU path."""
-        names = list(self.params)
-        ps, gs = [self.params[n][members] for n in names], [self._grads[n][members] for n in names]
-        ms, vs = [self.exp_avg[n][members] for n in names], [self.exp_avg_sq[n][members] for n in names]
-        tmps = [self._scratch[n][members] for n in names]
-
-        def factor(key: str) -> list[Tensor]:
-            return [_per_member(c[key][members], t) for t in ps]
-        for g in gs:
-            g.masked_fill_(_per_member(c["frozen"][members], g), 0)
-        torch._foreach_lerp_(ms, gs, factor("weight1"))
-        torch._foreach_mul_(vs, factor("beta2"))
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - self.adam_betas[1])
-        torch._foreach_copy_(gs, vs)
-        torch._foreach_sqrt_(gs)
-        torch._foreach_div_(gs, factor("bias_correction2_sqrt"))
-        torch._foreach_add_(gs, self.adam_eps)                                             # denom
-        torch._foreach_copy_(tmps, ms)
-        torch._foreach_mul_(tmps, factor("neg_step_size"))
-        torch._foreach_div_(tmps, gs)
-        torch._foreach_add_(ps, tmps)
+        return adam_factors(self.adam_betas, self._host_step, self._host_hparams["lr"], lr_scale, active,
+                            self.params["decoder"].dtype)
 
     def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
         """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""
