@@ -22,13 +22,13 @@ Shapes: `x: [batch, d_in]`; stacked params `center: [N, d_in]`, `encoder, decode
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from training.adam import adam_factors, adam_members_, adam_stacked_, clip_grads_, member_groups, project_rows_
+from training.dead_latents import DEAD_POLICIES, member_generator, track_dead_  # noqa: F401 (re-exported)
 from training.architectures import Architecture, by_sweep_param, get as get_architecture
 from training.dictionary import (
     Dictionary,
@@ -47,25 +47,9 @@ TopKDecoder = Literal["sparse", "dense"]
 """How a sparse-code architecture decodes in the fused step: the k active rows only, or dense matmuls (benchmarks)."""
 
 
-def _mean_live_norm(rows: Tensor, dead: Tensor, fallback: float) -> Tensor:
-    """[N]: the mean L2 norm of each member's rows (`rows: [N, h, d]`) that are not `dead: [N, h]`
-    (`fallback` for a member with no live row)."""
-    alive = (~dead).to(rows.dtype)
-    n_alive = alive.sum(-1)
-    mean = (rows.norm(dim=-1) * alive).sum(-1) / n_alive.clamp_min(1)
-    return torch.where(n_alive > 0, mean, torch.full_like(mean, fallback))
-
-
 def _order(arch: Architecture) -> dict[str, int]:
     """Canonical order of params (as the modules register them) and hparams in the ensemble's dicts."""
     return {name: i for i, name in enumerate((*arch.param_names, "lr", arch.sweep_param))}
-
-
-def member_generator(seed: int, step: int, member: int, stream: str = "resample") -> torch.Generator:
-    """A CPU generator for one random stream of one member at one step, seeded from a hash of
-    (stream, seed, step, member): derivable again on any machine, so no generator state is ever stored."""
-    digest = hashlib.blake2b(f"{stream}/{seed}/{step}/{member}".encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 # ----------------------------------------------------------------------------- the ensemble
@@ -205,7 +189,7 @@ class Ensemble:
             self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
             self._update_(active, lr_scale)
-            self._track_dead(stats["fired"], active, x.shape[0])
+            track_dead_(self.tokens_since_fired, stats["fired"], active, x.shape[0])
             variance = (x - x.mean(0)).square().sum()
             stats["explained_variance"] = 1 - stats.pop("sq_err_sum") / variance
             stats["n_dead"] = self.dead_mask().sum(-1)
@@ -296,12 +280,6 @@ class Ensemble:
         return adam_factors(self.adam_betas, self._host_step, self._host_hparams["lr"], lr_scale, active,
                             self.params["decoder"].dtype)
 
-    def _track_dead(self, fired: Tensor, active: Tensor, n_tokens: int) -> None:
-        """Advance tokens-since-fired by the batch, reset it where a latent fired (active members only)."""
-        since = self.tokens_since_fired
-        since.add_(active.unsqueeze(1), alpha=n_tokens)
-        since.masked_fill_(fired & active.unsqueeze(1), 0)
-
     def dead_mask(self) -> Tensor:
         """BoolTensor[N, d_hidden]: latents that have not fired for `dead_window` tokens."""
         return self.tokens_since_fired >= self.dead_window
@@ -311,62 +289,13 @@ class Ensemble:
     @torch.no_grad()
     def resample_dead(self, x: Tensor, *, seed: int = 0, step: int = 0,
                       member_ids: Sequence[int] | None = None) -> Tensor:
-        """Revive dead latents; returns how many each member has ([N]). Call every few thousand steps.
-
-        L1: Anthropic's resampling ("Towards Monosemanticity"): each dead latent gets a decoder row
-        = a centred input x - center, at the mean norm of the live decoder rows (1 with `unit_decoder`),
-        drawn with probability proportional to the square of that input's squared reconstruction error; its encoder
-        row = the same direction scaled to 0.2 x the mean norm of the live encoder rows; its bias = 0; its
-        Adam moments = 0. `x` should be many tokens ([n, d_in], tens of thousands or more). The draws of member i
-        come from `member_generator(seed, step, member_ids[i])` on the CPU (global member indices, default
-        0..N-1), so they depend on no device and no stored generator state. Frees the step workspace (the
-        error pass reuses its memory); two host syncs.
-        Architectures with the "aux_k" dead policy (TopK): latents are revived by the aux-K loss instead; this only
-        refreshes whether any member has dead latents (the aux-K term is computed only while some have).
-        """
+        """Run the architecture's dead policy (training/dead_latents.py); returns how many dead latents each member
+        has ([N]). "resample" (L1): revive them from `x: [n, d_in]` (many tokens), draws seeded by (seed, step,
+        member_ids[i]); call every few thousand steps. "aux_k" (TopK): refresh whether the aux-K term is needed."""
         dead = self.dead_mask() & ~self.frozen.unsqueeze(1)                            # [N, h]
         n_dead = dead.sum(-1)
-        if self.arch.dead_policy == "aux_k":
-            self._aux_on = bool(n_dead.any())
-            return n_dead
-        dead_host = dead.cpu()                                                         # [N, h], one sync
-        counts = dead_host.sum(-1).tolist()
-        if not any(counts):
-            return n_dead
-        ids = list(range(self.n_models)) if member_ids is None else [int(i) for i in member_ids]
-        if len(ids) != self.n_models:
-            raise ValueError(f"member_ids has {len(ids)} entries for {self.n_models} members")
-        self.release_workspace()
-        weights = self.per_token_sq_err(x).square_().nan_to_num_(0, 0, 0)              # [N, n]
-        weights += weights.amax(-1, keepdim=True).clamp_min(1e-30) * 1e-12           # no all-zero rows
-        weights_host = weights.cpu().double()                                          # [N, n], one sync
-        del weights
-        enc_norm = _mean_live_norm(self.params["encoder"], dead, 1.0) if "encoder" in self.params else None
-        dec_norm = None if self.unit_decoder else _mean_live_norm(self.params["decoder"], dead, INIT_NORM)
-        for i, count in enumerate(counts):
-            if count == 0:
-                continue
-            picks = torch.multinomial(weights_host[i], count, replacement=True,
-                                      generator=member_generator(seed, step, ids[i]))     # [count], CPU
-            latents = dead_host[i].nonzero().squeeze(1).to(x.device)                      # [count]
-            centred = x[picks.to(x.device)] - self.params["center"][i]                    # [count, d_in]
-            directions = centred.div_(centred.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            self._revive_(i, latents, directions, enc_norm, dec_norm)
-        self.tokens_since_fired.masked_fill_(dead, 0)
+        DEAD_POLICIES[self.arch.dead_policy](self, x, dead, seed=seed, step=step, member_ids=member_ids)
         return n_dead
-
-    def _revive_(self, i: int, latents: Tensor, directions: Tensor, enc_norm: Tensor | None,
-                 dec_norm: Tensor | None) -> None:
-        """Set member i's `latents: [m]` to unit `directions: [m, d_in]` (see resample_dead), in place."""
-        if enc_norm is not None:
-            self.params["encoder"][i, latents] = directions * (0.2 * enc_norm[i])
-        dec = self.params["decoder"]
-        dec[i, latents] = directions if dec_norm is None else directions * dec_norm[i]
-        self.params["encoder_bias"][i, latents] = 0
-        for state in (self.exp_avg, self.exp_avg_sq):
-            for name in ("encoder", "decoder", "encoder_bias"):
-                if name in state:
-                    state[name][i, latents] = 0
 
     def release_workspace(self) -> None:
         """Free the fused step's per-batch buffers (the next step reallocates them): call before evaluation."""
