@@ -37,7 +37,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]

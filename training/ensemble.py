@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from training.adam import adam_factors, adam_members_, adam_stacked_, clip_grads_, member_groups, project_rows_
+from training.ensemble_state import (architecture_name, check_state, load_options, state_refs,
+                                     with_legacy_entries)
 from training.dead_latents import DEAD_POLICIES, member_generator, track_dead_  # noqa: F401 (re-exported)
-from training.architectures import Architecture, by_sweep_param, get as get_architecture
+from training.architectures import Architecture, get as get_architecture
 from training.dictionary import (
     Dictionary,
     Params,
@@ -339,26 +341,6 @@ class Ensemble:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state_refs(self) -> dict[str, Tensor]:
-        """The tensors `state_dict` copies, uncopied (options as small new CPU tensors)."""
-        out: dict[str, Tensor] = {}
-        for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
-                              ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
-            out.update({prefix + n: t for n, t in group.items()})
-        out["adam.step"] = self.adam_step
-        out["dead.tokens_since_fired"] = self.tokens_since_fired
-        out["frozen"] = self.frozen
-        out["dead.aux_on"] = torch.tensor(self._aux_on)
-        out["option.adam_betas"] = torch.tensor(self.adam_betas, dtype=torch.float64)
-        out["option.adam_eps"] = torch.tensor(self.adam_eps, dtype=torch.float64)
-        out["option.dead_window"] = torch.tensor(self.dead_window, dtype=torch.long)
-        out["option.k_aux"] = torch.tensor(self.k_aux, dtype=torch.long)
-        out["option.aux_coef"] = torch.tensor(self.aux_coef, dtype=torch.float64)
-        out["option.unit_decoder"] = torch.tensor(self.unit_decoder)
-        out["option.grad_clip"] = torch.tensor(self.grad_clip, dtype=torch.float64)
-        out["option.architecture"] = architecture_tensor(self.architecture)
-        return out
-
     def state_dict(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
         """Flat {name: tensor} (copies; safetensors-ready): params, Adam state, hparams, dead counters,
         frozen flags and options. `Ensemble.from_state_dict` rebuilds the ensemble from it alone.
@@ -366,38 +348,16 @@ class Ensemble:
         `device` (e.g. "cpu" to save): each tensor is copied straight there, one at a time, so the ensemble's
         device needs no extra memory; None: clones where the tensors are.
         """
-        refs = self._state_refs()
+        refs = state_refs(self)
         if device is None:
             return {n: t.detach().clone().contiguous() for n, t in refs.items()}
         return {n: t.detach().to(device, copy=True).contiguous() for n, t in refs.items()}
 
-    def _check_state(self, shapes: dict[str, torch.Size]) -> None:
-        """ValueError unless `shapes` {name: shape} are this ensemble's state_dict names and shapes (no copies)."""
-        mine = self._state_refs()
-        if set(shapes) != set(mine):
-            raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(shapes))}, "
-                             f"unexpected {sorted(set(shapes) - set(mine))}")
-        for name, shape in shapes.items():
-            if shape != mine[name].shape:
-                raise ValueError(f"{name}: shape {tuple(shape)} != {tuple(mine[name].shape)}")
-
-    def _load_options(self, state: dict[str, Tensor]) -> None:
-        """The host-side options, aux-K switch and step counts of a state_dict."""
-        self.adam_betas = tuple(state["option.adam_betas"].tolist())  # type: ignore[assignment]
-        self.adam_eps = float(state["option.adam_eps"])
-        self.dead_window = int(state["option.dead_window"])
-        self.k_aux = int(state["option.k_aux"])
-        self.aux_coef = float(state["option.aux_coef"])
-        self.unit_decoder = bool(state["option.unit_decoder"])
-        self.grad_clip = float(state["option.grad_clip"])
-        self._aux_on = bool(state["dead.aux_on"])
-        self._host_step = state["adam.step"].to("cpu", torch.float64, copy=True)
-
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Overwrite this ensemble's state with `state` (from `state_dict` of an ensemble of the same shape)."""
-        state = _with_architecture(_with_aux_flag(state))
-        self._check_state({n: t.shape for n, t in state.items()})
+        state = with_legacy_entries(state)
+        check_state(self, {n: t.shape for n, t in state.items()})
         for prefix, group in (("param.", self.params), ("adam.exp_avg.", self.exp_avg),
                               ("adam.exp_avg_sq.", self.exp_avg_sq), ("hparam.", self.hparams)):
             for n, t in group.items():
@@ -405,7 +365,7 @@ class Ensemble:
         self.adam_step.copy_(state["adam.step"])
         self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         self.frozen.copy_(state["frozen"])
-        self._load_options(state)
+        load_options(self, state)
         self._host_hparams = {n: state[f"hparam.{n}"].to("cpu", torch.float64, copy=True) for n in self._host_hparams}
 
     @classmethod
@@ -419,7 +379,7 @@ class Ensemble:
         (the entries of a copy of `state` are consumed, so the caller's dropping `state` frees each host tensor
         as soon as it is on the device); only the gradient and scratch buffers are new.
         """
-        state = _with_architecture(_with_aux_flag(dict(state)))
+        state = with_legacy_entries(dict(state))
         shapes = {n: t.shape for n, t in state.items()}
         device = torch.device(device) if device is not None else state["param.decoder"].device
 
@@ -440,37 +400,12 @@ class Ensemble:
         ens = cls.__new__(cls)
         ens._init_from(params, hparams, arch.name, keys, backend=backend, topk_decoder=topk_decoder,
                        moments=moments)
-        ens._check_state(shapes)
-        ens._load_options(state)
+        check_state(ens, shapes)
+        load_options(ens, state)
         ens.adam_step.copy_(state["adam.step"])
         ens.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         ens.frozen.copy_(state["frozen"])
         return ens
-
-
-def architecture_tensor(name: str) -> Tensor:
-    """The architecture's name as a uint8 tensor of its UTF-8 bytes (how a state_dict records it)."""
-    return torch.tensor(list(name.encode()), dtype=torch.uint8)
-
-
-def architecture_name(t: Tensor) -> str:
-    """The name `architecture_tensor` encoded."""
-    return bytes(t.tolist()).decode()
-
-
-def _with_architecture(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state`, with the architecture's name added if it predates it being saved (told by its sweep hparam)."""
-    if "option.architecture" in state or "hparam.lr" not in state:
-        return state
-    arch = by_sweep_param({n[len("hparam."):] for n in state if n.startswith("hparam.")})
-    return {**state, "option.architecture": architecture_tensor(arch.name)}
-
-
-def _with_aux_flag(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state`, with the aux-K switch derived from its dead counters if it predates the switch being saved."""
-    if "dead.aux_on" in state or not {"dead.tokens_since_fired", "option.dead_window"} <= set(state):
-        return state
-    return {**state, "dead.aux_on": (state["dead.tokens_since_fired"] >= state["option.dead_window"]).any()}
 
 
 def make_members(architecture: str, n_models: int, d_in: int, d_hidden: int, *,
