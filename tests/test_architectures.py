@@ -132,3 +132,16 @@ def test_an_architecture_with_only_a_loss_trains_by_autograd(monkeypatch):
         torch.testing.assert_close(ens.params[n][1], p.detach(), rtol=1e-9, atol=1e-12, msg=n)
     codes = pre_activations({n: t[1] for n, t in ens.params.items()}, _data(64, 8)).relu()
     assert codes.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", names())
+def test_a_state_saved_before_the_architecture_name_loads_unchanged(name):
+    arch = get(name)
+    ens = _ensemble(arch, "fused")
+    ens.step(_data(32, 8))
+    old = {n: t for n, t in ens.state_dict().items() if n != "option.architecture"}   # as saved before the registry
+    for back in (Ensemble.from_state_dict(old), _ensemble(arch, "fused")):
+        back.load_state_dict(old)
+        assert back.architecture == name
+        for n, t in ens.params.items():
+            assert torch.equal(back.params[n], t)
