@@ -48,7 +48,8 @@ def _train(name: str) -> dict[str, torch.Tensor]:
     ens.init_center(pool)
     out = {}
     for step, x in enumerate(xs[:12]):
-        ens.step(x, lr_scale=1 - step / 24, coefficient_scales=dict.fromkeys(ens.arch.scheduled, min(1.0, (step + 1) / 4)))
+        warm_up = dict.fromkeys(ens.arch.scheduled, min(1.0, (step + 1) / 4))
+        ens.step(x, lr_scale=1 - step / 24, coefficient_scales=warm_up)
         if arch == "l1" and step in (4, 8):
             out[f"{name}.n_revived.{step}"] = ens.resample_dead(pool, seed=3, step=step).clone()
         if arch == "topk" and step % 2 == 1:

@@ -7,8 +7,9 @@ gradient of its own loss in one pass:
   - "fused" (default): the same gradients written out analytically with batched matmuls into
     preallocated buffers (no recomputation, no per-step allocation of [n_models, batch, d_hidden]
     tensors, no host sync). Tests check it against the autograd backend.
-Everything after the gradient (decoder-norm projection, Adam, renormalisation, NaN freezing,
-dead-latent tracking) is shared and works in place on the stacked tensors. Both backends follow
+Everything after the gradient (decoder-norm projection, Adam, renormalisation: training/adam.py; NaN freezing;
+dead-latent tracking and revival: training/dead_latents.py) is shared and works in place on the stacked tensors;
+the checkpoint format is training/ensemble_state.py. Both backends follow
 autocast: under `torch.autocast(device, dtype=torch.bfloat16)` the matmuls run in bf16 (on CPUs
 with AVX512-BF16 about 4x the fp32 matmul rate), params, Adam state and gradients stay fp32.
 
@@ -175,7 +176,8 @@ class Ensemble:
 
         `coefficient_scales`: {name: factor} for the architecture's scheduled coefficients (`arch.scheduled`,
         e.g. the l1 warm-up; missing ones: 1; a name the architecture does not schedule is an error).
-        Returns {"loss", "mse", "l1_norm" (the decoder-norm-weighted L1 of the codes), "l0", "explained_variance", (the loss's extra terms, e.g. "aux"): [N],
+        Returns {"loss", "mse", "l1_norm" (the decoder-norm-weighted L1 of the codes), "l0", "explained_variance",
+        (the loss's extra terms, e.g. "aux"): [N],
         "fired": BoolTensor[N, d_hidden] (fired in this batch), "n_dead": [N], "frozen": BoolTensor[N]}.
         A member whose loss is NaN/inf is frozen from this step on.
         """

@@ -943,7 +943,8 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                                                                           l1_scale(progress.step, total, cfg)))
                     progress.step += 1
                     progress.tokens += cfg.batch_size
-                    if (arch.dead_policy == "resample" and cfg.resample_every and progress.step % cfg.resample_every == 0
+                    if (arch.dead_policy == "resample" and cfg.resample_every
+                            and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
                                           seed=cfg.seed, step=progress.step)

@@ -1,8 +1,8 @@
 """The architecture registry: every SAE architecture the ensembler trains is declared once, in its own module.
 
-An architecture module (training/architectures/<name>.py) defines one `Architecture` and this file lists it in
-`REGISTRY` (one line). Nothing outside those modules names an architecture: the ensemble, the sweep, the file
-format and the analysis tools read what they need from the declaration (`get(name)`).
+An architecture module (training/architectures/<name>.py) defines one `Architecture` named ARCHITECTURE and this
+file lists the module in `MODULES` (one line). Nothing outside those modules names an architecture: the ensemble,
+the sweep, the file format and the analysis tools read what they need from the declaration (`get(name)`).
 
 What a declaration provides (shapes: one member's params {name: tensor} unstacked, `x: [B, d_in]`; the fused
 gradient sees the stacked `[N, ...]` params):
@@ -14,8 +14,8 @@ gradient sees the stacked `[N, ...]` params):
     hparam of that name (int64 when `sweep_param_integer`, else float64) and in sweep.json as the members' keys.
   - `scheduled`: the coefficients (per-member float hparams) that `Ensemble.step(coefficient_scales=)` scales,
     e.g. the l1 warm-up; they reach the losses, already scaled, in `coefficients`.
-  - `member_state(keys: [N] on the CPU, like) -> dict`: per-member state derived from the keys (tensors with a leading [N]
-    axis, vmapped by the autograd backend) and static values (ints, floats, bools: shared by all members).
+  - `member_state(keys: [N] on the CPU, like) -> dict`: per-member state derived from the keys (tensors with a
+    leading [N] axis, vmapped by the autograd backend) and static values (ints, floats, bools: shared by all).
     Each step the ensemble adds its options (`k_aux`, `aux_coef`, `decoder_impl`) and, under the "aux_k" dead
     policy while any member has dead latents, `dead: [N, d_hidden]`.
   - `loss(params, x, coefficients, state) -> (loss, parts)`: one member's differentiable loss, used by the
@@ -31,7 +31,8 @@ gradient sees the stacked `[N, ...]` params):
     (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents).
   - `check_keys(keys, d_hidden) -> problem | None`: a one-line complaint about member keys that cannot work at
     this dictionary size (TopK: a k above d_hidden), else None.
-  - `key_symbol` ("L1", "k": "its L1 values are ..."), `key_column` (the key's table header: "L1 penalty", "k"), `key_axis` (its plot axis label),
+  - `key_symbol` ("L1", "k": "its L1 values are ..."), `key_column` (the key's table header: "L1 penalty", "k"),
+    `key_axis` (its plot axis label),
   - `tieable`, `default_init_norm`, `title` ("L1", "TopK"), `format_key(key) -> str` ("L1 = 0.1", "k = 32"),
     `short_key(key) -> str` (plot labels), and the memory model `workspace_bytes`, `transient_bytes`,
     `eval_block_rows` (training/memory.py).
@@ -48,7 +49,8 @@ from typing import Any, Callable, Literal
 
 from torch import Tensor
 
-Params = dict[str, Tensor]
+from training.dictionary import Params
+
 DeadPolicy = Literal["resample", "aux_k"]
 LossFn = Callable[[Params, Tensor, dict[str, Tensor], dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
 FusedGradsFn = Callable[..., dict[str, Tensor]]

@@ -172,7 +172,8 @@ ARCHITECTURE = Architecture(
     workspace=lambda batch, chunk_tokens, state: (chunk_tokens, True),
     activate_=lambda pre, params, state: pre.relu_(),
     dead_policy="resample", tieable=True, check_keys=lambda keys, d_hidden: None, default_init_norm=0.1,
-    key_symbol="L1", key_column="L1 penalty", key_axis="L1 penalty", format_key=lambda key: f"L1 = {key:.3g}", short_key=lambda key: f"{key:.3g}",
+    key_symbol="L1", key_column="L1 penalty", key_axis="L1 penalty",
+    format_key=lambda key: f"L1 = {key:.3g}", short_key=lambda key: f"{key:.3g}",
     workspace_bytes=_workspace_bytes, transient_bytes=_transient_bytes,
     eval_block_rows=lambda batch: max(1, batch),   # an encode holds one [N, rows, h] buffer where the step held two
 )

@@ -225,7 +225,8 @@ ARCHITECTURE = Architecture(
     workspace=lambda batch, chunk_tokens, state: (batch, state["decoder_impl"] == "dense"),
     activate_=_activate_,
     dead_policy="aux_k", tieable=False, check_keys=_check_keys, default_init_norm=0.5,
-    key_symbol="k", key_column="k", key_axis="k (active features per token)", format_key=lambda key: f"k = {int(key)}", short_key=lambda key: f"k={int(key)}",
+    key_symbol="k", key_column="k", key_axis="k (active features per token)",
+    format_key=lambda key: f"k = {int(key)}", short_key=lambda key: f"k={int(key)}",
     workspace_bytes=_workspace_bytes, transient_bytes=_transient_bytes,
     eval_block_rows=lambda batch: max(1, batch // 2),   # an encode holds two [N, rows, h] buffers, the step one
 )
