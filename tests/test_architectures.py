@@ -145,3 +145,30 @@ def test_a_state_saved_before_the_architecture_name_loads_unchanged(name):
         assert back.architecture == name
         for n, t in ens.params.items():
             assert torch.equal(back.params[n], t)
+
+
+def _track_mse_(state, stats, active):
+    """A running mean of each active member's MSE (an example of per-member state updated by the step)."""
+    ema = state["mse_ema"]
+    ema.copy_(torch.where(active, 0.9 * ema + 0.1 * stats["mse"].to(ema.dtype), ema))
+
+
+STATEFUL = dataclasses.replace(
+    SQUARED, member_state=lambda keys, like: {"mse_ema": torch.zeros(len(keys), dtype=like.dtype, device=like.device)},
+    saved_state=("mse_ema",), update_state_=_track_mse_)
+
+
+def test_member_state_is_updated_by_the_step_saved_and_loaded(monkeypatch):
+    monkeypatch.setitem(registry(), "squared_test", STATEFUL)
+    ens = Ensemble(make_members("squared_test", 2, 8, 16, dtype=F64), {"lr": [1e-2, 1e-2], "l2": [0.0, 1.0]})
+    want = torch.zeros(2, dtype=F64)
+    for x in _data(64, 8).split(32):
+        want = 0.9 * want + 0.1 * ens.step(x)["mse"]
+    torch.testing.assert_close(ens.member_state["mse_ema"], want)
+    saved = st_load(st_save(ens.state_dict()))
+    assert torch.equal(saved["state.mse_ema"], ens.member_state["mse_ema"])
+    back = Ensemble.from_state_dict(saved)
+    assert torch.equal(back.member_state["mse_ema"], ens.member_state["mse_ema"])
+    other = Ensemble(make_members("squared_test", 2, 8, 16, dtype=F64), {"lr": [1e-2, 1e-2], "l2": [0.0, 1.0]})
+    other.load_state_dict(saved)
+    assert torch.equal(other.member_state["mse_ema"], ens.member_state["mse_ema"])

@@ -194,6 +194,8 @@ class Ensemble:
             active = ~self.frozen
             self._update_(active, lr_scale)
             track_dead_(self.tokens_since_fired, stats["fired"], active, x.shape[0])
+            if self.arch.update_state_ is not None:
+                self.arch.update_state_(self.member_state, stats, active)
             variance = (x - x.mean(0)).square().sum()
             stats["explained_variance"] = 1 - stats.pop("sq_err_sum") / variance
             stats["n_dead"] = self.dead_mask().sum(-1)
@@ -367,6 +369,8 @@ class Ensemble:
         self.adam_step.copy_(state["adam.step"])
         self.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         self.frozen.copy_(state["frozen"])
+        for n in self.arch.saved_state:
+            self.member_state[n].copy_(state[f"state.{n}"])
         load_options(self, state)
         self._host_hparams = {n: state[f"hparam.{n}"].to("cpu", torch.float64, copy=True) for n in self._host_hparams}
 
@@ -407,6 +411,8 @@ class Ensemble:
         ens.adam_step.copy_(state["adam.step"])
         ens.tokens_since_fired.copy_(state["dead.tokens_since_fired"])
         ens.frozen.copy_(state["frozen"])
+        for n in arch.saved_state:
+            ens.member_state[n].copy_(state[f"state.{n}"])
         return ens
 
 

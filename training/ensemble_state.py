@@ -1,6 +1,6 @@
 """The ensemble's checkpoint format: one flat {name: tensor} dict (safetensors-ready) holding params
 ("param.<name>"), Adam moments ("adam.exp_avg.<name>", "adam.exp_avg_sq.<name>", "adam.step"), hparams
-("hparam.lr", "hparam.<sweep param>"), dead counters ("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the
+("hparam.lr", "hparam.<sweep param>"), the architecture's saved member state ("state.<name>"), dead counters ("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the
 options ("option.*", among them the architecture's name as UTF-8 bytes). States written before an entry existed
 are completed by `with_legacy_entries`, so old checkpoints load unchanged.
 """
@@ -21,6 +21,7 @@ def state_refs(ens: Any) -> dict[str, Tensor]:
     for prefix, group in (("param.", ens.params), ("adam.exp_avg.", ens.exp_avg),
                           ("adam.exp_avg_sq.", ens.exp_avg_sq), ("hparam.", ens.hparams)):
         out.update({prefix + n: t for n, t in group.items()})
+    out.update({f"state.{n}": ens.member_state[n] for n in ens.arch.saved_state})
     out["adam.step"] = ens.adam_step
     out["dead.tokens_since_fired"] = ens.tokens_since_fired
     out["frozen"] = ens.frozen

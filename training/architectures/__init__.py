@@ -36,6 +36,10 @@ gradient sees the stacked `[N, ...]` params):
   - `tieable`, `default_init_norm`, `title` ("L1", "TopK"), `format_key(key) -> str` ("L1 = 0.1", "k = 32"),
     `short_key(key) -> str` (plot labels), and the memory model `workspace_bytes`, `transient_bytes`,
     `eval_block_rows` (training/memory.py).
+  - `saved_state` (default none): names of `member_state` tensors that change during training (e.g. a running
+    threshold estimate), saved in the ensemble's state_dict as `state.<name>` and loaded back;
+    `update_state_(state, stats, active: [N] bool)` (default None): called after each step, without gradients, to
+    update them in place from the step's stats (only where `active`, for frozen members stay as they are).
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
 (`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
 apart by their sweep hparam.
@@ -86,6 +90,8 @@ class Architecture:
     workspace_bytes: Callable[..., int]
     transient_bytes: Callable[..., int]
     eval_block_rows: Callable[[int], int]
+    saved_state: tuple[str, ...] = ()
+    update_state_: Callable[[dict[str, Any], dict[str, Tensor], Tensor], None] | None = None
 
 
 MODULES = ("l1", "topk")
