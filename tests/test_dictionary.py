@@ -143,7 +143,7 @@ def test_unstack_dictionaries():
     torch.manual_seed(0)
     members = [TopKAutoencoder(4, 8, k=k) for k in (1, 3)]
     stacked = {n: torch.stack([m.params()[n] for m in members]).detach() for n in members[0].params()}
-    back = unstack_dictionaries(stacked, "topk", k=[1, 3])
+    back = unstack_dictionaries(stacked, "topk", keys=[1, 3])
     x = torch.randn(6, 4)
     for a, b in zip(members, back):
         assert isinstance(b, TopKAutoencoder) and b.k == a.k

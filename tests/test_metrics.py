@@ -99,7 +99,7 @@ def test_streaming_matches_one_shot() -> None:
         "cosine_similarity": M.cosine_similarity(x, x_hat),
         "norm_ratio": M.norm_ratio(x, x_hat),
         "l0": M.l0(codes),
-        "l1": M.l1(codes),
+        "l1_norm": M.l1(codes),
         "n_dead": float(M.dead_features(density).sum()),
         "n_dense": float(M.dense_features(density, 0.15).sum()),
     }

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from training.architectures import get as get_architecture
 from training.chunks import has_tokens
 from training.cli import UserError
 from training.locks import output_lock
@@ -594,7 +595,7 @@ def locate_features(cfg: DashboardConfig) -> Path:
         return p / FEATURES_JSON if p.is_dir() else p
     if cfg.sweep:
         key, _, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)
-        label = key_label("l1" if meta["architecture"] == "l1" else "k", key)
+        label = key_label(get_architecture(meta["architecture"]).sweep_param, key)
         path = Path(cfg.sweep) / "features" / label / FEATURES_JSON
         if not path.exists() and not has_tokens(meta.get("source_manifest") or {}):
             raise UserError(f"no {path}: the sweep was trained on imported activations without token ids, so "

@@ -1,4 +1,7 @@
-"""Sparse autoencoder dictionaries: an L1-penalised ReLU SAE and a TopK SAE.
+"""Sparse autoencoder maths shared by every architecture, and the base dictionary module.
+
+Each architecture (its module class, loss and fused gradient) lives in training/architectures/<name>.py;
+the ReLU-L1 SAE and the TopK SAE below are described here because they share these functions.
 
 Shapes: `x, acts: [n, d_in]`, `codes, pre: [n, d_hidden]`, `encoder, decoder: [d_hidden, d_in]`,
 `norms: [d_hidden]` = the L2 norms of the decoder rows.
@@ -34,7 +37,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
@@ -99,14 +101,6 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - (x - x_hat).square().sum() / (x - x.mean(0)).square().sum()
 
 
-def l1_loss(params: Params, x: Tensor, l1: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
-    """(MSE + l1 * L1, {"mse", "l1", "codes", "x_hat"}) of an L1 dictionary (L1 weighted by decoder norms)."""
-    codes = pre_activations(params, x).relu()
-    x_hat = decode_codes(params, codes)
-    mse, l1_term = mse_loss(x, x_hat), l1_penalty(codes, decoder_norms(params))
-    return mse + l1 * l1_term, {"mse": mse, "l1": l1_term, "codes": codes, "x_hat": x_hat}
-
-
 def aux_k_loss(params: Params, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
     """Gao et al. aux-K: MSE of the detached residual x - x_hat against its reconstruction from the
     top-k_aux dead latents by pre * norms (decoder only, no center); 0 when `dead: [d_hidden]` is all False."""
@@ -117,19 +111,6 @@ def aux_k_loss(params: Params, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tens
     z = torch.zeros_like(pre).scatter(-1, idx, vals)
     e_hat = z @ params["decoder"]
     return mse_loss(e, e_hat) * dead.any().to(pre.dtype)
-
-
-def topk_loss(params: Params, x: Tensor, k: int, *, rank_mask: Tensor | None = None,
-              dead: Tensor | None = None, k_aux: int = 0, aux_coef: float = 1 / 32
-              ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(MSE + aux_coef * aux, {"mse", "aux", "codes", "x_hat"}) of a TopK dictionary."""
-    pre = pre_activations(params, x)
-    codes = topk_mask_codes(pre, k, rank_mask, decoder_norms(params))
-    x_hat = decode_codes(params, codes)
-    mse = mse_loss(x, x_hat)
-    aux = (aux_k_loss(params, x, x_hat, pre, dead, k_aux) if (dead is not None and k_aux > 0)
-           else torch.zeros_like(mse))
-    return mse + aux_coef * aux, {"mse": mse, "aux": aux, "codes": codes, "x_hat": x_hat}
 
 
 def project_decoder_grad_(decoder: Tensor, grad: Tensor) -> Tensor:
@@ -191,8 +172,8 @@ def init_center_value(acts: Tensor, method: Literal["mean", "geometric_median"] 
 
 # ----------------------------------------------------------------------------- modules
 
-class _Dictionary(nn.Module):
-    """Parameters and methods shared by both dictionaries."""
+class Dictionary(nn.Module):
+    """Parameters and methods shared by every architecture's dictionary module (training/architectures/)."""
 
     def _init_params(self, d_in: int, d_hidden: int, tied: bool, init_norm: float, device, dtype) -> None:
         """Random decoder rows of norm `init_norm`, encoder = decoder copy (its transpose in x @ W convention)."""
@@ -241,93 +222,39 @@ class _Dictionary(nn.Module):
             project_decoder_grad_(self.decoder, self.decoder.grad)
 
 
-class SparseLinearAutoencoder(_Dictionary):
-    """ReLU dictionary trained with MSE + l1 * L1 (Cunningham et al. 2023; Bricken et al. 2023).
-
-    Tied: one matrix serves as encoder and decoder (the original Sharkey et al. variant).
-    """
-
-    architecture = "l1"
-
-    def __init__(self, d_in: int, d_hidden: int, tied: bool = False, *, init_norm: float = INIT_NORM,
-                 device=None, dtype=None):
-        super().__init__()
-        self._init_params(d_in, d_hidden, tied, 1.0 if tied else init_norm, device, dtype)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """codes: [n, d_hidden] = ReLU((x - center) @ encoder.T + encoder_bias)."""
-        return pre_activations(self.params(), x).relu()
-
-    def loss(self, x: Tensor, l1: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """(MSE + l1 * L1, {"mse", "l1"}); see the module docstring for the normalisations."""
-        total, parts = l1_loss(self.params(), x, l1)
-        return total, {"mse": parts["mse"], "l1": parts["l1"]}
-
-
-class TopKAutoencoder(_Dictionary):
-    """TopK dictionary (Gao et al. 2024): keep the k largest pre-activations, ReLU, decode."""
-
-    architecture = "topk"
-
-    def __init__(self, d_in: int, d_hidden: int, k: int, *, init_norm: float = INIT_NORM, device=None, dtype=None):
-        super().__init__()
-        if not 0 < k <= d_hidden:
-            raise ValueError(f"k={k} must be in [1, d_hidden={d_hidden}]")
-        self.k = int(k)
-        self._init_params(d_in, d_hidden, False, init_norm, device, dtype)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense codes: [n, d_hidden] with at most k non-zeros per row."""
-        return topk_mask_codes(pre_activations(self.params(), x), self.k, norms=decoder_norms(self.params()))
-
-    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(values: [n, k] after ReLU, indices: [n, k]) of the active latents."""
-        pre = pre_activations(self.params(), x)
-        idx = topk_indices(pre, self.k, decoder_norms(self.params()))
-        return pre.gather(-1, idx).relu(), idx
-
-    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        """x_hat: [n, d_in] from the k active rows only (embedding_bag gather, no dense matmul)."""
-        return F.embedding_bag(indices, self.decoder, per_sample_weights=values, mode="sum") + self.center
-
-    def loss(self, x: Tensor, dead: Tensor | None = None, *, k_aux: int | None = None,
-             aux_coef: float = 1 / 32) -> tuple[Tensor, dict[str, Tensor]]:
-        """(MSE + aux_coef * aux, {"mse", "aux"}); aux only with a `dead: BoolTensor[d_hidden]` mask.
-
-        k_aux defaults to d_in // 2 (Gao et al.).
-        """
-        k_aux = self.d_in // 2 if k_aux is None else k_aux
-        total, parts = topk_loss(self.params(), x, self.k, dead=dead, k_aux=k_aux, aux_coef=aux_coef)
-        return total, {"mse": parts["mse"], "aux": parts["aux"]}
-
-
-Dictionary = SparseLinearAutoencoder | TopKAutoencoder
-
-
-def dictionary_from_params(params: Params, architecture: Literal["l1", "topk"], k: int | None = None
-                           ) -> Dictionary:
-    """An ordinary module holding (copies of) one member's `params` ({name: tensor}, unstacked)."""
+def dictionary_from_params(params: Params, architecture: str, key: float | int | None = None) -> Dictionary:
+    """An ordinary module holding (copies of) one member's `params` ({name: tensor}, unstacked); `key`: the member's
+    sweep key where its module holds it (TopK's k)."""
+    from training.architectures import get
+    arch = get(architecture)
     d_hidden, d_in = params["decoder"].shape
     like = params["decoder"]
-    kw = dict(device=like.device, dtype=like.dtype)
-    if architecture == "l1":
-        module: Dictionary = SparseLinearAutoencoder(d_in, d_hidden, tied="encoder" not in params, **kw)
-    elif architecture == "topk":
-        if k is None:
-            raise ValueError("a TopK dictionary needs k")
-        module = TopKAutoencoder(d_in, d_hidden, int(k), **kw)
-    else:
-        raise ValueError(f"unknown architecture {architecture!r}")
+    if arch.member_key is not None and key is None:
+        raise ValueError(f"a {arch.title} dictionary needs its {arch.sweep_param}")
+    module = arch.make_member(d_in, d_hidden, key, tied="encoder" not in params, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(params[name])
     return module
 
 
-def unstack_dictionaries(stacked: Params, architecture: Literal["l1", "topk"],
-                         k: Tensor | list[int] | None = None) -> list[Dictionary]:
-    """Ordinary modules from stacked params {name: [n_models, ...]} (per-member `k: [n_models]` for TopK)."""
+def unstack_dictionaries(stacked: Params, architecture: str, keys: Tensor | list | None = None) -> list[Dictionary]:
+    """Ordinary modules from stacked params {name: [n_models, ...]} (per-member `keys: [n_models]` where the module
+    holds its key, e.g. TopK's k)."""
     n_models = stacked["decoder"].shape[0]
-    ks = [None] * n_models if k is None else [int(v) for v in (k.tolist() if isinstance(k, Tensor) else k)]
+    ks = [None] * n_models if keys is None else (keys.tolist() if isinstance(keys, Tensor) else list(keys))
     return [dictionary_from_params({n: t[i] for n, t in stacked.items()}, architecture, ks[i])
             for i in range(n_models)]
+
+
+_MOVED = {"SparseLinearAutoencoder": "training.architectures.l1", "l1_loss": "training.architectures.l1",
+          "TopKAutoencoder": "training.architectures.topk", "topk_loss": "training.architectures.topk"}
+"""Names that moved to their architecture's module, still importable from here."""
+
+
+def __getattr__(name: str):
+    """The moved names of `_MOVED`, imported on first use (the architecture modules import this one)."""
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

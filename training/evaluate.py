@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import training
+from training.architectures import get as get_architecture
 from training.chunks import CONTEXTS, atomic_write_json, has_tokens, mmap_tensors
 from training.cli import UserError, config_to_dict
 from training.locks import folder_lock
@@ -167,13 +168,13 @@ def read_sweep(path: Path, allow_unfinished: bool = False) -> dict[str, Any]:
 
 
 def key_name(architecture: str) -> str:
-    """What members are keyed by: "l1" (the L1 penalty) or "k"."""
-    return "l1" if architecture == "l1" else "k"
+    """What members are keyed by: the architecture's sweep parameter (l1: the L1 penalty, k, ...)."""
+    return get_architecture(architecture).sweep_param
 
 
 def format_key(architecture: str, key: float | int) -> str:
-    """A member's key for people: "L1 = 0.001" or "k = 32"."""
-    return f"L1 = {key:.3g}" if architecture == "l1" else f"k = {int(key)}"
+    """A member's key for people: "L1 = 0.001", "k = 32", ..."""
+    return get_architecture(architecture).format_key(key)
 
 
 # ------------------------------------------------------------------------------------- what text
@@ -357,7 +358,6 @@ def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members:
 def member_report(architecture: str, key: float | int, st: MemberStats, bins: int) -> dict[str, Any]:
     """All metrics of one member (see training.metrics for definitions) and its log10-density histogram."""
     m = st.recon.compute()
-    m["l1_norm"] = m.pop("l1")
     splice = st.splice.compute()
     if "ce_with_error" in splice:
         splice["ce_with_error_delta"] = splice["ce_with_error"] - splice["ce_clean"]
@@ -553,7 +553,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     """report.md: what was evaluated, the recommendation and why, one table row per member, the plots."""
     ev, knee, clean = report["evaluated"], report["knee"], report["clean"]
     arch = ev["architecture"]
-    name = "L1 penalty" if arch == "l1" else "k"
+    name = get_architecture(arch).key_column
     lines = [f"# Sweep evaluation: `{ev['sweep']}`", "",
              f"- model `{ev['model']}`" + (f" in {ev['dtype']}" if ev.get("dtype") else "")
              + f", hook `{ev['hook']}`, {ev['architecture']} dictionaries",
@@ -604,8 +604,8 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _label(arch: str, key: float | int) -> str:
-    """Short point label: "1e-03" for an L1 penalty, "k=32"."""
-    return f"{key:.3g}" if arch == "l1" else f"k={int(key)}"
+    """Short point label: "1e-03" for an L1 penalty, "k=32", ..."""
+    return get_architecture(arch).short_key(key)
 
 
 def write_plots(report: dict[str, Any], folder: Path) -> None:
@@ -658,8 +658,8 @@ def plot_vs_l0(members: list[dict[str, Any]], metric: str, ylabel: str, arch: st
         if k:
             ax.scatter([k[0][0]], [k[0][1]], s=220, facecolors="none", edgecolors="C3", lw=2, zorder=4,
                        label=f"knee: {format_key(arch, k[0][2])}")
-        if arch == "l1":
-            ax.text(0.02, 0.97, "points labelled by their L1 penalty", transform=ax.transAxes, va="top",
+        if not get_architecture(arch).sweep_param_integer:
+            ax.text(0.02, 0.97, f"points labelled by their {get_architecture(arch).key_column}", transform=ax.transAxes, va="top",
                     fontsize=8, color="0.3")
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
@@ -683,24 +683,25 @@ def _plain_log_ticks(axis: Any) -> None:
 
 
 def plot_dead(members: list[dict[str, Any]], arch: str, dense_threshold: float, title: str) -> Any:
-    """Dead and dense feature fractions (percent) against the L1 penalty (log axis) or k (log2 axis)."""
+    """Dead and dense feature fractions (percent) against the members' keys: a log axis for real-valued ones (L1
+    penalty), log2 with integer ticks for integer ones (k)."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = [m["key"] for m in members]
     ax.plot(keys, [100 * m["frac_dead"] for m in members], "o-", color="C3", label="dead (never active)")
     ax.plot(keys, [100 * m["frac_dense"] for m in members], "s--", color="C1",
             label=f"dense (active on > {dense_threshold:g} of tokens)")
-    if arch == "l1":
+    if not get_architecture(arch).sweep_param_integer:
         positive = [k for k in keys if k > 0]
         if len(positive) == len(keys):
             ax.set_xscale("log")
         elif positive:  # an L1 penalty of 0: linear near 0, log above the smallest positive one
             ax.set_xscale("symlog", linthresh=min(positive))
-        ax.set_xlabel("L1 penalty (log scale)")
+        ax.set_xlabel(f"{get_architecture(arch).key_axis} (log scale)")
     else:
         ax.set_xscale("log", base=2)
         ax.set_xticks(keys, [str(int(k)) for k in keys])
-        ax.set_xlabel("k (active features per token, log2 scale)")
+        ax.set_xlabel(f"{get_architecture(arch).key_axis} (log2 scale)")
     ax.set_ylabel("% of features")
     ax.set_ylim(bottom=-2, top=max(5.0, 1.1 * max(100 * max(m["frac_dead"], m["frac_dense"]) for m in members)))
     ax.set_title(f"dead and dense features\n{title}", fontsize=10)

@@ -19,6 +19,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from training.architectures import get as get_architecture
+
 GiB = 1 << 30
 FP32 = 4
 
@@ -38,41 +40,21 @@ def optimizer_bytes(n_models: int, d_in: int, d_hidden: int, tied: bool = False)
 
 def workspace_bytes(architecture: str, n_models: int, batch: int, d_in: int, d_hidden: int,
                     tied: bool = False, compute: int = FP32) -> int:
-    """The fused step's buffers, kept between steps (training.ensemble._Workspace).
-
-    L1: x - center [N, C, d] (compute) + error and squared error [N, C, d] x 2 (fp32) + codes and their
-    gradient [N, C, h] x 2 (compute); bf16 adds low-precision copies of the matrices [N, h, d] (x 2 untied)
-    and of the weight gradient, and x_hat, gradient [N, C, d] (compute).
-    TopK: x - center [N, B, d] (fp32 and compute) + error [N, B, d] (fp32) + scores [N, B, h] (compute);
-    bf16 adds the encoder copy [N, h, d].
-    """
-    nbd, nbh, nhd = n_models * batch * d_in, n_models * batch * d_hidden, n_models * d_hidden * d_in
-    low = compute != FP32
-    if architecture == "l1":
-        total = nbd * compute + 2 * nbd * FP32 + 2 * nbh * compute
-        if low:
-            total += (1 if tied else 2) * nhd * compute + nhd * compute + 2 * nbd * compute
-        return total
-    total = nbd * (FP32 + compute) + nbd * FP32 + nbh * compute
-    return total + (nhd * compute if low else 0)
+    """The fused step's buffers, kept between steps (training.fused.Workspace), as the architecture's
+    declaration counts them (training/architectures/<name>.py `workspace_bytes`)."""
+    return get_architecture(architecture).workspace_bytes(n_models, batch, d_in, d_hidden, tied, compute)
 
 
 def step_transient_bytes(architecture: str, n_models: int, batch: int, d_in: int, d_hidden: int,
                          k_max: int = 0) -> int:
-    """Temporaries of one step on top of the workspace: the batch [B, d] and, for L1, the penalty's decoder
-    gradient [N, h, d] (fp32); for TopK, the error terms [N, B, d] x 3 and the sparse-code indices,
-    values and their gradients, [N, B, k_max] x about 8 eight-byte entries (aux-K: k_aux = d // 2 more)."""
-    total = batch * d_in * FP32
-    if architecture == "l1":
-        return total + FP32 * n_models * d_hidden * d_in
-    k = k_max + min(d_hidden, d_in // 2)
-    return total + 3 * FP32 * n_models * batch * d_in + 8 * 8 * n_models * batch * k
+    """Temporaries of one step on top of the workspace: the batch [B, d] and the architecture's own
+    (`transient_bytes`; `k_max`: the largest member key where that sizes them, e.g. TopK's k)."""
+    return batch * d_in * FP32 + get_architecture(architecture).transient_bytes(n_models, batch, d_in, d_hidden, k_max)
 
 
 def eval_block_rows(architecture: str, batch: int) -> int:
-    """Rows per evaluation block: its codes fit in the freed workspace (an L1 encode holds one [N, rows, h]
-    buffer where the step held two; a TopK encode holds two where the step held one)."""
-    return max(1, batch if architecture == "l1" else batch // 2)
+    """Rows per evaluation block: its codes fit in the freed workspace (the architecture's `eval_block_rows`)."""
+    return get_architecture(architecture).eval_block_rows(batch)
 
 
 @dataclass

@@ -257,14 +257,14 @@ class SparsityStats:
         return self.fire_counts.double() / self.n
 
     def compute(self) -> dict[str, float]:
-        """Return l0, l1, n_dead, frac_dead, n_dense, frac_dense, n_features, n_tokens."""
+        """Return l0, l1_norm, n_dead, frac_dead, n_dense, frac_dense, n_features, n_tokens."""
         density = self.feature_density()
         h = density.shape[0]
         n_dead = int(dead_features(density).sum())
         n_dense = int(dense_features(density, self.dense_threshold).sum())
         return {
             "l0": self.active_total / self.n,
-            "l1": self.l1_total / self.n,
+            "l1_norm": self.l1_total / self.n,
             "n_dead": float(n_dead),
             "frac_dead": n_dead / h,
             "n_dense": float(n_dense),

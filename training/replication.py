@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from training.chunks import atomic_write_json
 from training.cli import UserError, config_to_dict
+from training.architectures.l1 import L1
 from training.ensemble import Ensemble, make_members
 from training.metrics import mmcs
 from training.toy import ToyConfig, make_features, make_generator, sample_batch
@@ -215,10 +216,10 @@ def build_ensembles(cfg: ReplicationConfig, device: torch.device) -> list[Ensemb
     out = []
     for r_index, ratio in enumerate(sorted_ratios(cfg)):
         d_hidden = round(ratio * cfg.n_features)
-        members = make_members("l1", len(l1s), cfg.d, d_hidden, seed=cfg.seed + r_index * RATIO_SEED_STRIDE,
+        members = make_members(L1.name, len(l1s), cfg.d, d_hidden, seed=cfg.seed + r_index * RATIO_SEED_STRIDE,
                                init_norm=1.0, device=device)
         hparams = {"lr": torch.full((len(l1s),), cfg.lr, dtype=torch.float64),
-                   "l1": torch.tensor(l1s, dtype=torch.float64)}
+                   L1.sweep_param: torch.tensor(l1s, dtype=torch.float64)}
         out.append(Ensemble(members, hparams, unit_decoder=True))   # the report's recipe: unit decoder rows
     return out
 
@@ -231,7 +232,7 @@ def train_grid(cfg: ReplicationConfig, ensembles: list[Ensemble], features: Tens
         x, _ = sample_batch(toy, features, cfg.batch_size, generator)     # [batch, d]
         lr_s, l1_s = lr_scale(step, cfg), l1_scale(step, cfg)
         for ens in ensembles:
-            ens.step(x, lr_scale=lr_s, l1_scale=l1_s)
+            ens.step(x, lr_scale=lr_s, coefficient_scales=dict.fromkeys(ens.arch.scheduled, l1_s))
 
 
 @torch.no_grad()

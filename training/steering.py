@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from training.architectures import get as get_architecture
 from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.locks import output_lock
@@ -502,11 +503,13 @@ def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None 
         raise UserError(f"sweep {path} does not exist: pass the --output_dir of basic_l1_sweep.py")
     meta = read_sweep_json(path)
     keys = meta["keys"]
-    topk = meta["architecture"] == "topk"
-    flag, value, other = ("--k", k, l1) if topk else ("--l1", l1, k)
+    arch = get_architecture(meta["architecture"])
+    given = dict(l1=l1, k=k)                                   # the flags, named by the sweep parameter they pick
+    flag, value = f"--{arch.sweep_param}", given.get(arch.sweep_param)
     listing = ", ".join(f"{key:g}" for key in keys)
-    if other is not None:
-        raise UserError(f"{path} is {'a TopK' if topk else 'an L1'} sweep: choose its dictionary with {flag} "
+    if any(v is not None for name, v in given.items() if name != arch.sweep_param):
+        article = "an" if arch.title[0] in "AEIOUL" else "a"  # "an L1", "a TopK"
+        raise UserError(f"{path} is {article} {arch.title} sweep: choose its dictionary with {flag} "
                         f"(one of {listing})")
     if value is None:
         if len(keys) != 1:
@@ -515,7 +518,7 @@ def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None 
     else:
         matches = [key for key in keys if math.isclose(key, value, rel_tol=1e-5)]
         if not matches:
-            name = "k values" if topk else "L1 values"
+            name = f"{arch.key_symbol} values"
             raise UserError(f"{flag} {value:g} is not in the sweep {path}: its {name} are {listing}")
         key = matches[0]
     return load_sweep(path, device)[key], meta, key
@@ -641,7 +644,7 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     norm = hook_norm(meta)
     header = (f"model {name} · hook {meta['hook']}"
               + (f" (mean activation norm {norm:.3g})" if norm else "")
-              + f" · dictionary {'k' if meta['architecture'] == 'topk' else 'l1'}={key:g}"
+              + f" · dictionary {get_architecture(meta['architecture']).sweep_param}={key:g}"
               f" ({sae.decoder.shape[0]} features) from {cfg.sweep}")
     print(render_result(result, cfg.width, header))
     if cfg.save_json:

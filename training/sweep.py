@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 import training
 from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
-from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, unit_norm_params
+from training.architectures import Architecture, get as get_architecture, names as architecture_names
+from training.dictionary import unit_norm_params
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
@@ -45,9 +46,8 @@ from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WE
                                   read_checkpoint, remove_temporaries, save_checkpoint, write_sweep_json,
                                   write_sweep_weights)
 
-ARCHITECTURES = ("l1", "topk")
-DEFAULT_INIT_NORM = {"l1": 0.1, "topk": 0.5}
-"""Measured best initial decoder-row norms (1M synthetic tokens at d_in 512, README ablation)."""
+ARCHITECTURES = architecture_names()
+"""The --architecture choices: names in the registry (training/architectures/)."""
 PRECISIONS = ("fp32", "tf32", "bf16")
 T = TypeVar("T")
 
@@ -163,9 +163,28 @@ def l1_values(cfg: SweepConfig) -> list[float]:
     return [float(f"{10 ** (cfg.l1_value_min + i * step):.3g}") for i in range(cfg.l1_value_n)]
 
 
+def k_values(cfg: SweepConfig) -> list[int]:
+    """The k of each member, from --k_values (each at least 1)."""
+    bad = [k for k in cfg.k_values if k < 1]
+    if not cfg.k_values or bad:
+        raise UserError(f"--k_values must be at least 1 each (got {bad[0] if bad else 'none'})")
+    return [int(k) for k in cfg.k_values]
+
+
+SWEEP_VALUES: dict[str, Callable[[SweepConfig], list]] = {"l1": l1_values, "k": k_values}
+"""The flags that list each sweep parameter's member values (the CLI side of `Architecture.sweep_param`)."""
+
+
+def architecture(cfg: SweepConfig) -> Architecture:
+    """The declaration of --architecture (a one-line UserError for an unknown one)."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise UserError(f"unknown --architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+    return get_architecture(cfg.architecture)
+
+
 def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
-    """What each member is keyed by: its L1 penalty, or its k."""
-    return l1_values(cfg) if cfg.architecture == "l1" else [int(k) for k in cfg.k_values]
+    """What each member is keyed by: its value of the architecture's sweep parameter (L1 penalty, k, ...)."""
+    return SWEEP_VALUES[architecture(cfg).sweep_param](cfg)
 
 
 POSITIVE = ("ratio", "adam_lr")
@@ -206,16 +225,11 @@ def validate_flags(cfg: SweepConfig) -> None:
     if cfg.decoder_init_norm is not None:
         v = cfg.decoder_init_norm
         _check_number("decoder_init_norm", v, math.isfinite(v) and v > 0, "positive")
-    if cfg.architecture not in ARCHITECTURES:
-        raise UserError(f"unknown --architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
-    if cfg.tied and cfg.architecture == "topk":
-        raise UserError("--tied applies to the l1 architecture only")
-    if cfg.architecture == "topk":
-        bad = [k for k in cfg.k_values if k < 1]
-        if not cfg.k_values or bad:
-            raise UserError(f"--k_values must be at least 1 each (got {bad[0] if bad else 'none'})")
-    else:
-        l1_values(cfg)
+    arch = architecture(cfg)
+    if cfg.tied and not arch.tieable:
+        tieable = [a for a in ARCHITECTURES if get_architecture(a).tieable]
+        raise UserError(f"--tied applies to the {', '.join(tieable)} architecture only")
+    member_keys(cfg)
 
 
 def validate_paths(cfg: SweepConfig) -> None:
@@ -396,10 +410,12 @@ def total_steps(cfg: SweepConfig, data: HookData, held: int) -> int:
 
 
 def check_dictionary_size(cfg: SweepConfig, d_in: int) -> None:
-    """A one-line UserError when a TopK member's k exceeds the dictionary size for activations of width `d_in`."""
+    """A one-line UserError when a member's key does not fit the dictionary size for activations of width `d_in`
+    (e.g. a TopK k above d_hidden)."""
     d_hidden = max(1, round(cfg.ratio * d_in))
-    if cfg.architecture == "topk" and max(cfg.k_values) > d_hidden:
-        raise UserError(f"--k_values {max(cfg.k_values)} exceeds the dictionary size {d_hidden}")
+    problem = architecture(cfg).check_keys(member_keys(cfg), d_hidden)
+    if problem:
+        raise UserError(problem)
 
 
 def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
@@ -413,7 +429,7 @@ def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
 
 EVAL_ROWS = 65536
 AUX_REFRESH_STEPS = 100
-"""TopK: steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
+"""Architectures with the aux-K dead policy (TopK): steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
 
 
 @dataclass
@@ -456,7 +472,7 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
                    metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str) -> dict[str, Any]:
     """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
     keys = member_keys(cfg)
-    name = "l1" if cfg.architecture == "l1" else "k"
+    name = architecture(cfg).sweep_param
     members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
                 **({} if metrics is None else metrics[i])} for i, key in enumerate(keys)]
     return {
@@ -612,7 +628,7 @@ class SweepResult:
 
     def table(self) -> str:
         """The end-of-run summary: one row per member."""
-        name = "l1" if self.architecture == "l1" else "k"
+        name = get_architecture(self.architecture).sweep_param
         rows = [f"{name:>10} {'L0':>8} {'expl. var':>10} {'MSE':>10} {'dead %':>7} {'status':>8}"]
         for key, m in zip(self.keys, self.metrics):
             status = "frozen" if m["frozen"] else "diverged" if m.get("diverged") else ""
@@ -759,12 +775,14 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     check_dictionary_size(cfg, d_in)
     keys = member_keys(cfg)
     d_hidden = max(1, round(cfg.ratio * d_in))
-    init_norm = DEFAULT_INIT_NORM[cfg.architecture] if cfg.decoder_init_norm is None else cfg.decoder_init_norm
-    members = make_members(cfg.architecture, len(keys), d_in, d_hidden, k=keys if cfg.architecture == "topk" else None,
+    arch = architecture(cfg)
+    init_norm = arch.default_init_norm if cfg.decoder_init_norm is None else cfg.decoder_init_norm
+    members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
                            tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
                            device=device)
     lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
-    hparams = {"lr": lr, "l1": torch.tensor(keys, dtype=torch.float64)} if cfg.architecture == "l1" else {"lr": lr}
+    hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
+                                                         else torch.float64)}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
                    unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip)
     if cfg.center_init != "zero":
@@ -776,17 +794,17 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
 def eval_sums(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 1.0,
               block: int = 4096) -> dict[str, torch.Tensor]:
     """Float64 device sums over `acts` [n, d_in] (raw; the ensemble sees scale * acts), `block` rows at a time,
-    no host sync: "sse" [N] squared errors, "l1" [N] code sums, "fired" [N, d_hidden] tokens each latent fired
+    no host sync: "sse" [N] squared errors, "code_sum" [N] code sums, "fired" [N, d_hidden] tokens each latent fired
     on, "x" [d_in] and "x_sq" [] sums of the inputs less "shift" [d_in] (the first block's mean) and of their
     squares (shifted so that the variance does not cancel)."""
     f64 = dict(device=device, dtype=torch.float64)
-    sums = {"sse": torch.zeros(ens.n_models, **f64), "l1": torch.zeros(ens.n_models, **f64),
+    sums = {"sse": torch.zeros(ens.n_models, **f64), "code_sum": torch.zeros(ens.n_models, **f64),
             "fired": torch.zeros(ens.n_models, ens.d_hidden, **f64), "x": torch.zeros(ens.d_in, **f64),
             "x_sq": torch.zeros((), **f64)}
     for rows in acts.split(block):
         x = rows.to(device, torch.float32) * scale                                    # [b, d_in]
         codes = ens.encode(x)                                                           # [N, b, d_hidden]
-        sums["l1"] += codes.sum((1, 2), dtype=torch.float64)
+        sums["code_sum"] += codes.sum((1, 2), dtype=torch.float64)
         x_hat = ens.decode(codes)                                                       # [N, b, d_in]
         sums["fired"] += codes.sign_().sum(1, dtype=torch.float64)                     # codes >= 0
         del codes
@@ -820,7 +838,7 @@ def evaluate(ens: Any, acts: torch.Tensor, device: torch.device, scale: float = 
     for i in range(ens.n_models):
         fired, sse = host["fired"][i], float(host["sse"][i])
         out.append({"l0": float(fired.sum()) / n, "explained_variance": 1 - sse / m2 if m2 > 0 else float("nan"),
-                    "mse": sse / n / scale ** 2, "l1_norm": float(host["l1"][i]) / n / scale,
+                    "mse": sse / n / scale ** 2, "l1_norm": float(host["code_sum"][i]) / n / scale,
                     "dead_fraction": float(host["dead_fraction"][i]),
                     "dead_on_eval": float((fired == 0).double().mean()), "frozen": bool(ens.frozen[i])})
     return out
@@ -837,7 +855,7 @@ def _metric_step(line: str) -> int | None:
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
                 d_hidden: int, wandb_run: Any) -> None:
     """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked."""
-    names = {"loss": "loss", "mse": "mse", "l1": "l1_norm", "l0": "l0", "explained_variance": "explained_variance",
+    names = {"loss": "loss", "mse": "mse", "l1_norm": "l1_norm", "l0": "l0", "explained_variance": "explained_variance",
              "aux": "aux"}
     host = {names[k]: v.double().tolist() for k, v in stats.items() if k in names}
     n_dead, frozen = stats["n_dead"].tolist(), stats["frozen"].tolist()
@@ -905,7 +923,8 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                             dataset_chunks=len(data.chunks), dataset_digest=dataset_digest(data))
         ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
         del first
-    key_name = "l1" if cfg.architecture == "l1" else "k"
+    arch = architecture(cfg)
+    key_name = arch.sweep_param
     decay_start = total - round(cfg.lr_decay_fraction * total)
     wandb_run = start_wandb(cfg)
     t0, tokens0 = time.perf_counter(), progress.tokens
@@ -923,14 +942,16 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                     x.mul_(progress.input_scale)
                     with autocast():
                         stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
-                                         l1_scale=l1_scale(progress.step, total, cfg))
+                                         coefficient_scales=dict.fromkeys(arch.scheduled,
+                                                                          l1_scale(progress.step, total, cfg)))
                     progress.step += 1
                     progress.tokens += cfg.batch_size
-                    if (cfg.architecture == "l1" and cfg.resample_every and progress.step % cfg.resample_every == 0
+                    if (arch.dead_policy == "resample" and cfg.resample_every
+                            and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
                                           seed=cfg.seed, step=progress.step)
-                    if cfg.architecture == "topk" and progress.step % AUX_REFRESH_STEPS == 0:
+                    if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
                         ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
                         log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
@@ -979,8 +1000,8 @@ def sweep_memory_report(cfg: SweepConfig) -> str:
     d_hidden = max(1, round(cfg.ratio * data.d))
     precision = resolve_precision(cfg.precision, device)
     compute = 2 if precision == "bf16" else 4
-    k_max = int(max(keys)) if cfg.architecture == "topk" else 0
-    est = estimate_sweep(cfg.architecture, len(keys), cfg.batch_size, data.d, d_hidden, cfg.tied, compute, k_max)
+    est = estimate_sweep(cfg.architecture, len(keys), cfg.batch_size, data.d, d_hidden, cfg.tied, compute,
+                         max(keys))
     available, source = available_bytes(device)
     headline = (f"dry run: {len(keys)} {cfg.architecture} members x d_in {data.d} x d_hidden {d_hidden}, "
                 f"batch {cfg.batch_size}, {precision} on {device} (nothing trained)")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from training.chunks import atomic_write_json, file_sha256, read_json, save_tensors
 from training.cli import UserError
+from training.architectures import get as get_architecture, names as architecture_names
 from training.dictionary import unstack_dictionaries
 
 SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
@@ -188,7 +189,7 @@ def _sweep_json_problem(meta: Any) -> str:
     for name, kind in (("architecture", str), ("keys", list), ("members", list), ("d_in", int), ("d_hidden", int)):
         if not isinstance(meta.get(name), kind):
             return f"no {name!r} of type {kind.__name__}"
-    if meta["architecture"] not in ("l1", "topk"):
+    if meta["architecture"] not in architecture_names():
         return f"unknown architecture {meta['architecture']!r}"
     if not all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in meta["keys"]):
         return "'keys' are not all numbers"
@@ -200,10 +201,12 @@ def _sweep_json_problem(meta: Any) -> str:
 def sweep_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The tensor shapes sweep.safetensors must hold for the sweep sweep.json describes."""
     n, d_in, d_hidden = len(meta["keys"]), meta["d_in"], meta["d_hidden"]
-    shapes = {"center": (n, d_in), "encoder_bias": (n, d_hidden), "decoder": (n, d_hidden, d_in)}
-    if not meta.get("tied", False):
-        shapes["encoder"] = (n, d_hidden, d_in)
-    return shapes
+    arch = get_architecture(meta["architecture"])
+    key = meta["keys"][0] if meta["keys"] else None
+    if arch.member_key is not None and key is not None:
+        key = min(key, d_hidden)                             # a shape template only (load checks the keys)
+    member = arch.make_member(d_in, d_hidden, key, tied=bool(meta.get("tied", False)), device="meta")
+    return {name: (n, *p.shape) for name, p in member.named_parameters()}
 
 
 def load_sweep_params(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
@@ -239,11 +242,11 @@ def check_unit_rows(decoder: torch.Tensor, frozen: list[bool], path: Path, advic
 
 def load_sweep(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
                ) -> dict[float | int, torch.nn.Module]:
-    """The dictionaries of a sweep folder, {l1 penalty (float) or k (int): SparseLinearAutoencoder/TopKAutoencoder},
-    checked as `load_sweep_params` does (`verify=False` skips the checksum and the norms, for speed)."""
+    """The dictionaries of a sweep folder, {member key (its sweep parameter: l1 penalty, k, ...): the architecture's
+    module (SparseLinearAutoencoder, TopKAutoencoder, ...)}, checked as `load_sweep_params` does (`verify=False`
+    skips the checksum and the norms, for speed)."""
     meta, params = load_sweep_params(path, device, verify)
-    k = torch.tensor(meta["keys"]) if meta["architecture"] == "topk" else None
-    modules = unstack_dictionaries(params, meta["architecture"], k)
+    modules = unstack_dictionaries(params, meta["architecture"], meta["keys"])
     return dict(zip(meta["keys"], (m.eval() for m in modules)))
 
 

@@ -25,7 +25,7 @@ Definitions (n = tokens processed, a_f(t) = activation of feature f on token t):
 
 features.json (one feature per line):
   {"format": "top_activations", "version": 1,
-   "source": {"kind": "sae"|"neurons", "sweep", "key", "key_name" ("l1"|"k"), "architecture",
+   "source": {"kind": "sae"|"neurons", "sweep", "key", "key_name" (the sweep parameter: l1, k, ...), "architecture",
               "make_positive_by", "hook", "model", "dataset_dir" | "dataset", "d_in", "context_length"},
    "n_tokens": int, "n_features": int, "top_k", "window_before", "window_after", "n_quantiles",
    "per_quantile", "sample_size", "histogram_bins", "n_dead": int, "config": {flags of the run},
@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from training.architectures import get as get_architecture
 from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, read_json, require_tokens
 from training.cli import UserError, config_to_dict
 from training.locks import folder_lock
@@ -661,8 +662,8 @@ def build_features(stats: RunningTop, ex: Examples, bands: list, positions: np.n
 # ------------------------------------------------------------------------------------- members, sources, output
 
 def key_label(key_name: str, key: float | int) -> str:
-    """Folder-safe name of a sweep member: l1_0.001 or k_32."""
-    return f"{key_name}_{key:g}" if key_name == "l1" else f"{key_name}_{int(key)}"
+    """Folder-safe name of a sweep member: l1_0.001 or k_32 (integer keys without a decimal point)."""
+    return f"{key_name}_{key:g}" if isinstance(key, float) else f"{key_name}_{int(key)}"
 
 
 def select_member(sweep: str | Path, l1: float | None = None, k: int | None = None, key: str | None = None
@@ -672,7 +673,8 @@ def select_member(sweep: str | Path, l1: float | None = None, k: int | None = No
     path = Path(sweep)
     meta = read_sweep_json(path)
     arch, keys = meta["architecture"], list(meta["keys"])
-    name = "l1" if arch == "l1" else "k"
+    declared = get_architecture(arch)
+    name = declared.sweep_param
     listing = ", ".join(f"{v:g}" for v in keys)
     given = [(flag, v) for flag, v in (("--l1", l1), ("--k", k), ("--key", key)) if v is not None]
     if len(given) > 1:
@@ -682,8 +684,8 @@ def select_member(sweep: str | Path, l1: float | None = None, k: int | None = No
             return keys[0], load_sweep(path)[keys[0]], meta
         raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with --{name} (one of {listing})")
     flag, value = given[0]
-    if flag == "--l1" and arch != "l1" or flag == "--k" and arch != "topk":
-        raise UserError(f"{path} is a {'TopK' if arch == 'topk' else 'L1'} sweep: use --{name} (one of {listing})")
+    if flag != "--key" and flag != f"--{name}":
+        raise UserError(f"{path} is a {declared.title} sweep: use --{name} (one of {listing})")
     try:
         wanted = float(value)
     except ValueError:
@@ -878,7 +880,7 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
     source_info: dict[str, Any]
     if not cfg.neurons:
         key, module, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)  # type: ignore[arg-type]
-        label = key_label("l1" if meta["architecture"] == "l1" else "k", key)
+        label = key_label(get_architecture(meta["architecture"]).sweep_param, key)
     elif cfg.sweep is not None:
         from training.sweep_files import read_sweep_json
         meta = read_sweep_json(cfg.sweep)
@@ -892,7 +894,7 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
                             "use the data (hook) the sweep was trained on")
         scorer = SaeScorer(module, device)
         source_info = {"kind": "sae", "sweep": str(Path(cfg.sweep).resolve()), "key": key,  # type: ignore[arg-type]
-                       "key_name": "l1" if meta["architecture"] == "l1" else "k",  # type: ignore[index]
+                       "key_name": get_architecture(meta["architecture"]).sweep_param,  # type: ignore[index]
                        "architecture": meta["architecture"], "d_in": meta["d_in"],  # type: ignore[index]
                        "sweep_sha256": meta.get("weights_sha256")}  # type: ignore[union-attr]
     source_info.update(where)

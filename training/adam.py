@@ -1,0 +1,102 @@
+"""Adam, gradient clipping and the unit-decoder constraint, vectorised over the members of a stacked ensemble.
+
+Every function works in place on {name: [N, ...]} dicts (params, gradients, Adam moments, scratch) with per-member
+factors ([N] tensors); torch.optim.Adam's single-tensor arithmetic, bit for bit, no weight decay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from training.dictionary import Params, project_decoder_grad_
+from training.fused import per_member, to_device
+
+
+def project_rows_(decoder: Tensor, grad: Tensor, low_memory: bool) -> Tensor:
+    """`project_decoder_grad_` ([N, h, d], in place); `low_memory`: the row dot products as a batched matmul, without
+    its [N, h, d] temporary (the off-CPU path; the same values up to summation order)."""
+    if not low_memory:
+        return project_decoder_grad_(decoder, grad)
+    dots = torch.matmul(grad.unsqueeze(-2), decoder.unsqueeze(-1)).squeeze(-1)         # [N, h, 1]
+    return grad.addcmul_(dots, decoder, value=-1)
+
+
+def member_groups(decoder: Tensor, whole_stack: bool, unit_decoder: bool) -> list[slice]:
+    """Members updated together: all of them, except on the CPU with `unit_decoder`: groups of about 4 MiB per
+    decoder (`[N, h, d]`), which stay in cache from the projection through Adam to the renormalisation."""
+    if whole_stack or not unit_decoder:
+        return [slice(None)]
+    per_group = max(1, (4 << 20) // (decoder[0].numel() * decoder.element_size()))
+    return [slice(start, start + per_group) for start in range(0, decoder.shape[0], per_group)]
+
+
+def clip_grads_(grads: Params, n_models: int, max_norm: float) -> None:
+    """Scale each member's gradients by min(1, max_norm / (norm + 1e-6)), norm over all its parameters."""
+    gs = list(grads.values())
+    blocks = [g[i] for g in gs for i in range(n_models)]                               # one per parameter and member
+    sq = torch.stack(torch._foreach_norm(blocks)).view(len(gs), n_models).square().sum(0)   # [N]
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp_max(1)
+    torch._foreach_mul_(gs, [per_member(scale, g) for g in gs])
+
+
+def adam_factors(betas: tuple[float, float], host_step: Tensor, host_lr: Tensor, lr_scale: float, active: Tensor,
+                 dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per-member Adam factors ([N], `dtype`, on `active`'s device) at the (already advanced) host step counts.
+
+    The factors of every member as if active are computed on the host in float64 from `host_step` and `host_lr`
+    ([N] float64 CPU copies) and sent in one copy; one `where` on the device gives frozen members factors that leave
+    them as they are.
+    """
+    beta1, beta2 = betas
+    step = host_step.clamp_min(1)
+    zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N], host
+    bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+    on = torch.stack([one * (1 - beta1), one * beta2, bias_correction2_sqrt,
+                      -(host_lr * lr_scale) / (1 - beta1 ** step)])
+    off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
+    both = to_device(torch.stack([on, off]).to(dtype), active.device)                  # [2, 4, N]
+    weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
+    return {"frozen": ~active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
+            "neg_step_size": neg_step}
+
+
+def adam_members_(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Params, scratch: Params,
+                  members: slice, c: dict[str, Tensor], beta2: float, eps: float) -> None:
+    """Adam on the given members: torch.optim.Adam's single-tensor arithmetic, vectorised over members with
+    per-member factors `c` (`adam_factors`), in place (frozen members: zero gradient, zero step), one parameter at a
+    time (the CPU path: each stays in cache)."""
+    for name, p_all in params.items():
+        p, g = p_all[members], grads[name][members]
+        m, v, tmp = exp_avg[name][members], exp_avg_sq[name][members], scratch[name][members]
+        g.masked_fill_(per_member(c["frozen"][members], g), 0)
+        m.lerp_(g, per_member(c["weight1"][members], m))
+        v.mul_(per_member(c["beta2"][members], v)).addcmul_(g, g, value=1 - beta2)
+        denom = torch.sqrt(v, out=g).div_(per_member(c["bias_correction2_sqrt"][members], v)).add_(eps)
+        p.add_(torch.mul(m, per_member(c["neg_step_size"][members], m), out=tmp).div_(denom))
+
+
+def adam_stacked_(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Params, scratch: Params,
+                  members: slice, c: dict[str, Tensor], beta2: float, eps: float) -> None:
+    """`adam_members_`'s arithmetic (the same bits) on every parameter at once with foreach ops, the denominator
+    in the gradient's memory and the step in the scratch buffers (no allocation): the off-CPU path."""
+    names = list(params)
+    ps, gs = [params[n][members] for n in names], [grads[n][members] for n in names]
+    ms, vs = [exp_avg[n][members] for n in names], [exp_avg_sq[n][members] for n in names]
+    tmps = [scratch[n][members] for n in names]
+
+    def factor(key: str) -> list[Tensor]:
+        return [per_member(c[key][members], t) for t in ps]
+    for g in gs:
+        g.masked_fill_(per_member(c["frozen"][members], g), 0)
+    torch._foreach_lerp_(ms, gs, factor("weight1"))
+    torch._foreach_mul_(vs, factor("beta2"))
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+    torch._foreach_copy_(gs, vs)
+    torch._foreach_sqrt_(gs)
+    torch._foreach_div_(gs, factor("bias_correction2_sqrt"))
+    torch._foreach_add_(gs, eps)                                                       # denom
+    torch._foreach_copy_(tmps, ms)
+    torch._foreach_mul_(tmps, factor("neg_step_size"))
+    torch._foreach_div_(tmps, gs)
+    torch._foreach_add_(ps, tmps)

@@ -1,0 +1,180 @@
+"""The L1 architecture: a ReLU dictionary trained with MSE + l1 * L1 (Cunningham et al. 2023; Bricken et al. 2023),
+swept over the penalty `l1` (warmed up by the sweep), dead latents revived by resampling. Optionally tied.
+
+Maths and normalisations: training/dictionary.py. loss = MSE + l1 * L1, L1 = mean over the batch of
+sum_j codes_j * ||decoder_j||.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from training.architectures import Architecture
+from training.dictionary import (
+    INIT_NORM,
+    Dictionary,
+    Params,
+    decode_codes,
+    decoder_norms,
+    l1_penalty,
+    mse_loss,
+    pre_activations,
+)
+from training.fused import Workspace, accumulate_bmm, encoder_name, per_member, relu_mask_, sum_tokens_
+
+FP32 = 4
+
+
+def l1_loss(params: Params, x: Tensor, l1: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
+    """(MSE + l1 * L1, {"mse", "l1", "codes", "x_hat"}) of an L1 dictionary (L1 weighted by decoder norms)."""
+    codes = pre_activations(params, x).relu()
+    x_hat = decode_codes(params, codes)
+    mse, l1_term = mse_loss(x, x_hat), l1_penalty(codes, decoder_norms(params))
+    return mse + l1 * l1_term, {"mse": mse, "l1": l1_term, "codes": codes, "x_hat": x_hat}
+
+
+class SparseLinearAutoencoder(Dictionary):
+    """ReLU dictionary trained with MSE + l1 * L1 (Cunningham et al. 2023; Bricken et al. 2023).
+
+    Tied: one matrix serves as encoder and decoder (the original Sharkey et al. variant).
+    """
+
+    architecture = "l1"
+
+    def __init__(self, d_in: int, d_hidden: int, tied: bool = False, *, init_norm: float = INIT_NORM,
+                 device=None, dtype=None):
+        super().__init__()
+        self._init_params(d_in, d_hidden, tied, 1.0 if tied else init_norm, device, dtype)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """codes: [n, d_hidden] = ReLU((x - center) @ encoder.T + encoder_bias)."""
+        return pre_activations(self.params(), x).relu()
+
+    def loss(self, x: Tensor, l1: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(MSE + l1 * L1, {"mse", "l1"}); see training/dictionary.py for the normalisations."""
+        total, parts = l1_loss(self.params(), x, l1)
+        return total, {"mse": parts["mse"], "l1": parts["l1"]}
+
+
+def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: Params
+                   ) -> dict[str, Tensor]:
+    """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats.
+
+    loss_i = MSE_i + l1_i * L1_i (L1 weighted by decoder-row norms). Five batched matmuls per token
+    chunk (2 forward, 3 backward; weight gradients accumulate over chunks of `ws.chunk` tokens), the
+    centre's encoder-side gradient as a vector-matrix product; no host sync. Under autocast the matmuls and the [N, C, h]
+    buffers use its dtype, as autograd under autocast would; gradients are accumulated in fp32, but
+    the batch sums over [N, C, h] (bias gradient, L1 and L0 stats) come out in that dtype (bf16: ~3
+    significant digits), like autocast's.
+    """
+    n, batch = params["decoder"].shape[0], x.shape[0]
+    center, bias, dec = params["center"], params["encoder_bias"], params["decoder"]
+    enc = params[encoder_name(params)]
+    tied = "encoder" not in params
+    h, d = dec.shape[1:]
+    cd, acc = ws.compute, x.dtype
+    low = cd != acc                                                                  # autocast to bf16/fp16
+    enc_c, dec_c, bias_c = enc, dec, bias
+    if low:                                   # persistent low-precision copies: no per-step allocation
+        enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc)
+        dec_c = enc_c if tied else ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
+        bias_c = bias.to(cd)
+    sq_err = x.new_empty(n, batch)                                                   # [N, B]
+    code_sum, fired_count = x.new_empty(n, h), x.new_empty(n, h)                     # written by the first chunk
+    norms = decoder_norms(params)                                                    # [N, h]
+    l1_per_token = per_member(l1 / batch, norms)                                    # [N, 1]
+    l1_grad = (l1_per_token * norms).unsqueeze(1).to(cd)                             # d (l1 L1) / d codes: [N, 1, h]
+
+    for start in range(0, batch, ws.chunk):
+        xs = x[start:start + ws.chunk]
+        m, first = xs.shape[0], start == 0
+        if low:                                                                      # via the fp32 buffer
+            xc = ws.xc[:, :m].copy_(torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.small[:, :m]))
+        else:
+            xc = torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])   # [N, m, d]
+        codes = ws.big_a[:, :m]                                                      # [N, m, h]
+        torch.baddbmm(bias_c.unsqueeze(1), xc, enc_c.transpose(1, 2), out=codes).relu_()
+        err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
+        if low:
+            err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, ws.chunk, d), cd)[:, :m]))
+        else:
+            err.baddbmm_(codes, dec)
+        err.sub_(xs)                                                                 # x_hat - x
+        torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1,
+                  out=sq_err[:, start:start + m])
+        g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
+        sum_tokens_(grads["center"], g, first)
+        g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
+
+        accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
+        sum_tokens_(code_sum, codes, first, dtype=acc)
+        gpre = ws.big_b[:, :m]
+        torch.baddbmm(l1_grad, g_c, dec_c.transpose(1, 2), out=gpre)
+        relu_mask_(gpre, codes)                                                     # d loss / d pre
+        sum_tokens_(fired_count, codes.sign_(), first)
+        accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
+        sum_tokens_(grads["encoder_bias"], gpre, first)
+    grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
+    # the penalty's own decoder gradient: l1 / B * sum_b codes_bi * decoder_i / norms_i
+    grads["decoder"].add_(dec * (l1_per_token * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
+
+    mse = sq_err.mean(-1)
+    l1_term = (code_sum * norms).sum(-1) / batch
+    return {"loss": mse + l1 * l1_term, "mse": mse, "l1_norm": l1_term, "sq_err_sum": sq_err.sum(-1),
+            "l0": fired_count.sum(-1) / batch, "fired": fired_count > 0}
+
+
+
+def _loss(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: dict[str, Any]
+          ) -> tuple[Tensor, dict[str, Tensor]]:
+    """One member's MSE + l1 * L1 (the autograd backend's loss; its L1 term is the ensemble's "l1_norm" stat)."""
+    total, parts = l1_loss(params, x, coefficients["l1"])
+    return total, {n: parts[n] for n in ("mse", "codes", "x_hat")}
+
+
+def _fused(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: dict[str, Any], ws: Workspace,
+           grads: Params) -> dict[str, Tensor]:
+    """`fused_l1_grads` with the scheduled penalty."""
+    return fused_l1_grads(params, x, coefficients["l1"], ws, grads)
+
+
+def _make_member(d_in: int, d_hidden: int, key: float | None, *, tied: bool = False, init_norm: float = INIT_NORM,
+                 device=None, dtype=None) -> SparseLinearAutoencoder:
+    """A fresh member (the penalty is an ensemble hparam, not part of the module)."""
+    return SparseLinearAutoencoder(d_in, d_hidden, tied, init_norm=init_norm, device=device, dtype=dtype)
+
+
+def _workspace_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, tied: bool, compute: int) -> int:
+    """x - center [N, C, d] (compute) + error and squared error [N, C, d] x 2 (fp32) + codes and their
+    gradient [N, C, h] x 2 (compute); bf16 adds low-precision copies of the matrices [N, h, d] (x 2 untied)
+    and of the weight gradient, and x_hat, gradient [N, C, d] (compute)."""
+    nbd, nbh, nhd = n_models * batch * d_in, n_models * batch * d_hidden, n_models * d_hidden * d_in
+    total = nbd * compute + 2 * nbd * FP32 + 2 * nbh * compute
+    if compute != FP32:
+        total += (1 if tied else 2) * nhd * compute + nhd * compute + 2 * nbd * compute
+    return total
+
+
+def _transient_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, k_max: int) -> int:
+    """The penalty's decoder gradient [N, h, d] (fp32)."""
+    return FP32 * n_models * d_hidden * d_in
+
+
+ARCHITECTURE = Architecture(
+    name="l1", title="L1", module=SparseLinearAutoencoder, make_member=_make_member, member_key=None,
+    param_names=("center", "encoder", "encoder_bias", "decoder"),
+    sweep_param="l1", sweep_param_integer=False, scheduled=("l1",),
+    member_state=lambda keys, like: {},
+    loss=_loss, fused_grads=_fused,
+    workspace=lambda batch, chunk_tokens, state: (chunk_tokens, True),
+    activate_=lambda pre, params, state: pre.relu_(),
+    dead_policy="resample", tieable=True, check_keys=lambda keys, d_hidden: None, default_init_norm=0.1,
+    key_symbol="L1", key_column="L1 penalty", key_axis="L1 penalty",
+    format_key=lambda key: f"L1 = {key:.3g}", short_key=lambda key: f"{key:.3g}",
+    workspace_bytes=_workspace_bytes, transient_bytes=_transient_bytes,
+    eval_block_rows=lambda batch: max(1, batch),   # an encode holds one [N, rows, h] buffer where the step held two
+)
+L1 = ARCHITECTURE
