@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from training.cli import UserError, run_cli
-from training.evaluate import (EvaluateConfig, evaluate_sweep, knee_point, pareto_front, read_sweep, resolve_text,
+from training.evaluate import (EvaluateConfig, evaluate_sweep, knee_point, pareto_front, resolve_text,
                                token_batches)
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, run_sweep
+from training.sweep_files import read_sweep
 
 HOOK = "blocks.1.hook_resid_post"
 N_TOKENS = 1200

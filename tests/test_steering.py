@@ -19,9 +19,10 @@ from training.generate import GenerateConfig, generate
 from training.models import load_model
 from training.steering import (BLOCKS, SteerConfig, add_vector_hook, block_bar, block_levels, feature_activations,
                                filter_logits, generate_tokens, hook_activations, load_for_steering,
-                               parse_feature_args, render_activations, run_steer, sample_next, select_dictionary,
+                               parse_feature_args, render_activations, run_steer, sample_next,
                                side_by_side, steer, steering_runs, steering_vector)
 from training.sweep import SweepConfig, run_sweep
+from training.sweep_files import select_member
 
 HOOK = "blocks.1.hook_resid_post"
 EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "tiny-stdlib"
@@ -241,12 +242,12 @@ def test_notebook_api_and_topk_sweeps(fixture_sweep, tmp_path):
     assert "unsteered" in str(result) and result.steered[0].activations.shape == (len(result.prompt_ids) + 5, 2)
     run_sweep(SweepConfig(dataset_dir=str(fixture_sweep.parent / "chunks" / HOOK), output_dir=str(tmp_path / "tk"),
                           architecture="topk", k_values=[2, 8], ratio=2, batch_size=250, max_tokens=500, device="cpu"))
-    sae, meta, key = select_dictionary(tmp_path / "tk", k=8)
+    key, sae, meta = select_member(tmp_path / "tk", k=8)
     assert key == 8 and sae.k == 8
     with pytest.raises(UserError, match="--k 5 is not in the sweep .*: its k values are 2, 8"):
-        select_dictionary(tmp_path / "tk", k=5)
+        select_member(tmp_path / "tk", k=5)
     with pytest.raises(UserError, match="is a TopK sweep: choose its dictionary with --k"):
-        select_dictionary(tmp_path / "tk", l1=0.01)
+        select_member(tmp_path / "tk", l1=0.01)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -53,9 +53,8 @@ from training.chunks import has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
-from training.sweep_files import check_made_from
-from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
-                                      select_member, visible_token)
+from training.sweep_files import check_made_from, key_label, key_name, select_member
+from training.top_activations import FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, visible_token
 
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
 SITE_ASSETS = ("style.css", "index.js")
@@ -594,7 +593,7 @@ def locate_features(cfg: DashboardConfig) -> Path:
         return p / FEATURES_JSON if p.is_dir() else p
     if cfg.sweep:
         key, _, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)
-        label = key_label("l1" if meta["architecture"] == "l1" else "k", key)
+        label = key_label(key_name(meta["architecture"]), key)
         path = Path(cfg.sweep) / "features" / label / FEATURES_JSON
         if not path.exists() and not has_tokens(meta.get("source_manifest") or {}):
             raise UserError(f"no {path}: the sweep was trained on imported activations without token ids, so "

@@ -37,6 +37,7 @@ from training.locks import folder_lock
 from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
                               next_token_ce)
 from training.models import DTYPE_CHOICES
+from training.sweep_files import format_key, key_name, load_sweep, read_sweep
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 EVALUATE_LOCK = ".evaluate.lock"
@@ -149,31 +150,6 @@ def pareto_front(l0: Sequence[float], ev: Sequence[float]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- the sweep
-
-
-def read_sweep(path: Path, allow_unfinished: bool = False) -> dict[str, Any]:
-    """sweep.json of a sweep folder with finished weights; a missing or unfinished sweep is a UserError."""
-    if not path.exists():
-        raise UserError(f"sweep folder {path} does not exist: give a folder written by basic_l1_sweep.py")
-    from training.sweep_files import read_sweep_json
-    meta = read_sweep_json(path)
-    if not (path / "sweep.safetensors").exists():
-        raise UserError(f"{path} has sweep.json but no sweep.safetensors: the sweep saved no weights yet")
-    if not meta.get("finished", False) and not allow_unfinished:
-        step = meta.get("progress", {}).get("step", "?")
-        raise UserError(f"the sweep in {path} has not finished training (saved at step {step}): finish it with "
-                        "basic_l1_sweep.py --resume, or pass --allow_unfinished to evaluate its last saved weights")
-    return meta
-
-
-def key_name(architecture: str) -> str:
-    """What members are keyed by: "l1" (the L1 penalty) or "k"."""
-    return "l1" if architecture == "l1" else "k"
-
-
-def format_key(architecture: str, key: float | int) -> str:
-    """A member's key for people: "L1 = 0.001" or "k = 32"."""
-    return f"L1 = {key:.3g}" if architecture == "l1" else f"k = {int(key)}"
 
 
 # ------------------------------------------------------------------------------------- what text
@@ -438,7 +414,6 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     """Evaluate every member of the sweep in cfg.sweep and write report.json, report.md and the plots there."""
     from training.hooks import describe_valid_hooks
     from training.models import analysis_dtype, load_model, resolve_device
-    from training.sweep_files import load_sweep
 
     for name in ("n_tokens", "batch_size", "histogram_bins"):
         if getattr(cfg, name) < 1:

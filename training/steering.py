@@ -33,6 +33,7 @@ from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
+from training.sweep_files import select_member
 from training.text import special_token_ids
 
 DEFAULT_STRENGTH = 8.0
@@ -492,42 +493,13 @@ def summary_table(result: SteeringResult) -> str:
 
 # ------------------------------------------------------------------------------------- sweeps
 
-def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None = None,
-                      device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], float | int]:
-    """(dictionary, sweep.json, its key) of the member chosen by `l1` (L1 sweep) or `k` (TopK sweep);
-    either may be left out when the sweep has a single member."""
-    from training.sweep_files import load_sweep, read_sweep_json
-    path = Path(sweep)
-    if not path.exists():
-        raise UserError(f"sweep {path} does not exist: pass the --output_dir of basic_l1_sweep.py")
-    meta = read_sweep_json(path)
-    keys = meta["keys"]
-    topk = meta["architecture"] == "topk"
-    flag, value, other = ("--k", k, l1) if topk else ("--l1", l1, k)
-    listing = ", ".join(f"{key:g}" for key in keys)
-    if other is not None:
-        raise UserError(f"{path} is {'a TopK' if topk else 'an L1'} sweep: choose its dictionary with {flag} "
-                        f"(one of {listing})")
-    if value is None:
-        if len(keys) != 1:
-            raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with {flag} (one of {listing})")
-        key = keys[0]
-    else:
-        matches = [key for key in keys if math.isclose(key, value, rel_tol=1e-5)]
-        if not matches:
-            name = "k values" if topk else "L1 values"
-            raise UserError(f"{flag} {value:g} is not in the sweep {path}: its {name} are {listing}")
-        key = matches[0]
-    return load_sweep(path, device)[key], meta, key
-
-
 def load_for_steering(sweep: str | Path, l1: float | None = None, k: int | None = None, model: str | None = None,
                       device: str | None = None, dtype: str = "auto") -> tuple[Any, Any, str]:
     """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` and the model its
     activations came from (or `model`), in `dtype` (auto: the one Stage 1 ran it in)."""
     from training.models import analysis_dtype, load_model, resolve_device
     dev = resolve_device(device)
-    sae, meta, _ = select_dictionary(sweep, l1, k, dev)
+    _, sae, meta = select_member(sweep, l1, k, device=dev)
     loaded = load_model(model_name(meta, model), dev, analysis_dtype(dtype, meta.get("source_manifest")))
     check_sweep_hook(loaded, meta)
     return loaded, sae, meta["hook"]
@@ -630,7 +602,7 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    sae, meta, key = select_dictionary(cfg.sweep, cfg.l1, cfg.k, device)
+    key, sae, meta = select_member(cfg.sweep, cfg.l1, cfg.k, device=device)
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)
     model = load_model(name, device, analysis_dtype(cfg.dtype, meta.get("source_manifest")))

@@ -62,6 +62,7 @@ from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, read_js
 from training.cli import UserError, config_to_dict
 from training.locks import folder_lock
 from training.models import DTYPE_CHOICES, analysis_dtype, manifest_dtype, resolve_device, resolve_model_path
+from training.sweep_files import key_label, key_name, read_sweep_json, select_member
 
 POSITIVE_BY = ("abs", "relu", "affine")
 BLOCKS = "".join(chr(0x2581 + i) for i in range(8))
@@ -660,40 +661,6 @@ def build_features(stats: RunningTop, ex: Examples, bands: list, positions: np.n
 
 # ------------------------------------------------------------------------------------- members, sources, output
 
-def key_label(key_name: str, key: float | int) -> str:
-    """Folder-safe name of a sweep member: l1_0.001 or k_32."""
-    return f"{key_name}_{key:g}" if key_name == "l1" else f"{key_name}_{int(key)}"
-
-
-def select_member(sweep: str | Path, l1: float | None = None, k: int | None = None, key: str | None = None
-                  ) -> tuple[float | int, torch.nn.Module, dict[str, Any]]:
-    """(key, dictionary, sweep.json) of the member chosen by --l1 / --k / --key (or the only one)."""
-    from training.sweep_files import load_sweep, read_sweep_json
-    path = Path(sweep)
-    meta = read_sweep_json(path)
-    arch, keys = meta["architecture"], list(meta["keys"])
-    name = "l1" if arch == "l1" else "k"
-    listing = ", ".join(f"{v:g}" for v in keys)
-    given = [(flag, v) for flag, v in (("--l1", l1), ("--k", k), ("--key", key)) if v is not None]
-    if len(given) > 1:
-        raise UserError(f"give one of {', '.join(f for f, _ in given)}, not several")
-    if not given:
-        if len(keys) == 1:
-            return keys[0], load_sweep(path)[keys[0]], meta
-        raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with --{name} (one of {listing})")
-    flag, value = given[0]
-    if flag == "--l1" and arch != "l1" or flag == "--k" and arch != "topk":
-        raise UserError(f"{path} is a {'TopK' if arch == 'topk' else 'L1'} sweep: use --{name} (one of {listing})")
-    try:
-        wanted = float(value)
-    except ValueError:
-        raise UserError(f"--key {value!r} is not a number: use one of {listing}") from None
-    match = [v for v in keys if math.isclose(float(v), wanted, rel_tol=1e-6, abs_tol=0.0)]
-    if not match:
-        raise UserError(f"{flag} {value} is not in the sweep {path}; it has {name} = {listing}")
-    return match[0], load_sweep(path)[match[0]], meta
-
-
 def load_tokenizer(name: str) -> Any:
     """The Hugging Face tokenizer of model `name` (local folder or hub id); failures are one line."""
     from transformers import AutoTokenizer
@@ -878,9 +845,8 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
     source_info: dict[str, Any]
     if not cfg.neurons:
         key, module, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)  # type: ignore[arg-type]
-        label = key_label("l1" if meta["architecture"] == "l1" else "k", key)
+        label = key_label(key_name(meta["architecture"]), key)
     elif cfg.sweep is not None:
-        from training.sweep_files import read_sweep_json
         meta = read_sweep_json(cfg.sweep)
     source, tokenizer, where = open_source(cfg, meta, device)
     if cfg.neurons:
@@ -892,7 +858,7 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
                             "use the data (hook) the sweep was trained on")
         scorer = SaeScorer(module, device)
         source_info = {"kind": "sae", "sweep": str(Path(cfg.sweep).resolve()), "key": key,  # type: ignore[arg-type]
-                       "key_name": "l1" if meta["architecture"] == "l1" else "k",  # type: ignore[index]
+                       "key_name": key_name(meta["architecture"]),  # type: ignore[index]
                        "architecture": meta["architecture"], "d_in": meta["d_in"],  # type: ignore[index]
                        "sweep_sha256": meta.get("weights_sha256")}  # type: ignore[union-attr]
     source_info.update(where)
