@@ -135,10 +135,10 @@ def read_sparsify(folder: Path, source: str, device: str | torch.device) -> Pret
                         f"{cfg.get('activation')!r}, skip_connection {cfg.get('skip_connection')}, transcode "
                         f"{cfg.get('transcode')})")
     t = load_tensors(folder / SPARSIFY_WEIGHTS, "download it again", str(device))
-    params = {"center": t["b_dec"].float(), "encoder": t["encoder.weight"].float(),
-              "encoder_bias": t["encoder.bias"].float(), "decoder": t["W_dec"].float()}
+    params = {"center": t["b_dec"].double(), "encoder": t["encoder.weight"].double(),
+              "encoder_bias": t["encoder.bias"].double(), "decoder": t["W_dec"].double()}
     check_unit_rows(params["decoder"], "sparsify ranks latents by pre-activation alone")
-    module = dictionary_from_params(unit_norm_params(params), "topk", int(cfg["k"]))
+    module = dictionary_from_params(unit_norm_params(params), "topk", int(cfg["k"])).float()
     m = re.fullmatch(r"layers\.(\d+)", folder.name)
     hook = f"blocks.{m.group(1)}.hook_resid_post" if m else None  # sparsify's default hookpoint: a layer's output
     return Pretrained(module, hook, cfg.get("model"), "sparsify", source, info=cfg)
@@ -211,9 +211,9 @@ def read_dictionary_learning(folder: Path, source: str, device: str | torch.devi
     except Exception as e:  # a pickle with code in it, a truncated file: one line
         raise UserError(f"{folder / DL_WEIGHTS} is not a plain state dict this toolkit can read safely "
                         f"({type(e).__name__})") from None
-    state = {n: t.float() if t.is_floating_point() else t for n, t in state.items()}
+    state = {n: t.double() if t.is_floating_point() else t for n, t in state.items()}  # folded in float64
     try:
-        module = _DL_READERS[kind](state, trainer)
+        module = _DL_READERS[kind](state, trainer).float()
     except KeyError as e:
         raise UserError(f"{folder / DL_WEIGHTS} lacks tensor {e} of a {kind}") from None
     layer = trainer.get("layer")

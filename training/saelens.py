@@ -221,10 +221,10 @@ def read_saelens(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     meta = cfg.get("metadata") or {}
     if meta.get("hook_head_index", cfg.get("hook_head_index")) is not None:
         raise UserError(f"{path}: a dictionary of one attention head (hook_head_index) is not supported")
-    tensors = {n: t.float() for n, t in load_tensors(path / SAE_WEIGHTS, "download or export it again",
-                                                      str(device)).items()}
+    tensors = {n: t.double() for n, t in load_tensors(path / SAE_WEIGHTS, "download or export it again",
+                                                       str(device)).items()}  # folded in float64, then float32
     module = FROM_SAELENS[arch](_fold_b_dec(tensors, cfg), cfg)
-    return module, cfg
+    return module.float(), cfg
 
 
 def saelens_info(cfg: dict[str, Any]) -> dict[str, Any]:
