@@ -236,9 +236,9 @@ def test_random_dictionary_on_synthetic_folder(tiny_tokenizer_dir, tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(l1=5e-3), r"--l1 0.005 is not in the sweep .*; it has l1 = 0.001, 0.01$"),
+    (dict(l1=5e-3), r"--l1 0.005 is not in the sweep .* \(none within 5%\): its L1 values are 0.001, 0.01$"),
     (dict(), r"holds 2 dictionaries: choose one with --l1 \(one of 0.001, 0.01\)"),
-    (dict(k=4), r"is a L1 sweep: use --l1 \(one of 0.001, 0.01\)"),
+    (dict(k=4), r"is an L1 sweep: choose its dictionary with --l1 \(one of 0.001, 0.01\)"),
     (dict(key="abc"), r"--key 'abc' is not a number"),
     (dict(l1=1e-3, k=3), "give one of --l1, --k, not several"),
     (dict(l1=1e-3, top_k=0), "--top_k must be at least 1"),

@@ -88,6 +88,8 @@ class EvaluateConfig:
     """Also run each member spliced with its error term kept (must give the clean loss back; one more forward per member)."""
     allow_unfinished: bool = False
     """Evaluate a sweep whose training has not finished (its last saved weights)."""
+    keep_special_in_ablation: bool = False
+    """Keep special-token positions clean in the zero-ablation baseline (departs from SAELens, which zeroes every position)."""
 
 
 # ------------------------------------------------------------------------------------- the knee
@@ -292,8 +294,9 @@ def _masked_sum(values: Tensor, mask: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members: Sequence[torch.nn.Module],
-                   stats: Sequence[MemberStats], with_error: bool) -> None:
-    """Update every member's accumulators on tokens [b, seq] (mask [b, seq]: positions evaluated and spliced)."""
+                   stats: Sequence[MemberStats], with_error: bool, ablate_all: bool = True) -> None:
+    """Update every member's accumulators on tokens [b, seq] (mask [b, seq]: positions evaluated and spliced; the
+    zero-ablation baseline zeroes every position when `ablate_all`, as SAELens does, else only those)."""
     logits_clean, cache = model.run_with_cache(tokens, names_filter=[hook])  # [b, seq, vocab]
     act = cache[hook]                                                         # [b, seq, *rest]
     del cache
@@ -308,7 +311,7 @@ def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members:
         return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, hook_fn)])
 
     ce_clean = _masked_sum(next_token_ce(logits_clean, tokens), ce_mask)
-    logits_zero = run(splice_hook(lambda a: a, "zero", keep))
+    logits_zero = run(splice_hook(lambda a: a, "zero", None if ablate_all else keep))
     ce_zero = _masked_sum(next_token_ce(logits_zero, tokens), ce_mask)
     kl_zero = _masked_sum(kl_div(logits_clean, logits_zero), kl_mask)
     del logits_zero
@@ -333,10 +336,9 @@ def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members:
 def member_report(architecture: str, key: float | int, st: MemberStats, bins: int) -> dict[str, Any]:
     """All metrics of one member (see training.metrics for definitions) and its log10-density histogram."""
     m = st.recon.compute()
-    m["l1_norm"] = m.pop("l1")
     splice = st.splice.compute()
-    if "ce_with_error" in splice:
-        splice["ce_with_error_delta"] = splice["ce_with_error"] - splice["ce_clean"]
+    if "ce_loss_with_error" in splice:
+        splice["ce_with_error_delta"] = splice["ce_loss_with_error"] - splice["ce_loss_without_sae"]
     density = st.recon.sparsity.feature_density()
     n = st.recon.sparsity.n
     lo = math.floor(math.log10(1.0 / n)) if n > 0 else -8
@@ -366,9 +368,9 @@ class EvaluationResult:
         for i, m in enumerate(self.report["members"]):
             mark = "*" if i == knee else " "
             rows.append(f"{mark} {m['key']:>9.3g} {_f(m['l0'], '.1f'):>8} {_f(m['explained_variance'], '.4f'):>8} "
-                        f"{_f(m['cosine_similarity'], '.3f'):>6} {_f(100 * m['frac_dead'], '.1f'):>6} "
-                        f"{_f(100 * m['frac_dense'], '.1f'):>6} {_f(m['ce_spliced'], '.4f'):>8} "
-                        f"{_f(m['ce_loss_score'], '.4f'):>8} {_f(m['kl_spliced'], '.4f'):>7}")
+                        f"{_f(m['cossim'], '.3f'):>6} {_f(100 * m['frac_dead'], '.1f'):>6} "
+                        f"{_f(100 * m['frac_dense'], '.1f'):>6} {_f(m['ce_loss_with_sae'], '.4f'):>8} "
+                        f"{_f(m['ce_loss_score'], '.4f'):>8} {_f(m['kl_div_with_sae'], '.4f'):>7}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -378,8 +380,8 @@ class EvaluationResult:
                if knee["index"] is not None else f"recommended: none ({knee['reason']})")
         return (f"evaluated {len(self.report['members'])} dictionaries on {ev['n_tokens']:,} tokens of "
                 f"{ev['dataset']} [{ev['dataset_split']}] at {ev['hook']} in {self.seconds:.0f} s "
-                f"(clean CE {_f(self.report['clean']['ce_clean'], '.4f')}, zero-ablated "
-                f"{_f(self.report['clean']['ce_zero'], '.4f')})\n{self.table()}\n{rec}\n"
+                f"(clean CE {_f(self.report['clean']['ce_loss_without_sae'], '.4f')}, zero-ablated "
+                f"{_f(self.report['clean']['ce_loss_with_ablation'], '.4f')})\n{self.table()}\n{rec}\n"
                 f"wrote {self.folder / REPORT_JSON}, {self.folder / REPORT_MD} and {len(PLOTS)} plots")
 
 
@@ -450,7 +452,8 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
                desc=f"evaluating {len(members)} members", dynamic_ncols=True)
     try:
         for tokens, mask in batches:
-            evaluate_batch(model, ev.hook, tokens.to(device), mask.to(device), members, stats, cfg.with_error)
+            evaluate_batch(model, ev.hook, tokens.to(device), mask.to(device), members, stats, cfg.with_error,
+                           ablate_all=not cfg.keep_special_in_ablation)
             n_seq += len(tokens)
             n_tok += int(mask.sum())
             bar.update(int(mask.sum()))
@@ -478,7 +481,7 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
             "exclusion": exclusion_note(ev), "dense_threshold": cfg.dense_threshold, "device": str(device),
             "dtype": dtype,
             "seconds": seconds, "config": config_to_dict(cfg)},
-        "clean": {"ce_clean": first["ce_clean"], "ce_zero": first["ce_zero"], "kl_zero": first["kl_zero"]},
+        "clean": {n: first[n] for n in ("ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_ablation")},
         "knee": {"index": knee.index, "key": None if knee.index is None else keys[knee.index],
                  "reason": knee.reason, "definition": KNEE_DEFINITION, "distances": knee.distances},
         "pareto_front": [keys[i] for i in pareto_front([m["l0"] for m in reports],
@@ -507,7 +510,8 @@ def exclusion_note(ev: Evaluated) -> str:
     if not ev.exclude_special:
         return "no positions excluded (Stage 1 kept special tokens, so the dictionaries were trained on them)"
     return (f"positions holding a special token (ids {ev.special_token_ids}: BOS/EOS/PAD) are left out of every "
-            "average and keep their clean activation in the spliced runs, because Stage 1 left them out of the "
+            "average and keep their clean activation in the spliced runs (the zero-ablated baseline zeroes them too, as "
+            "SAELens does, unless --keep_special_in_ablation), because Stage 1 left them out of the "
             "training data; a CE term at position t (predicting token t+1) is dropped when token t is special")
 
 
@@ -535,8 +539,8 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"- text: `{ev['dataset']}` split `{ev['dataset_split']}`: {ev['held_out']}",
              f"- {ev['n_tokens']:,} token positions in {ev['n_sequences']:,} sequences of {ev['context_length']}",
              f"- excluded: {ev['exclusion']}",
-             f"- clean next-token CE {_f(clean['ce_clean'], '.4f')} nats, with the hook zero-ablated "
-             f"{_f(clean['ce_zero'], '.4f')} nats", ""]
+             f"- clean next-token CE {_f(clean['ce_loss_without_sae'], '.4f')} nats, with the hook zero-ablated "
+             f"{_f(clean['ce_loss_with_ablation'], '.4f')} nats", ""]
     if knee["index"] is not None:
         m = report["members"][knee["index"]]
         lines += [f"## Recommended: {format_key(arch, knee['key'])}", "",
@@ -548,21 +552,26 @@ def report_markdown(report: dict[str, Any]) -> str:
     else:
         lines += ["## Recommended: none", "", f"{knee['reason']}; pick from the table.", ""]
     lines += [f"| {name} | L0 | expl. var | MSE | cos sim | norm ratio | L1 norm | dead % | dense % | "
-              "CE spliced | CE loss score | KL spliced | CE w/ error − clean |",
-              "|" + "---:|" * 13]
+              "CE spliced | CE loss score | KL spliced | KL div score | CE w/ error − clean |",
+              "|" + "---:|" * 14]
     for i, m in enumerate(report["members"]):
         key = f"**{m['key']:.3g}** ◀" if i == knee["index"] else f"{m['key']:.3g}"
         lines.append(
             f"| {key} | {_f(m['l0'], '.1f')} | {_f(m['explained_variance'], '.4f')} | {_f(m['mse'], '.4g')} | "
-            f"{_f(m['cosine_similarity'], '.4f')} | {_f(m['norm_ratio'], '.3f')} | {_f(m['l1_norm'], '.3g')} | "
-            f"{_f(100 * m['frac_dead'], '.1f')} | {_f(100 * m['frac_dense'], '.1f')} | {_f(m['ce_spliced'], '.4f')} | "
-            f"{_f(m['ce_loss_score'], '.4f')} | {_f(m['kl_spliced'], '.4f')} | "
+            f"{_f(m['cossim'], '.4f')} | {_f(m['l2_ratio'], '.3f')} | {_f(m['l1'], '.3g')} | "
+            f"{_f(100 * m['frac_dead'], '.1f')} | {_f(100 * m['frac_dense'], '.1f')} | "
+            f"{_f(m['ce_loss_with_sae'], '.4f')} | {_f(m['ce_loss_score'], '.4f')} | {_f(m['kl_div_with_sae'], '.4f')} | "
+            f"{_f(m['kl_div_score'], '.4f')} | "
             f"{_f(m.get('ce_with_error_delta'), '.1e')} |")
-    lines += ["", "Definitions (training/metrics.py): MSE per element; explained variance 1 − Σ‖x − x̂‖² / "
+    lines += ["", "Definitions (training/metrics.py; SAELens' and SAEBench's): MSE = mean over tokens of "
+              "‖x − x̂‖² (summed over dimensions); explained variance 1 − Σ‖x − x̂‖² / "
               "Σ‖x − mean(x)‖²; cos sim and norm ratio ‖x̂‖/‖x‖ are means over tokens; L0 and L1 norm are means "
               "over tokens of the number and the sum of active codes; dead = never active over the evaluated "
               f"tokens; dense = active on more than {ev['dense_threshold']:g} of them; CE loss score = (CE zero − "
-              "CE spliced) / (CE zero − CE clean); KL = KL(clean ‖ spliced) per position, nats; the last column "
+              "CE spliced) / (CE zero − CE clean); KL = KL(clean ‖ spliced) per position, nats; KL div score = (KL zero − "
+              "KL spliced) / KL zero; the zero-ablated run zeroes "
+              + ("every position except special tokens" if report["evaluated"]["config"].get(
+                  "keep_special_in_ablation") else "every position, as SAELens does") + "; the last column "
               "splices SAE output + error term, which must give the clean CE back (a check of the splicing).", "",
               f"![explained variance vs L0]({PLOTS['ev']})", f"![CE loss score vs L0]({PLOTS['ce']})",
               f"![dead fraction]({PLOTS['dead']})", f"![feature density]({PLOTS['density']})", ""]
