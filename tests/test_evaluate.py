@@ -311,3 +311,21 @@ def test_progress_bar_counts_to_the_tokens_the_text_holds(l1_sweep, tmp_path, mo
                                            device="cpu"))
     n = result.report["evaluated"]["n_tokens"]
     assert 0 < n < 200000 and [(b.total, b.n) for b in bars] == [(n, n)]
+
+
+def test_pretrained_dictionaries_evaluate_like_the_sweep(l1_sweep, l1_report, tmp_path):
+    """The sweep's members exported to SAELens folders and evaluated with --sae (hook, model, text and context from
+    their cfg.json) give the sweep report's numbers."""
+    from training.saelens import ExportConfig, export_sweep
+    folders = export_sweep(ExportConfig(sweep=str(l1_sweep), all=True, out=str(tmp_path / "saelens")))
+    result = evaluate_sweep(EvaluateConfig(sae=[str(f) for f in folders], output_dir=str(tmp_path / "report"),
+                                           n_tokens=N_TOKENS, batch_size=16, device="cpu"))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report == result.report and report["evaluated"]["keys"] == ["l1_0.01", "l1_0.1", "l1_1"]
+    assert report["evaluated"]["hook"] == HOOK and report["evaluated"]["architectures"] == ["l1"] * 3
+    assert report["evaluated"]["dataset_split"] == l1_report["evaluated"]["dataset_split"] == "validation"
+    for ours, theirs in zip(report["members"], l1_report["members"]):
+        for name in ("l0", "explained_variance", "mse", "cossim", "relative_reconstruction_bias",
+                     "ce_loss_with_sae", "ce_loss_score", "kl_div_score"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+    assert "l1_0.1" in str(result) and (tmp_path / "report" / "report.md").exists()

@@ -350,3 +350,16 @@ def test_greedy_loop_matches_hugging_face_generate():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref
+
+
+def test_pretrained_dictionary_steers_like_the_sweep_member(fixture_sweep, tmp_path):
+    from training.saelens import ExportConfig, export_sweep
+    [folder] = export_sweep(ExportConfig(sweep=str(fixture_sweep), l1=0.01, out=str(tmp_path / "saelens")))
+    _, sae, hook = load_for_steering(None, sae=str(folder))                  # hook and model from its cfg.json
+    model, member, _ = load_for_steering(fixture_sweep, l1=0.0101)           # nearest key, within 5%
+    assert hook == HOOK and torch.allclose(sae.decoder, member.decoder, atol=1e-6)
+    a = steer(model, sae, hook, {5: 3.0}, prompt="The quiet cat", max_new_tokens=5, stop_at_eos=False)
+    b = steer(model, member, hook, {5: 3.0}, prompt="The quiet cat", max_new_tokens=5, stop_at_eos=False)
+    assert a.steered[0].token_ids == b.steered[0].token_ids
+    with pytest.raises(UserError, match="--sae names the dictionary: drop --l1"):
+        load_for_steering(None, l1=0.01, sae=str(folder))

@@ -60,6 +60,10 @@ class EvaluateConfig:
 
     sweep: str = "outputs/sweep"
     """Sweep folder written by basic_l1_sweep.py (holds sweep.json and sweep.safetensors)."""
+    sae: list[str] | None = None
+    """Pretrained dictionaries to evaluate instead of a sweep (SAELens, sparsify or dictionary_learning folders, or hf:OWNER/REPO/PATH), all at one hook of one model."""
+    output_dir: str | None = None
+    """Where the report goes with --sae (default: outputs/evaluation/{first dictionary's folder name})."""
     model: str | None = None
     """Model (hub name or local folder); default: the one Stage 1 ran."""
     hook: str | None = None
@@ -232,7 +236,9 @@ def resolve_text(cfg: EvaluateConfig, meta: dict[str, Any]) -> Evaluated:
     elif split not in splits:
         raise UserError(f"unknown split {split!r} of dataset {dataset!r}; it has {sorted(splits)}")
     skip = 0
-    if same_dataset and split == train_split:
+    if meta.get("pretrained"):
+        held_out = "overlap with the dictionaries' training data unknown (pretrained dictionaries)"
+    elif same_dataset and split == train_split:
         skip, exact = consumed_sequences(meta)
         how = "" if exact else " (estimated: the Stage 1 folder is gone)"
         why = ", the dataset has no other" if cfg.dataset_split is None else ""
@@ -367,7 +373,7 @@ class EvaluationResult:
                 f"{'CE spl.':>8} {'CE score':>8} {'KL':>7}"]
         for i, m in enumerate(self.report["members"]):
             mark = "*" if i == knee else " "
-            rows.append(f"{mark} {m['key']:>9.3g} {_f(m['l0'], '.1f'):>8} {_f(m['explained_variance'], '.4f'):>8} "
+            rows.append(f"{mark} {_key(m['key']):>9} {_f(m['l0'], '.1f'):>8} {_f(m['explained_variance'], '.4f'):>8} "
                         f"{_f(m['cossim'], '.3f'):>6} {_f(100 * m['frac_dead'], '.1f'):>6} "
                         f"{_f(100 * m['frac_dense'], '.1f'):>6} {_f(m['ce_loss_with_sae'], '.4f'):>8} "
                         f"{_f(m['ce_loss_score'], '.4f'):>8} {_f(m['kl_div_with_sae'], '.4f'):>7}")
@@ -383,6 +389,11 @@ class EvaluationResult:
                 f"(clean CE {_f(self.report['clean']['ce_loss_without_sae'], '.4f')}, zero-ablated "
                 f"{_f(self.report['clean']['ce_loss_with_ablation'], '.4f')})\n{self.table()}\n{rec}\n"
                 f"wrote {self.folder / REPORT_JSON}, {self.folder / REPORT_MD} and {len(PLOTS)} plots")
+
+
+def _key(key: float | int | str) -> str:
+    """A member's key in a table: 3 significant digits, or a pretrained dictionary's name as is."""
+    return key if isinstance(key, str) else format(key, ".3g")
 
 
 def _f(v: Any, spec: str) -> str:
@@ -404,12 +415,44 @@ def _json_safe(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------- main
 
 
+def report_folder(cfg: EvaluateConfig) -> Path:
+    """Where the report goes: the sweep folder, or with --sae --output_dir (default outputs/evaluation/{name})."""
+    if not cfg.sae:
+        return Path(cfg.sweep)
+    from training.pretrained import pretrained_label
+    return Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / "evaluation" / pretrained_label(cfg.sae[0])
+
+
 def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
-    """Evaluate the sweep in cfg.sweep, holding its evaluation lock (one evaluation writes a sweep's report)."""
-    if not Path(cfg.sweep).is_dir():
+    """Evaluate the sweep in cfg.sweep (or the --sae dictionaries), holding the evaluation lock of the report's
+    folder (one evaluation writes a report)."""
+    folder = report_folder(cfg)
+    if cfg.sae:
+        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
         return _evaluate(cfg)  # which says what is missing (locking would create the folder)
-    with folder_lock(cfg.sweep, EVALUATE_LOCK, what=f"the evaluation report of {cfg.sweep}"):
+    with folder_lock(folder, EVALUATE_LOCK, what=f"the evaluation report of {folder}"):
         return _evaluate(cfg)
+
+
+def evaluation_members(cfg: EvaluateConfig, device: Any) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """(sweep.json or the pretrained dictionaries' description, keys, modules) of what cfg evaluates."""
+    if not cfg.sae:
+        meta = read_sweep(Path(cfg.sweep), cfg.allow_unfinished)
+        saes = load_sweep(cfg.sweep, device)
+        return meta, list(saes), list(saes.values())
+    from training.pretrained import load_dictionary, pretrained_meta
+    loaded = [load_dictionary(s, device) for s in cfg.sae]
+    metas = [pretrained_meta(p, cfg.hook, cfg.model) for p in loaded]
+    what = {(m["hook"], m["source_manifest"]["config"].get("model"), m["d_in"]) for m in metas}
+    if len(what) > 1:
+        raise UserError(f"the --sae dictionaries read different (hook, model, width)s {sorted(map(str, what))}: "
+                        "evaluate them separately, or pass --hook and --model")
+    keys = [p.label for p in loaded]
+    keys = [k if keys.count(k) == 1 else f"{k}#{i}" for i, k in enumerate(keys)]
+    meta = {**metas[0], "architecture": "pretrained", "finished": True, "saes": list(cfg.sae),
+            "architectures": [p.architecture for p in loaded]}
+    return meta, keys, [p.module for p in loaded]
 
 
 def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
@@ -422,10 +465,10 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     if not 0 <= cfg.dense_threshold <= 1:
         raise UserError(f"--dense_threshold must be in [0, 1] (got {cfg.dense_threshold})")
-    folder = Path(cfg.sweep)
-    meta = read_sweep(folder, cfg.allow_unfinished)
-    ev = resolve_text(cfg, meta)
+    folder = report_folder(cfg)
     device = resolve_device(cfg.device)
+    meta, keys, members = evaluation_members(cfg, device)
+    ev = resolve_text(cfg, meta)
     dtype = analysis_dtype(cfg.dtype, meta.get("source_manifest"))
     model = load_model(ev.model, device, dtype)
     if ev.hook not in model.hook_dict:
@@ -437,8 +480,6 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         from training.text import special_token_ids
         ev.special_token_ids = sorted(special_token_ids(model.tokenizer))
     special = torch.tensor(ev.special_token_ids if ev.exclude_special else [], dtype=torch.long)
-    saes = load_sweep(folder, device)
-    keys, members = list(saes), list(saes.values())
     arch = meta["architecture"]
     stats = [MemberStats(EvalStats(sparsity=SparsityStats(dense_threshold=cfg.dense_threshold))) for _ in members]
 
@@ -474,6 +515,7 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         "toolkit_version": training.__version__,
         "evaluated": {
             "sweep": str(folder.resolve()), "sweep_sha256": meta.get("weights_sha256"), "architecture": arch, "key_name": key_name(arch), "keys": keys,
+            **({"saes": meta["saes"], "architectures": meta["architectures"]} if "saes" in meta else {}),
             "model": ev.model, "hook": ev.hook, "dataset": ev.dataset, "dataset_split": ev.dataset_split,
             "text_column": ev.text_column, "context_length": ev.context_length, "held_out": ev.held_out,
             "skip_sequences": ev.skip_sequences, "n_tokens": n_tok, "n_tokens_requested": cfg.n_tokens,
@@ -555,7 +597,7 @@ def report_markdown(report: dict[str, Any]) -> str:
               "CE spliced | CE loss score | KL spliced | KL div score | CE w/ error − clean |",
               "|" + "---:|" * 14]
     for i, m in enumerate(report["members"]):
-        key = f"**{m['key']:.3g}** ◀" if i == knee["index"] else f"{m['key']:.3g}"
+        key = f"**{_key(m['key'])}** ◀" if i == knee["index"] else _key(m["key"])
         lines.append(
             f"| {key} | {_f(m['l0'], '.1f')} | {_f(m['explained_variance'], '.4f')} | {_f(m['mse'], '.4g')} | "
             f"{_f(m['cossim'], '.4f')} | {_f(m['l2_ratio'], '.3f')} | {_f(m['l1'], '.3g')} | "
@@ -588,7 +630,9 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _label(arch: str, key: float | int) -> str:
-    """Short point label: "1e-03" for an L1 penalty, "k=32"."""
+    """Short point label: "1e-03" for an L1 penalty, "k=32", a pretrained dictionary's name."""
+    if isinstance(key, str):
+        return key
     return f"{key:.3g}" if arch == "l1" else f"k={int(key)}"
 
 
@@ -671,10 +715,14 @@ def plot_dead(members: list[dict[str, Any]], arch: str, dense_threshold: float, 
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = [m["key"] for m in members]
-    ax.plot(keys, [100 * m["frac_dead"] for m in members], "o-", color="C3", label="dead (never active)")
-    ax.plot(keys, [100 * m["frac_dense"] for m in members], "s--", color="C1",
+    xs = list(range(len(keys))) if arch == "pretrained" else keys
+    ax.plot(xs, [100 * m["frac_dead"] for m in members], "o-", color="C3", label="dead (never active)")
+    ax.plot(xs, [100 * m["frac_dense"] for m in members], "s--", color="C1",
             label=f"dense (active on > {dense_threshold:g} of tokens)")
-    if arch == "l1":
+    if arch == "pretrained":
+        ax.set_xticks(xs, keys, rotation=30, fontsize=8)
+        ax.set_xlabel("dictionary")
+    elif arch == "l1":
         positive = [k for k in keys if k > 0]
         if len(positive) == len(keys):
             ax.set_xscale("log")

@@ -62,7 +62,12 @@ class Pretrained:
     @property
     def label(self) -> str:
         """A short folder-safe name: the last path part."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.source.rstrip("/")).name) or "sae"
+        return pretrained_label(self.source)
+
+
+def pretrained_label(source: str) -> str:
+    """Folder-safe name of a pretrained dictionary: the last part of its path or hub name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/")).name) or "sae"
 
 
 def load_dictionary(path: str | Path, device: str | torch.device = "cpu", trainable: bool = False,
@@ -233,3 +238,63 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object")
     return data
+
+
+# ------------------------------------------------------------------------------------- what the tools work on
+
+@dataclass
+class Picked:
+    """The one dictionary a tool works on: a sweep member (--sweep with --l1/--k/--key) or a pretrained one (--sae)."""
+
+    module: torch.nn.Module
+    meta: dict[str, Any]
+    """sweep.json, or for a pretrained dictionary the same fields (`pretrained_meta`)."""
+    label: str
+    """Folder-safe name: l1_0.001, k_32, or the pretrained folder's name."""
+    name: str
+    """For people: "l1=0.001", or a pretrained dictionary's architecture."""
+    where: str
+    """The sweep folder or --sae path it came from."""
+    key: float | int | None
+    """The sweep member's key (None for a pretrained dictionary)."""
+    source: dict[str, Any]
+    """The fields that name it in a features.json "source"."""
+
+
+def pretrained_meta(p: Pretrained, hook: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """A pretrained dictionary described with sweep.json's fields (architecture, hook, d_in, d_hidden and a source
+    manifest holding its model, dataset and context size), flags `hook` / `model` overriding its own metadata."""
+    hook = hook or p.hook
+    if not hook:
+        raise UserError(f"{p.source} records no hook it was trained on: pass --hook")
+    recorded = {"model": model or p.model, "dataset": p.dataset, "context_length": p.context_size}
+    d_hidden, d_in = p.module.decoder.shape
+    return {"architecture": p.architecture, "hook": hook, "d_in": int(d_in), "d_hidden": int(d_hidden),
+            "pretrained": p.source, "format": p.format,
+            "source_manifest": {"config": {n: v for n, v in recorded.items() if v is not None}}}
+
+
+def pick_dictionary(sweep: str | Path | None, l1: float | None = None, k: int | None = None,
+                    key: str | float | None = None, sae: str | None = None, hook: str | None = None,
+                    model: str | None = None, device: str | torch.device = "cpu") -> Picked:
+    """The dictionary of --sae (`load_dictionary`; its hook and model unless `hook` / `model` are given) or else
+    the sweep member chosen by --l1 / --k / --key (`training.sweep_files.select_member`)."""
+    from training.sweep_files import key_label, key_name, select_member
+    if sae is not None:
+        if any(v is not None for v in (l1, k, key)):
+            raise UserError("--sae names the dictionary: drop --l1/--k/--key (they choose a member of --sweep)")
+        p = load_dictionary(sae, device)
+        meta = pretrained_meta(p, hook, model)
+        source = {"kind": "sae", "sae": str(Path(sae).resolve()) if not sae.startswith(HUB_PREFIX) else sae,
+                  "key": None, "key_name": None, "architecture": p.architecture, "d_in": meta["d_in"],
+                  "format": p.format}
+        return Picked(p.module, meta, p.label, p.architecture, sae, None, source)
+    if sweep is None:
+        raise UserError("give --sweep (with --l1/--k when it has several members) or --sae (a pretrained dictionary)")
+    chosen, module, meta = select_member(sweep, l1, k, key, device)
+    if hook is not None and hook != meta["hook"]:
+        raise UserError(f"--hook {hook}: the sweep's dictionaries read {meta['hook']}")
+    name = key_name(meta["architecture"])
+    source = {"kind": "sae", "sweep": str(Path(sweep).resolve()), "key": chosen, "key_name": name,
+              "architecture": meta["architecture"], "d_in": meta["d_in"], "sweep_sha256": meta.get("weights_sha256")}
+    return Picked(module, meta, key_label(name, chosen), f"{name}={chosen:g}", str(sweep), chosen, source)

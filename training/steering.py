@@ -33,7 +33,6 @@ from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
-from training.sweep_files import select_member
 from training.text import special_token_ids
 
 DEFAULT_STRENGTH = 8.0
@@ -493,16 +492,20 @@ def summary_table(result: SteeringResult) -> str:
 
 # ------------------------------------------------------------------------------------- sweeps
 
-def load_for_steering(sweep: str | Path, l1: float | None = None, k: int | None = None, model: str | None = None,
-                      device: str | None = None, dtype: str = "auto") -> tuple[Any, Any, str]:
-    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` and the model its
-    activations came from (or `model`), in `dtype` (auto: the one Stage 1 ran it in)."""
+def load_for_steering(sweep: str | Path | None, l1: float | None = None, k: int | None = None,
+                      model: str | None = None, device: str | None = None, dtype: str = "auto",
+                      sae: str | None = None, hook: str | None = None) -> tuple[Any, Any, str]:
+    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` (or the pretrained
+    dictionary `sae`, see training.pretrained) and the model its activations came from (or `model`), in `dtype`
+    (auto: the one Stage 1 ran it in)."""
     from training.models import analysis_dtype, load_model, resolve_device
+    from training.pretrained import pick_dictionary
     dev = resolve_device(device)
-    _, sae, meta = select_member(sweep, l1, k, device=dev)
+    picked = pick_dictionary(sweep, l1, k, sae=sae, hook=hook, model=model, device=dev)
+    meta = picked.meta
     loaded = load_model(model_name(meta, model), dev, analysis_dtype(dtype, meta.get("source_manifest")))
     check_sweep_hook(loaded, meta)
-    return loaded, sae, meta["hook"]
+    return loaded, picked.module, meta["hook"]
 
 
 def save_result(path: str | Path, result: SteeringResult) -> None:
@@ -547,9 +550,13 @@ class SteerConfig:
     sweep: str = "outputs/sweep"
     """Sweep folder written by basic_l1_sweep.py."""
     l1: float | None = None
-    """L1 penalty of the dictionary to use (one of the sweep's; may be left out when it has one dictionary)."""
+    """L1 penalty of the dictionary to use (one of the sweep's, nearest within 5%; may be left out when it has one dictionary)."""
     k: int | None = None
     """k of the dictionary to use, for a TopK sweep."""
+    sae: str | None = None
+    """A pretrained dictionary instead of a sweep member: a SAELens, sparsify or dictionary_learning folder, or hf:OWNER/REPO/PATH."""
+    hook: str | None = None
+    """Hook to steer at (default: the one the dictionary was trained on)."""
     feature: int | None = None
     """Feature id to steer with."""
     features: list[str] | None = None
@@ -602,7 +609,9 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    key, sae, meta = select_member(cfg.sweep, cfg.l1, cfg.k, device=device)
+    from training.pretrained import pick_dictionary
+    picked = pick_dictionary(cfg.sweep, cfg.l1, cfg.k, sae=cfg.sae, hook=cfg.hook, model=cfg.model, device=device)
+    sae, meta = picked.module, picked.meta
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)
     model = load_model(name, device, analysis_dtype(cfg.dtype, meta.get("source_manifest")))
@@ -613,8 +622,7 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     norm = hook_norm(meta)
     header = (f"model {name} · hook {meta['hook']}"
               + (f" (mean activation norm {norm:.3g})" if norm else "")
-              + f" · dictionary {'k' if meta['architecture'] == 'topk' else 'l1'}={key:g}"
-              f" ({sae.decoder.shape[0]} features) from {cfg.sweep}")
+              + f" · dictionary {picked.name} ({sae.decoder.shape[0]} features) from {picked.where}")
     print(render_result(result, cfg.width, header))
     if cfg.save_json:
         save_result(cfg.save_json, result)

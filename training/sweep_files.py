@@ -276,12 +276,14 @@ class Sweep(dict):
 # ------------------------------------------------------------------------------------- members
 
 def key_name(architecture: str) -> str:
-    """What members are keyed by: "l1" (the L1 penalty) or "k"."""
-    return "l1" if architecture == "l1" else "k"
+    """What members are keyed by: "l1" (the L1 penalty), "k", or "name" (pretrained dictionaries, by folder name)."""
+    return "l1" if architecture == "l1" else "name" if architecture == "pretrained" else "k"
 
 
-def format_key(architecture: str, key: float | int) -> str:
-    """A member's key for people: "L1 = 0.001" or "k = 32"."""
+def format_key(architecture: str, key: float | int | str) -> str:
+    """A member's key for people: "L1 = 0.001", "k = 32", or a pretrained dictionary's name."""
+    if isinstance(key, str):
+        return key
     return f"L1 = {key:.3g}" if architecture == "l1" else f"k = {int(key)}"
 
 
