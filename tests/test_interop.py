@@ -3,6 +3,7 @@ by training.load_dictionary (against independent re-implementations of each libr
 (where the side venv with sae-lens exists) the SAELens check of `make interop`."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -259,3 +260,21 @@ def test_saelens_loads_our_exports_and_we_load_its_saves(tmp_path):
     run(SAELENS_PYTHON, "check_saelens.py", "make-native")
     back = json.loads(run(sys.executable, "ours.py", "check-native").splitlines()[-1])
     assert there["max_abs_diff"] <= 1e-5 and back["max_abs_diff"] <= 1e-5
+
+
+def test_export_writes_log_density_from_the_members_features(tmp_path):
+    from training.top_activations import FEATURES_JSON, FORMAT, write_features_json
+    sweep = fake_sweep(tmp_path / "s", "topk", [4])
+    meta = json.loads((sweep / "sweep.json").read_text())
+    density = [0.0, 0.5] + [1e-3] * 46
+    path = sweep / "features" / "k_4" / FEATURES_JSON
+    header = {"format": FORMAT, "version": 1, "n_features": 48, "n_tokens": 1000,
+              "source": {"kind": "sae", "sweep_sha256": meta["weights_sha256"]}}
+    write_features_json(path, header, ({"id": i, "density": d} for i, d in enumerate(density)))
+    [folder] = export_sweep(ExportConfig(sweep=str(sweep), k=4, out=str(tmp_path / "out")))
+    log = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
+    assert log.shape == (48,) and log[0] == pytest.approx(-10.0) and log[1] == pytest.approx(math.log10(0.5))
+    header["source"]["sweep_sha256"] = "another sweep's"                        # made from other weights: left out
+    write_features_json(path, header, ({"id": i, "density": d} for i, d in enumerate(density)))
+    [folder] = export_sweep(ExportConfig(sweep=str(sweep), k=4, out=str(tmp_path / "out")))
+    assert not (folder / "sparsity.safetensors").exists()
