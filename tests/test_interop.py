@@ -278,3 +278,14 @@ def test_export_writes_log_density_from_the_members_features(tmp_path):
     write_features_json(path, header, ({"id": i, "density": d} for i, d in enumerate(density)))
     [folder] = export_sweep(ExportConfig(sweep=str(sweep), k=4, out=str(tmp_path / "out")))
     assert not (folder / "sparsity.safetensors").exists()
+
+
+def test_export_script_cli(tmp_path, capsys):
+    sweep = fake_sweep(tmp_path / "s", "l1", [1e-3, 0.4641589])
+    out = subprocess.run([sys.executable, str(ROOT / "export_saelens.py"), "--sweep", str(sweep), "--l1", "0.46",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and f"wrote {tmp_path / 'out' / 'l1_0.464159'}" in out.stdout
+    assert "using the nearest member, l1 = 0.4641589" in out.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "export_saelens.py"), "--sweep", str(sweep), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "give exactly one of --l1 VALUE or --all" in bad.stderr
