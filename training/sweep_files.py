@@ -11,6 +11,11 @@ A checkpoint is saved as one unit: the new generation's weights go to a new file
 checkpoint.json switches to it, then older generations are removed. A kill at any instant leaves checkpoint.json
 naming a complete file of the same save. Older folders (checkpoint.safetensors beside a checkpoint.json without
 "weights") resume when their Adam step count agrees with the progress.
+
+Every tool reads a sweep through this module: `load_sweep` (all members, frozen, `.member(0.46)`), `load_member` (one
+member read alone), `select_member` (--l1 / --k / --key: `choose_key`, the nearest key within KEY_TOLERANCE, said on
+stderr when not exact), `read_sweep` (a finished sweep's sweep.json), key names and labels (`key_name`, `format_key`,
+`key_label`).
 """
 
 from __future__ import annotations
