@@ -8,7 +8,11 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench clean
+# SAELens pins transformer-lens < 4, so the interop check runs it in a venv of its own, outside the checkout
+SAELENS_VENV ?= $(abspath ..)/venv-saelens
+INTEROP_DIR ?= $(abspath outputs)/interop-check
+
+.PHONY: install demo test bench clean interop
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,21 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+$(SAELENS_VENV)/.installed:
+	$(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SAELENS_VENV)/bin/python -m pip install --quiet torch==2.13.0 sae-lens
+	touch $@
+
+# export every architecture we train, load it with SAELens; save SAELens' own SAEs, load them with ours;
+# each direction fails unless encode and decode agree within 1e-5 (max abs difference)
+interop: install $(SAELENS_VENV)/.installed
+	rm -rf $(INTEROP_DIR) && mkdir -p $(INTEROP_DIR)
+	$(PY) tests/interop/ours.py export $(INTEROP_DIR)
+	$(SAELENS_VENV)/bin/python tests/interop/check_saelens.py check-export $(INTEROP_DIR)
+	$(SAELENS_VENV)/bin/python tests/interop/check_saelens.py make-native $(INTEROP_DIR)
+	$(PY) tests/interop/ours.py check-native $(INTEROP_DIR)
 
 bench: install
 	$(PY) bench/generate.py

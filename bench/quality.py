@@ -456,9 +456,9 @@ def ce_scores(ds: Dataset, sweep_dir: Path, n_tokens: int) -> dict[Any, dict[str
                                         dataset_split="validation", context_length=128, hook=ds.hook,
                                         n_tokens=n_tokens, device="cpu", with_error=False))
     ev = res.report["evaluated"]
-    return {m["key"]: {"ce_score": m.get("ce_loss_score"), "ce_l0": m.get("l0"), "ce_spliced": m.get("ce_spliced"),
-                       "ce_tokens": ev["n_tokens"], "ce_clean": res.report["clean"]["ce_clean"],
-                       "ce_zero": res.report["clean"]["ce_zero"]} for m in res.report["members"]}
+    return {m["key"]: {"ce_score": m.get("ce_loss_score"), "ce_l0": m.get("l0"), "ce_spliced": m.get("ce_loss_with_sae"),
+                       "ce_tokens": ev["n_tokens"], "ce_clean": res.report["clean"]["ce_loss_without_sae"],
+                       "ce_zero": res.report["clean"]["ce_loss_with_ablation"]} for m in res.report["members"]}
 
 
 def train_peers(ds: Dataset, out: Path, tokens: int, args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:

@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from training.cli import UserError, run_cli
-from training.evaluate import (EvaluateConfig, evaluate_sweep, knee_point, pareto_front, read_sweep, resolve_text,
+from training.evaluate import (EvaluateConfig, evaluate_sweep, knee_point, pareto_front, resolve_text,
                                token_batches)
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, run_sweep
+from training.sweep_files import read_sweep
 
 HOOK = "blocks.1.hook_resid_post"
 N_TOKENS = 1200
-MEMBER_METRICS = {"mse", "mse_per_token", "explained_variance", "normalized_mse", "cosine_similarity", "norm_ratio",
-                  "l0", "l1_norm", "n_dead", "frac_dead", "n_dense", "frac_dense", "n_features", "n_tokens",
-                  "ce_clean", "ce_spliced", "ce_zero", "ce_with_error", "kl_spliced", "kl_zero", "kl_with_error",
+MEMBER_METRICS = {"mse", "mse_per_element", "explained_variance", "normalized_mse", "cossim", "l2_ratio", "l2_norm_in",
+                  "l2_norm_out", "relative_reconstruction_bias", "kl_div_score",
+                  "l0", "l1", "n_dead", "frac_dead", "n_dense", "frac_dense", "n_features", "n_tokens",
+                  "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_with_error", "kl_div_with_sae", "kl_div_with_ablation", "kl_div_with_error",
                   "ce_loss_score", "ce_delta", "ce_with_error_delta", "n_positions_ce", "n_positions_kl",
                   "density_histogram", "key"}
 
@@ -94,19 +96,19 @@ def test_report_has_every_metric_with_sane_values(which, request, tiny_neox_dir,
     for m in report["members"]:
         assert MEMBER_METRICS <= set(m), MEMBER_METRICS - set(m)
         assert m["n_tokens"] == ev["n_tokens"] == m["n_positions_kl"] and m["n_features"] == 64
-        assert 0 < m["l0"] <= (m["key"] if topk else 64) and m["l1_norm"] > 0
-        assert 0 < m["explained_variance"] <= 1 and -1 <= m["cosine_similarity"] <= 1 and m["norm_ratio"] > 0
+        assert 0 < m["l0"] <= (m["key"] if topk else 64) and m["l1"] > 0
+        assert 0 < m["explained_variance"] <= 1 and -1 <= m["cossim"] <= 1 and m["l2_ratio"] > 0
         assert 0 <= m["frac_dead"] <= 1 and 0 <= m["frac_dense"] <= 1 and m["mse"] > 0
-        assert m["ce_clean"] > 0 and m["ce_spliced"] > 0 and m["ce_zero"] > 0 and m["kl_spliced"] > 0
+        assert m["ce_loss_without_sae"] > 0 and m["ce_loss_with_sae"] > 0 and m["ce_loss_with_ablation"] > 0 and m["kl_div_with_sae"] > 0
         # the SAE error term kept gives the clean model back
-        assert m["ce_with_error"] == pytest.approx(m["ce_clean"], abs=1e-5) and abs(m["kl_with_error"]) < 1e-6
-        assert m["ce_loss_score"] == pytest.approx((m["ce_zero"] - m["ce_spliced"]) / (m["ce_zero"] - m["ce_clean"]))
+        assert m["ce_loss_with_error"] == pytest.approx(m["ce_loss_without_sae"], abs=1e-5) and abs(m["kl_div_with_error"]) < 1e-6
+        assert m["ce_loss_score"] == pytest.approx((m["ce_loss_with_ablation"] - m["ce_loss_with_sae"]) / (m["ce_loss_with_ablation"] - m["ce_loss_without_sae"]))
         hist = m["density_histogram"]
         assert sum(hist["counts"]) + hist["n_dead"] == 64 and hist["n_dead"] == m["n_dead"]
         assert hist["log10_edges"][0] == math.floor(math.log10(1 / m["n_tokens"])) and hist["log10_edges"][-1] == 0
     l0 = [m["l0"] for m in report["members"]]
     assert (l0[0] < l0[-1]) if topk else (l0[0] > l0[-1]), l0  # more k / a smaller penalty: denser codes
-    assert report["clean"]["ce_clean"] == report["members"][0]["ce_clean"] == report["members"][-1]["ce_clean"]
+    assert report["clean"]["ce_loss_without_sae"] == report["members"][0]["ce_loss_without_sae"] == report["members"][-1]["ce_loss_without_sae"]
     assert report["knee"]["definition"] and report["knee"]["reason"]
 
 
@@ -149,13 +151,13 @@ def test_matches_direct_computation_on_same_tokens(l1_sweep, l1_report, tiny_neo
     m = l1_report["members"][1]
     assert m["explained_variance"] == pytest.approx(explained_variance(x, x_hat), rel=1e-5)
     assert m["mse"] == pytest.approx(mse(x, x_hat), rel=1e-5)
-    assert m["cosine_similarity"] == pytest.approx(cosine_similarity(x, x_hat), rel=1e-5)
-    assert m["norm_ratio"] == pytest.approx(norm_ratio(x, x_hat), rel=1e-5)
-    assert m["l0"] == pytest.approx(l0(codes), rel=1e-6) and m["l1_norm"] == pytest.approx(l1(codes), rel=1e-5)
+    assert m["cossim"] == pytest.approx(cosine_similarity(x, x_hat), rel=1e-5)
+    assert m["l2_ratio"] == pytest.approx(norm_ratio(x, x_hat), rel=1e-5)
+    assert m["l0"] == pytest.approx(l0(codes), rel=1e-6) and m["l1"] == pytest.approx(l1(codes), rel=1e-5)
     density = feature_density(codes)
     assert m["n_dead"] == int((density == 0).sum()) and m["n_dense"] == int(dense_features(density, 0.1).sum())
     ce = next_token_ce(logits, tokens)[mask[:, :-1]].double().mean().item()
-    assert m["ce_clean"] == pytest.approx(ce, rel=1e-5)
+    assert m["ce_loss_without_sae"] == pytest.approx(ce, rel=1e-5)
 
 
 def test_splice_matches_splice_losses(l1_sweep, tiny_neox_dir, tmp_path):
@@ -178,7 +180,7 @@ def test_splice_matches_splice_losses(l1_sweep, tiny_neox_dir, tmp_path):
     direct = splice_losses(model, tokens, HOOK, load_sweep(l1_sweep)[1.0], exclude_positions=(0,),
                            splice_excluded=False)
     m = result.report["members"][2]
-    for key in ("ce_clean", "ce_spliced", "ce_zero", "ce_with_error", "kl_spliced", "kl_zero", "ce_loss_score"):
+    for key in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_with_error", "kl_div_with_sae", "kl_div_with_ablation", "ce_loss_score"):
         assert m[key] == pytest.approx(direct[key], rel=1e-4, abs=1e-6), key
     assert m["n_positions_ce"] == direct["n_positions_ce"] and m["n_positions_kl"] == direct["n_positions_kl"]
 
@@ -282,7 +284,7 @@ def test_nan_member_is_reported_as_null_and_left_out_of_the_knee(l1_sweep, tmp_p
     (broken / "sweep.json").write_text(json.dumps(meta))
     result = evaluate_sweep(EvaluateConfig(sweep=str(broken), n_tokens=64, device="cpu"))
     report = json.loads((broken / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
-    assert report["members"][0]["explained_variance"] is None and report["members"][0]["ce_spliced"] is None
+    assert report["members"][0]["explained_variance"] is None and report["members"][0]["ce_loss_with_sae"] is None
     assert report["members"][1]["explained_variance"] is not None and report["knee"]["distances"][0] is None
     assert "n/a" in str(result) and (broken / "ev_vs_l0.png").exists()
 
@@ -309,3 +311,21 @@ def test_progress_bar_counts_to_the_tokens_the_text_holds(l1_sweep, tmp_path, mo
                                            device="cpu"))
     n = result.report["evaluated"]["n_tokens"]
     assert 0 < n < 200000 and [(b.total, b.n) for b in bars] == [(n, n)]
+
+
+def test_pretrained_dictionaries_evaluate_like_the_sweep(l1_sweep, l1_report, tmp_path):
+    """The sweep's members exported to SAELens folders and evaluated with --sae (hook, model, text and context from
+    their cfg.json) give the sweep report's numbers."""
+    from training.saelens import ExportConfig, export_sweep
+    folders = export_sweep(ExportConfig(sweep=str(l1_sweep), all=True, out=str(tmp_path / "saelens")))
+    result = evaluate_sweep(EvaluateConfig(sae=[str(f) for f in folders], output_dir=str(tmp_path / "report"),
+                                           n_tokens=N_TOKENS, batch_size=16, device="cpu"))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report == result.report and report["evaluated"]["keys"] == ["l1_0.01", "l1_0.1", "l1_1"]
+    assert report["evaluated"]["hook"] == HOOK and report["evaluated"]["architectures"] == ["l1"] * 3
+    assert report["evaluated"]["dataset_split"] == l1_report["evaluated"]["dataset_split"] == "validation"
+    for ours, theirs in zip(report["members"], l1_report["members"]):
+        for name in ("l0", "explained_variance", "mse", "cossim", "relative_reconstruction_bias",
+                     "ce_loss_with_sae", "ce_loss_score", "kl_div_score"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+    assert "l1_0.1" in str(result) and (tmp_path / "report" / "report.md").exists()

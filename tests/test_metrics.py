@@ -18,9 +18,17 @@ X_HAT = torch.tensor([[1.0, 1.0], [2.0, 4.0]])
 
 
 def test_mse_both_normalisations() -> None:
-    """Per element 2 / 4 = 0.5; per token 2 / 2 = 1."""
-    assert M.mse(X, X_HAT) == pytest.approx(0.5)
-    assert M.mse_per_token(X, X_HAT) == pytest.approx(1.0)
+    """mse per token (SAELens, SAEBench, the training loss) 2 / 2 = 1; per element 2 / 4 = 0.5."""
+    assert M.mse(X, X_HAT) == pytest.approx(1.0)
+    assert M.mse_per_element(X, X_HAT) == pytest.approx(0.5)
+
+
+def test_relative_reconstruction_bias() -> None:
+    """mean ||x_hat||^2 = (2 + 20) / 2 = 11; mean <x, x_hat> = (3 + 22) / 2 = 12.5; ratio 0.88; 1 for x_hat = x,
+    0.5 for x_hat = x / 2 (shrinkage)."""
+    assert M.relative_reconstruction_bias(X, X_HAT) == pytest.approx(11 / 12.5, rel=1e-12)
+    assert M.relative_reconstruction_bias(X, X) == pytest.approx(1.0)
+    assert M.relative_reconstruction_bias(X, 0.5 * X) == pytest.approx(0.5)
 
 
 def test_explained_variance_centred() -> None:
@@ -42,6 +50,8 @@ def test_norm_ratio() -> None:
     expected = (math.sqrt(2 / 5) + math.sqrt(20) / 5) / 2
     assert M.norm_ratio(X, X_HAT) == pytest.approx(expected, rel=1e-12)
     assert M.norm_ratio(X, 0.5 * X) == pytest.approx(0.5)
+    tiny = torch.tensor([[1e-5, 0.0], [3.0, 4.0]])                # ||x|| < 1e-4 counts as 1 (SAELens' l2_ratio)
+    assert M.norm_ratio(tiny, torch.tensor([[2.0, 0.0], [3.0, 4.0]])) == pytest.approx((2.0 + 1.0) / 2)
 
 
 # ----------------------------------------------------------------------------- sparsity
@@ -93,13 +103,16 @@ def test_streaming_matches_one_shot() -> None:
     density = M.feature_density(codes)
     want = {
         "mse": M.mse(x, x_hat),
-        "mse_per_token": M.mse_per_token(x, x_hat),
+        "mse_per_element": M.mse_per_element(x, x_hat),
+        "relative_reconstruction_bias": M.relative_reconstruction_bias(x, x_hat),
+        "l2_norm_in": x.double().norm(dim=-1).mean().item(),
+        "l2_norm_out": x_hat.double().norm(dim=-1).mean().item(),
         "explained_variance": M.explained_variance(x, x_hat),
         "normalized_mse": M.normalized_mse(x, x_hat),
-        "cosine_similarity": M.cosine_similarity(x, x_hat),
-        "norm_ratio": M.norm_ratio(x, x_hat),
+        "cossim": M.cosine_similarity(x, x_hat),
+        "l2_ratio": M.norm_ratio(x, x_hat),
         "l0": M.l0(codes),
-        "l1_norm": M.l1(codes),
+        "l1": M.l1(codes),
         "n_dead": float(M.dead_features(density).sum()),
         "n_dense": float(M.dense_features(density, 0.15).sum()),
     }
@@ -231,7 +244,7 @@ def test_clean_ce_by_hand(bridge) -> None:
     mx = max(logits)
     by_hand = mx + math.log(sum(math.exp(v - mx) for v in logits)) - logits[42]
     out = M.splice_losses(bridge, toks, "blocks.0.hook_resid_post", lambda a: a)
-    assert out["ce_clean"] == pytest.approx(by_hand, rel=1e-5)
+    assert out["ce_loss_without_sae"] == pytest.approx(by_hand, rel=1e-5)
     assert out["n_positions_ce"] == 1.0 and out["n_positions_kl"] == 2.0
 
 
@@ -246,18 +259,18 @@ def test_identity_and_zero(bridge, tokens, hook_name: str) -> None:
 
     out = M.splice_losses(bridge, tokens, hook_name, identity)
     assert seen[0] == (3 * 8, 64)  # [batch*seq, d_model] or [batch*seq, heads*d_head]
-    assert out["ce_spliced"] == pytest.approx(out["ce_clean"], abs=1e-6)
+    assert out["ce_loss_with_sae"] == pytest.approx(out["ce_loss_without_sae"], abs=1e-6)
     assert out["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
-    assert out["kl_spliced"] == pytest.approx(0.0, abs=1e-6)
-    assert abs(out["ce_zero"] - out["ce_clean"]) > 0.01  # zero-ablation matters (random model: either sign)
+    assert out["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(out["ce_loss_with_ablation"] - out["ce_loss_without_sae"]) > 0.01  # zero-ablation matters (random model: either sign)
 
     zero = M.splice_losses(bridge, tokens, hook_name, torch.zeros_like)
-    assert zero["ce_spliced"] == pytest.approx(zero["ce_zero"], abs=1e-7)
-    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
-    assert zero["kl_spliced"] == pytest.approx(zero["kl_zero"], abs=1e-7) and zero["kl_zero"] > 0
+    assert zero["ce_loss_with_sae"] == pytest.approx(zero["ce_loss_with_ablation"], abs=1e-7)
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6) and zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_div_with_sae"] == pytest.approx(zero["kl_div_with_ablation"], abs=1e-7) and zero["kl_div_with_ablation"] > 0
     # with the error term kept, even a terrible reconstruction gives back the clean model
-    assert zero["ce_with_error"] == pytest.approx(zero["ce_clean"], abs=1e-5)
-    assert zero["kl_with_error"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["ce_loss_with_error"] == pytest.approx(zero["ce_loss_without_sae"], abs=1e-5)
+    assert zero["kl_div_with_error"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_error_term_with_noisy_reconstruction(bridge, tokens) -> None:
@@ -265,11 +278,13 @@ def test_error_term_with_noisy_reconstruction(bridge, tokens) -> None:
     g = torch.Generator().manual_seed(2)
     noisy = lambda a: a + 0.3 * a.std() * torch.randn(a.shape, generator=g)  # noqa: E731
     out = M.splice_losses(bridge, tokens, "blocks.0.hook_resid_post", noisy)
-    assert out["ce_with_error"] == pytest.approx(out["ce_clean"], abs=1e-5)
-    assert out["kl_spliced"] > 0 and out["ce_spliced"] != out["ce_clean"]
-    assert out["ce_delta"] == pytest.approx(out["ce_spliced"] - out["ce_clean"])
-    score = (out["ce_zero"] - out["ce_spliced"]) / (out["ce_zero"] - out["ce_clean"])
+    assert out["ce_loss_with_error"] == pytest.approx(out["ce_loss_without_sae"], abs=1e-5)
+    assert out["kl_div_with_sae"] > 0 and out["ce_loss_with_sae"] != out["ce_loss_without_sae"]
+    assert out["ce_delta"] == pytest.approx(out["ce_loss_with_sae"] - out["ce_loss_without_sae"])
+    score = (out["ce_loss_with_ablation"] - out["ce_loss_with_sae"]) / (out["ce_loss_with_ablation"] - out["ce_loss_without_sae"])
     assert out["ce_loss_score"] == pytest.approx(score)
+    kl_score = (out["kl_div_with_ablation"] - out["kl_div_with_sae"]) / out["kl_div_with_ablation"]
+    assert out["kl_div_score"] == pytest.approx(kl_score) and 0 < out["kl_div_score"] < 1
 
 
 def test_hook_z_flattening_order(bridge, tokens) -> None:
@@ -289,8 +304,8 @@ def test_hook_z_flattening_order(bridge, tokens) -> None:
     out = M.splice_losses(bridge, tokens, "blocks.1.attn.hook_z", kill_head0_flat)
     with torch.no_grad():
         logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[("blocks.1.attn.hook_z", kill_head0_4d)])
-    assert out["ce_spliced"] == pytest.approx(M.next_token_ce(logits, tokens).double().mean().item(), rel=1e-6)
-    assert out["ce_spliced"] != pytest.approx(out["ce_clean"], abs=1e-4)
+    assert out["ce_loss_with_sae"] == pytest.approx(M.next_token_ce(logits, tokens).double().mean().item(), rel=1e-6)
+    assert out["ce_loss_with_sae"] != pytest.approx(out["ce_loss_without_sae"], abs=1e-4)
 
 
 def test_exclude_positions(bridge, tokens) -> None:
@@ -302,8 +317,8 @@ def test_exclude_positions(bridge, tokens) -> None:
             tokens, return_type="logits", fwd_hooks=[("blocks.0.hook_resid_post", lambda a, hook=None: torch.zeros_like(a))]
         )
     ce = M.next_token_ce(clean, tokens)  # [3, 7]
-    assert out["ce_clean"] == pytest.approx(ce[:, 1:].double().mean().item(), rel=1e-6)
-    assert out["kl_zero"] == pytest.approx(M.kl_div(clean, zeroed)[:, 1:].double().mean().item(), rel=1e-5)
+    assert out["ce_loss_without_sae"] == pytest.approx(ce[:, 1:].double().mean().item(), rel=1e-6)
+    assert out["kl_div_with_ablation"] == pytest.approx(M.kl_div(clean, zeroed)[:, 1:].double().mean().item(), rel=1e-5)
     assert out["n_positions_ce"] == 3 * 6 and out["n_positions_kl"] == 3 * 7
     # splice_excluded=False: BOS keeps its clean activation, the other positions are zeroed
     kept = M.splice_losses(
@@ -317,8 +332,8 @@ def test_exclude_positions(bridge, tokens) -> None:
 
     with torch.no_grad():
         partial = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[("blocks.0.hook_resid_post", zero_after_bos)])
-    assert kept["ce_spliced"] == pytest.approx(M.next_token_ce(partial, tokens)[:, 1:].double().mean().item(), rel=1e-6)
-    assert kept["ce_spliced"] != pytest.approx(out["ce_spliced"], abs=1e-4)  # BOS matters through attention
+    assert kept["ce_loss_with_sae"] == pytest.approx(M.next_token_ce(partial, tokens)[:, 1:].double().mean().item(), rel=1e-6)
+    assert kept["ce_loss_with_sae"] != pytest.approx(out["ce_loss_with_sae"], abs=1e-4)  # BOS matters through attention
 
 
 def test_splice_streaming_matches_one_shot(bridge, tokens) -> None:

@@ -75,13 +75,13 @@ def test_evaluate_uses_the_manifest_dtype(bf16_sweep, loaded, capsys):
     report = json.loads((folder / "report.json").read_text())
     assert loaded == [torch.bfloat16] and report["evaluated"]["dtype"] == "bfloat16"
     assert f"- model `{bf16_sweep['model']}` in bfloat16, hook" in (folder / "report.md").read_text()
-    assert all(0 < m["ce_clean"] < 10 and m["explained_variance"] > -1 for m in report["members"])
+    assert all(0 < m["ce_loss_without_sae"] < 10 and m["explained_variance"] > -1 for m in report["members"])
     run_cli(evaluate_sweep, "", EvaluateConfig, ["--sweep", str(folder), "--n_tokens", "200", "--batch_size", "8",
                                                   "--device", "cpu", "--no-with_error", "--dtype", "float32"])
     report32 = json.loads((folder / "report.json").read_text())
     assert loaded == [torch.bfloat16, torch.float32] and report32["evaluated"]["dtype"] == "float32"
     # the same model in two precisions: clean losses agree to bf16 accuracy, but not bit for bit
-    a, b = report["members"][0]["ce_clean"], report32["members"][0]["ce_clean"]
+    a, b = report["members"][0]["ce_loss_without_sae"], report32["members"][0]["ce_loss_without_sae"]
     assert a != b and abs(a - b) < 0.05 * abs(b)
     with pytest.raises(SystemExit):
         run_cli(evaluate_sweep, "", EvaluateConfig, ["--sweep", str(folder), "--dtype", "fp8"])

@@ -19,9 +19,10 @@ from training.generate import GenerateConfig, generate
 from training.models import load_model
 from training.steering import (BLOCKS, SteerConfig, add_vector_hook, block_bar, block_levels, feature_activations,
                                filter_logits, generate_tokens, hook_activations, load_for_steering,
-                               parse_feature_args, render_activations, run_steer, sample_next, select_dictionary,
+                               parse_feature_args, render_activations, run_steer, sample_next,
                                side_by_side, steer, steering_runs, steering_vector)
 from training.sweep import SweepConfig, run_sweep
+from training.sweep_files import select_member
 
 HOOK = "blocks.1.hook_resid_post"
 EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "tiny-stdlib"
@@ -241,12 +242,12 @@ def test_notebook_api_and_topk_sweeps(fixture_sweep, tmp_path):
     assert "unsteered" in str(result) and result.steered[0].activations.shape == (len(result.prompt_ids) + 5, 2)
     run_sweep(SweepConfig(dataset_dir=str(fixture_sweep.parent / "chunks" / HOOK), output_dir=str(tmp_path / "tk"),
                           architecture="topk", k_values=[2, 8], ratio=2, batch_size=250, max_tokens=500, device="cpu"))
-    sae, meta, key = select_dictionary(tmp_path / "tk", k=8)
+    key, sae, meta = select_member(tmp_path / "tk", k=8)
     assert key == 8 and sae.k == 8
     with pytest.raises(UserError, match="--k 5 is not in the sweep .*: its k values are 2, 8"):
-        select_dictionary(tmp_path / "tk", k=5)
+        select_member(tmp_path / "tk", k=5)
     with pytest.raises(UserError, match="is a TopK sweep: choose its dictionary with --k"):
-        select_dictionary(tmp_path / "tk", l1=0.01)
+        select_member(tmp_path / "tk", l1=0.01)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -349,3 +350,16 @@ def test_greedy_loop_matches_hugging_face_generate():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref
+
+
+def test_pretrained_dictionary_steers_like_the_sweep_member(fixture_sweep, tmp_path):
+    from training.saelens import ExportConfig, export_sweep
+    [folder] = export_sweep(ExportConfig(sweep=str(fixture_sweep), l1=0.01, out=str(tmp_path / "saelens")))
+    _, sae, hook = load_for_steering(None, sae=str(folder))                  # hook and model from its cfg.json
+    model, member, _ = load_for_steering(fixture_sweep, l1=0.0101)           # nearest key, within 5%
+    assert hook == HOOK and torch.allclose(sae.decoder, member.decoder, atol=1e-6)
+    a = steer(model, sae, hook, {5: 3.0}, prompt="The quiet cat", max_new_tokens=5, stop_at_eos=False)
+    b = steer(model, member, hook, {5: 3.0}, prompt="The quiet cat", max_new_tokens=5, stop_at_eos=False)
+    assert a.steered[0].token_ids == b.steered[0].token_ids
+    with pytest.raises(UserError, match="--sae names the dictionary: drop --l1"):
+        load_for_steering(None, l1=0.01, sae=str(folder))

@@ -768,8 +768,7 @@ def test_a_one_bit_flip_in_the_weights_is_refused(small_sweep, tmp_path):
 
 
 def test_sweep_json_that_disagrees_with_the_tensors_is_refused(small_sweep, tmp_path):
-    from training.steering import select_dictionary
-    from training.top_activations import select_member
+    from training.sweep_files import select_member
     out = damaged_copy(small_sweep, tmp_path / "o")
     meta = json.loads((out / "sweep.json").read_text())
     atomic_write_json(out / "sweep.json", {**meta, "keys": meta["keys"][:2], "members": meta["members"][:2]})
@@ -780,14 +779,14 @@ def test_sweep_json_that_disagrees_with_the_tensors_is_refused(small_sweep, tmp_
     atomic_write_json(out / "sweep.json", {**meta, "d_hidden": 65})
     one_line(lambda: load_sweep(out, verify=False), r"holds tensors .* but .* describes")
     (out / "sweep.json").write_text('{"architecture": "l1", "keys": [0.1')
-    for call in (lambda: load_sweep(out), lambda: select_member(out, l1=0.1), lambda: select_dictionary(out, l1=0.1)):
+    for call in (lambda: load_sweep(out), lambda: select_member(out, l1=0.1)):
         one_line(call, r"sweep.json is not valid JSON \(.*\): rerun basic_l1_sweep.py")
     (out / "sweep.json").write_text("[1, 2]")
     one_line(lambda: load_sweep(out), r"sweep.json is not a valid sweep description \(not a JSON object\)")
 
 
 def test_garbage_json_files_are_one_line_through_the_cli(small_sweep, tmp_path, capsys):
-    from training.evaluate import read_sweep
+    from training.sweep_files import read_sweep
     from training.top_activations import FeatureFile, read_features_json
     out = damaged_copy(small_sweep, tmp_path / "o")
     (out / "sweep.json").write_bytes(b"\xff\xfe garbage")

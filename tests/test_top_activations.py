@@ -236,9 +236,9 @@ def test_random_dictionary_on_synthetic_folder(tiny_tokenizer_dir, tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(l1=5e-3), r"--l1 0.005 is not in the sweep .*; it has l1 = 0.001, 0.01$"),
+    (dict(l1=5e-3), r"--l1 0.005 is not in the sweep .* \(none within 5%\): its L1 values are 0.001, 0.01$"),
     (dict(), r"holds 2 dictionaries: choose one with --l1 \(one of 0.001, 0.01\)"),
-    (dict(k=4), r"is a L1 sweep: use --l1 \(one of 0.001, 0.01\)"),
+    (dict(k=4), r"is an L1 sweep: choose its dictionary with --l1 \(one of 0.001, 0.01\)"),
     (dict(key="abc"), r"--key 'abc' is not a number"),
     (dict(l1=1e-3, k=3), "give one of --l1, --k, not several"),
     (dict(l1=1e-3, top_k=0), "--top_k must be at least 1"),
@@ -251,13 +251,13 @@ def test_bad_member_or_flags(sweeps, kw, message):
 
 
 def test_other_bad_input(sweeps, tmp_path, capsys):
-    with pytest.raises(UserError, match="no sweep in .*missing"):
+    with pytest.raises(UserError, match="sweep .*missing does not exist"):
         gather(TopActivationsConfig(sweep=str(tmp_path / "missing")))
     with pytest.raises(UserError, match="give --sweep .* or --neurons"):
         gather(TopActivationsConfig())
     with pytest.raises(UserError, match="--neurons needs --dataset_dir"):
         gather(TopActivationsConfig(neurons=True))
-    with pytest.raises(UserError, match="TopK sweep: use --k \\(one of 4\\)"):
+    with pytest.raises(UserError, match="TopK sweep: choose its dictionary with --k \\(one of 4\\)"):
         gather(TopActivationsConfig(sweep=str(sweeps["topk"]), l1=1e-3))
     with pytest.raises(UserError, match="does not exist: run gather_high_activations.py first"):
         read_features_json(tmp_path / "nope.json")
@@ -303,3 +303,23 @@ def test_a_corrupt_chunk_is_refused(tiny_tokenizer_dir, tmp_path):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(UserError, match=r"1.safetensors does not match the checksum in the manifest"):
         gather(TopActivationsConfig(sweep=str(sweep), device="cpu", batch_size=700, n_tokens=3000))
+
+
+def test_pretrained_dictionary_gathers_like_the_sweep_member(chunk_root, sweeps, tmp_path):
+    """A sweep member exported to SAELens and gathered with --sae (on the same stored activations) gives the same
+    features; its dashboards load the dictionary from the recorded --sae folder."""
+    from training.dashboards import DashboardConfig, make_dashboards
+    from training.saelens import ExportConfig, export_sweep
+    [folder] = export_sweep(ExportConfig(sweep=str(sweeps["topk"]), k=4, out=str(tmp_path / "saelens")))
+    member = read_features_json(gather(TopActivationsConfig(sweep=str(sweeps["topk"]), k=4, device="cpu",
+                                                            output=str(tmp_path / "a"))).path)
+    pretrained = read_features_json(gather(TopActivationsConfig(sae=str(folder), dataset_dir=str(chunk_root / HOOK),
+                                                                device="cpu", output=str(tmp_path / "b"))).path)
+    assert pretrained["source"]["sae"] == str(folder.resolve()) and pretrained["source"]["architecture"] == "topk"
+    assert pretrained["source"]["hook"] == HOOK and pretrained["n_tokens"] == member["n_tokens"]
+    assert [f["density"] for f in pretrained["features"]] == [f["density"] for f in member["features"]]
+    assert np.allclose([f["max"] for f in pretrained["features"]], [f["max"] for f in member["features"]], rtol=1e-5)
+    with pytest.raises(UserError, match="--sae needs activations to read"):
+        gather(TopActivationsConfig(sae=str(folder)))
+    site = make_dashboards(DashboardConfig(features=str(tmp_path / "b"), logits=False, n_neighbors=2))
+    assert site.pages == 64 and "k_4" in (site.index.read_text())

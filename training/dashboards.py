@@ -54,9 +54,8 @@ from training.chunks import has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
-from training.sweep_files import check_made_from
-from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
-                                      select_member, visible_token)
+from training.sweep_files import check_made_from, key_label, key_name, select_member
+from training.top_activations import FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, visible_token
 
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
 SITE_ASSETS = ("style.css", "index.js")
@@ -76,6 +75,8 @@ class DashboardConfig:
     """k of the sweep member (TopK sweeps, with --sweep)."""
     key: str | None = None
     """Sweep member by its key as written in sweep.json (with --sweep)."""
+    sae: str | None = None
+    """A pretrained dictionary (SAELens, sparsify or dictionary_learning folder, or hf:OWNER/REPO/PATH): finds outputs/features/{its folder name}/features.json, or the dictionary of --features (default: the one it records)."""
     output: str | None = None
     """Site folder (default: a dashboards/ folder next to features.json); replaced as a whole when rebuilt."""
     model: str | None = None
@@ -324,7 +325,8 @@ def source_line(doc: dict[str, Any]) -> str:
     """One line saying which dictionary and data the site shows."""
     src = doc["source"]
     if src["kind"] == "sae":
-        what = f"{src['architecture']} dictionary {src['key_name']}={src['key']:g} of {Path(src['sweep']).name}"
+        what = (f"{src['architecture']} dictionary {src['sae']}" if src.get("sae") else
+                f"{src['architecture']} dictionary {src['key_name']}={src['key']:g} of {Path(src['sweep']).name}")
     else:
         what = f"neurons ({src['make_positive_by']})"
     return (f"{what} · {src.get('model', '?')} · {src.get('hook', '?')} · {doc['n_tokens']:,} tokens · "
@@ -546,6 +548,8 @@ def build_site(out: str | Path, doc: Any, extras: SiteExtras | None = None,
 def default_title(doc: dict[str, Any]) -> str:
     """"sweep name · l1=0.001" or "neurons · hook"."""
     src = doc["source"]
+    if src["kind"] == "sae" and src.get("sae"):
+        return f"{Path(src['sae']).name} · {src.get('hook', '')}"
     if src["kind"] == "sae":
         return f"{Path(src['sweep']).name} · {src['key_name']}={src['key']:g}"
     return f"neurons · {src.get('hook', '')} · {src['make_positive_by']}"
@@ -593,16 +597,24 @@ def locate_features(cfg: DashboardConfig) -> Path:
     if cfg.features:
         p = Path(cfg.features)
         return p / FEATURES_JSON if p.is_dir() else p
+    if cfg.sae:
+        from training.pretrained import pretrained_label
+        path = Path("outputs") / "features" / pretrained_label(cfg.sae) / FEATURES_JSON
+        if not path.exists():
+            raise UserError(f"no {path}: gather the features of {cfg.sae} with gather_high_activations.py --sae "
+                            "first, or pass --features")
+        return path
     if cfg.sweep:
         key, _, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)
-        label = key_label(get_architecture(meta["architecture"]).sweep_param, key)
+        label = key_label(key_name(meta["architecture"]), key)
         path = Path(cfg.sweep) / "features" / label / FEATURES_JSON
         if not path.exists() and not has_tokens(meta.get("source_manifest") or {}):
             raise UserError(f"no {path}: the sweep was trained on imported activations without token ids, so "
                             "gather its features with gather_high_activations.py --model and --dataset (running the "
                             "model they came from on text) first")
         return path
-    raise UserError("give --features (a features.json from gather_high_activations.py) or --sweep with --l1/--k")
+    raise UserError("give --features (a features.json from gather_high_activations.py), --sweep with --l1/--k, or "
+                    "--sae")
 
 
 @dataclass
@@ -639,9 +651,15 @@ def make_dashboards(cfg: DashboardConfig) -> DashboardResult:
     decoder = scorer = shift = None
     manifest = None
     if src["kind"] == "sae":
-        sweep = cfg.sweep or src["sweep"]
-        _, module, sweep_meta = select_member(sweep, key=str(src["key"]))
-        check_made_from(path, src.get("sweep_sha256"), sweep, sweep_meta, "gather_high_activations.py")
+        if cfg.sae or src.get("sae"):
+            from training.pretrained import load_dictionary, pretrained_meta
+            sweep = cfg.sae or src["sae"]
+            pretrained = load_dictionary(sweep, device)
+            module, sweep_meta = pretrained.module, pretrained_meta(pretrained, src.get("hook"), src.get("model"))
+        else:
+            sweep = cfg.sweep or src["sweep"]
+            _, module, sweep_meta = select_member(sweep, key=str(src["key"]))
+            check_made_from(path, src.get("sweep_sha256"), sweep, sweep_meta, "gather_high_activations.py")
         manifest = sweep_meta.get("source_manifest")
         decoder = module.decoder.detach().float()
         if decoder.shape[0] != doc["n_features"]:

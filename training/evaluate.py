@@ -38,6 +38,7 @@ from training.locks import folder_lock
 from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
                               next_token_ce)
 from training.models import DTYPE_CHOICES
+from training.sweep_files import PRETRAINED, format_key, key_name, load_sweep, read_sweep
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 EVALUATE_LOCK = ".evaluate.lock"
@@ -60,6 +61,10 @@ class EvaluateConfig:
 
     sweep: str = "outputs/sweep"
     """Sweep folder written by basic_l1_sweep.py (holds sweep.json and sweep.safetensors)."""
+    sae: list[str] | None = None
+    """Pretrained dictionaries to evaluate instead of a sweep (SAELens, sparsify or dictionary_learning folders, or hf:OWNER/REPO/PATH), all at one hook of one model."""
+    output_dir: str | None = None
+    """Where the report goes with --sae (default: outputs/evaluation/{first dictionary's folder name})."""
     model: str | None = None
     """Model (hub name or local folder); default: the one Stage 1 ran."""
     hook: str | None = None
@@ -88,6 +93,8 @@ class EvaluateConfig:
     """Also run each member spliced with its error term kept (must give the clean loss back; one more forward per member)."""
     allow_unfinished: bool = False
     """Evaluate a sweep whose training has not finished (its last saved weights)."""
+    keep_special_in_ablation: bool = False
+    """Keep special-token positions clean in the zero-ablation baseline (departs from SAELens, which zeroes every position)."""
 
 
 # ------------------------------------------------------------------------------------- the knee
@@ -150,31 +157,6 @@ def pareto_front(l0: Sequence[float], ev: Sequence[float]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- the sweep
-
-
-def read_sweep(path: Path, allow_unfinished: bool = False) -> dict[str, Any]:
-    """sweep.json of a sweep folder with finished weights; a missing or unfinished sweep is a UserError."""
-    if not path.exists():
-        raise UserError(f"sweep folder {path} does not exist: give a folder written by basic_l1_sweep.py")
-    from training.sweep_files import read_sweep_json
-    meta = read_sweep_json(path)
-    if not (path / "sweep.safetensors").exists():
-        raise UserError(f"{path} has sweep.json but no sweep.safetensors: the sweep saved no weights yet")
-    if not meta.get("finished", False) and not allow_unfinished:
-        step = meta.get("progress", {}).get("step", "?")
-        raise UserError(f"the sweep in {path} has not finished training (saved at step {step}): finish it with "
-                        "basic_l1_sweep.py --resume, or pass --allow_unfinished to evaluate its last saved weights")
-    return meta
-
-
-def key_name(architecture: str) -> str:
-    """What members are keyed by: the architecture's sweep parameter (l1: the L1 penalty, k, ...)."""
-    return get_architecture(architecture).sweep_param
-
-
-def format_key(architecture: str, key: float | int) -> str:
-    """A member's key for people: "L1 = 0.001", "k = 32", ..."""
-    return get_architecture(architecture).format_key(key)
 
 
 # ------------------------------------------------------------------------------------- what text
@@ -255,7 +237,9 @@ def resolve_text(cfg: EvaluateConfig, meta: dict[str, Any]) -> Evaluated:
     elif split not in splits:
         raise UserError(f"unknown split {split!r} of dataset {dataset!r}; it has {sorted(splits)}")
     skip = 0
-    if same_dataset and split == train_split:
+    if meta.get("pretrained"):
+        held_out = "overlap with the dictionaries' training data unknown (pretrained dictionaries)"
+    elif same_dataset and split == train_split:
         skip, exact = consumed_sequences(meta)
         how = "" if exact else " (estimated: the Stage 1 folder is gone)"
         why = ", the dataset has no other" if cfg.dataset_split is None else ""
@@ -317,8 +301,9 @@ def _masked_sum(values: Tensor, mask: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members: Sequence[torch.nn.Module],
-                   stats: Sequence[MemberStats], with_error: bool) -> None:
-    """Update every member's accumulators on tokens [b, seq] (mask [b, seq]: positions evaluated and spliced)."""
+                   stats: Sequence[MemberStats], with_error: bool, ablate_all: bool = True) -> None:
+    """Update every member's accumulators on tokens [b, seq] (mask [b, seq]: positions evaluated and spliced; the
+    zero-ablation baseline zeroes every position when `ablate_all`, as SAELens does, else only those)."""
     logits_clean, cache = model.run_with_cache(tokens, names_filter=[hook])  # [b, seq, vocab]
     act = cache[hook]                                                         # [b, seq, *rest]
     del cache
@@ -333,7 +318,7 @@ def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members:
         return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, hook_fn)])
 
     ce_clean = _masked_sum(next_token_ce(logits_clean, tokens), ce_mask)
-    logits_zero = run(splice_hook(lambda a: a, "zero", keep))
+    logits_zero = run(splice_hook(lambda a: a, "zero", None if ablate_all else keep))
     ce_zero = _masked_sum(next_token_ce(logits_zero, tokens), ce_mask)
     kl_zero = _masked_sum(kl_div(logits_clean, logits_zero), kl_mask)
     del logits_zero
@@ -359,8 +344,8 @@ def member_report(architecture: str, key: float | int, st: MemberStats, bins: in
     """All metrics of one member (see training.metrics for definitions) and its log10-density histogram."""
     m = st.recon.compute()
     splice = st.splice.compute()
-    if "ce_with_error" in splice:
-        splice["ce_with_error_delta"] = splice["ce_with_error"] - splice["ce_clean"]
+    if "ce_loss_with_error" in splice:
+        splice["ce_with_error_delta"] = splice["ce_loss_with_error"] - splice["ce_loss_without_sae"]
     density = st.recon.sparsity.feature_density()
     n = st.recon.sparsity.n
     lo = math.floor(math.log10(1.0 / n)) if n > 0 else -8
@@ -389,10 +374,10 @@ class EvaluationResult:
                 f"{'CE spl.':>8} {'CE score':>8} {'KL':>7}"]
         for i, m in enumerate(self.report["members"]):
             mark = "*" if i == knee else " "
-            rows.append(f"{mark} {m['key']:>9.3g} {_f(m['l0'], '.1f'):>8} {_f(m['explained_variance'], '.4f'):>8} "
-                        f"{_f(m['cosine_similarity'], '.3f'):>6} {_f(100 * m['frac_dead'], '.1f'):>6} "
-                        f"{_f(100 * m['frac_dense'], '.1f'):>6} {_f(m['ce_spliced'], '.4f'):>8} "
-                        f"{_f(m['ce_loss_score'], '.4f'):>8} {_f(m['kl_spliced'], '.4f'):>7}")
+            rows.append(f"{mark} {_key(m['key']):>9} {_f(m['l0'], '.1f'):>8} {_f(m['explained_variance'], '.4f'):>8} "
+                        f"{_f(m['cossim'], '.3f'):>6} {_f(100 * m['frac_dead'], '.1f'):>6} "
+                        f"{_f(100 * m['frac_dense'], '.1f'):>6} {_f(m['ce_loss_with_sae'], '.4f'):>8} "
+                        f"{_f(m['ce_loss_score'], '.4f'):>8} {_f(m['kl_div_with_sae'], '.4f'):>7}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -402,9 +387,14 @@ class EvaluationResult:
                if knee["index"] is not None else f"recommended: none ({knee['reason']})")
         return (f"evaluated {len(self.report['members'])} dictionaries on {ev['n_tokens']:,} tokens of "
                 f"{ev['dataset']} [{ev['dataset_split']}] at {ev['hook']} in {self.seconds:.0f} s "
-                f"(clean CE {_f(self.report['clean']['ce_clean'], '.4f')}, zero-ablated "
-                f"{_f(self.report['clean']['ce_zero'], '.4f')})\n{self.table()}\n{rec}\n"
+                f"(clean CE {_f(self.report['clean']['ce_loss_without_sae'], '.4f')}, zero-ablated "
+                f"{_f(self.report['clean']['ce_loss_with_ablation'], '.4f')})\n{self.table()}\n{rec}\n"
                 f"wrote {self.folder / REPORT_JSON}, {self.folder / REPORT_MD} and {len(PLOTS)} plots")
+
+
+def _key(key: float | int | str) -> str:
+    """A member's key in a table: 3 significant digits, or a pretrained dictionary's name as is."""
+    return key if isinstance(key, str) else format(key, ".3g")
 
 
 def _f(v: Any, spec: str) -> str:
@@ -426,29 +416,60 @@ def _json_safe(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------- main
 
 
+def report_folder(cfg: EvaluateConfig) -> Path:
+    """Where the report goes: the sweep folder, or with --sae --output_dir (default outputs/evaluation/{name})."""
+    if not cfg.sae:
+        return Path(cfg.sweep)
+    from training.pretrained import pretrained_label
+    return Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / "evaluation" / pretrained_label(cfg.sae[0])
+
+
 def evaluate_sweep(cfg: EvaluateConfig) -> EvaluationResult:
-    """Evaluate the sweep in cfg.sweep, holding its evaluation lock (one evaluation writes a sweep's report)."""
-    if not Path(cfg.sweep).is_dir():
+    """Evaluate the sweep in cfg.sweep (or the --sae dictionaries), holding the evaluation lock of the report's
+    folder (one evaluation writes a report)."""
+    folder = report_folder(cfg)
+    if cfg.sae:
+        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
         return _evaluate(cfg)  # which says what is missing (locking would create the folder)
-    with folder_lock(cfg.sweep, EVALUATE_LOCK, what=f"the evaluation report of {cfg.sweep}"):
+    with folder_lock(folder, EVALUATE_LOCK, what=f"the evaluation report of {folder}"):
         return _evaluate(cfg)
+
+
+def evaluation_members(cfg: EvaluateConfig, device: Any) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """(sweep.json or the pretrained dictionaries' description, keys, modules) of what cfg evaluates."""
+    if not cfg.sae:
+        meta = read_sweep(Path(cfg.sweep), cfg.allow_unfinished)
+        saes = load_sweep(cfg.sweep, device)
+        return meta, list(saes), list(saes.values())
+    from training.pretrained import load_dictionary, pretrained_meta
+    loaded = [load_dictionary(s, device) for s in cfg.sae]
+    metas = [pretrained_meta(p, cfg.hook, cfg.model) for p in loaded]
+    what = {(m["hook"], m["source_manifest"]["config"].get("model"), m["d_in"]) for m in metas}
+    if len(what) > 1:
+        raise UserError(f"the --sae dictionaries read different (hook, model, width)s {sorted(map(str, what))}: "
+                        "evaluate them separately, or pass --hook and --model")
+    keys = [p.label for p in loaded]
+    keys = [k if keys.count(k) == 1 else f"{k}#{i}" for i, k in enumerate(keys)]
+    meta = {**metas[0], "architecture": PRETRAINED, "finished": True, "saes": list(cfg.sae),
+            "architectures": [p.architecture for p in loaded]}
+    return meta, keys, [p.module for p in loaded]
 
 
 def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     """Evaluate every member of the sweep in cfg.sweep and write report.json, report.md and the plots there."""
     from training.hooks import describe_valid_hooks
     from training.models import analysis_dtype, load_model, resolve_device
-    from training.sweep_files import load_sweep
 
     for name in ("n_tokens", "batch_size", "histogram_bins"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     if not 0 <= cfg.dense_threshold <= 1:
         raise UserError(f"--dense_threshold must be in [0, 1] (got {cfg.dense_threshold})")
-    folder = Path(cfg.sweep)
-    meta = read_sweep(folder, cfg.allow_unfinished)
-    ev = resolve_text(cfg, meta)
+    folder = report_folder(cfg)
     device = resolve_device(cfg.device)
+    meta, keys, members = evaluation_members(cfg, device)
+    ev = resolve_text(cfg, meta)
     dtype = analysis_dtype(cfg.dtype, meta.get("source_manifest"))
     model = load_model(ev.model, device, dtype)
     if ev.hook not in model.hook_dict:
@@ -460,8 +481,6 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         from training.text import special_token_ids
         ev.special_token_ids = sorted(special_token_ids(model.tokenizer))
     special = torch.tensor(ev.special_token_ids if ev.exclude_special else [], dtype=torch.long)
-    saes = load_sweep(folder, device)
-    keys, members = list(saes), list(saes.values())
     arch = meta["architecture"]
     stats = [MemberStats(EvalStats(sparsity=SparsityStats(dense_threshold=cfg.dense_threshold))) for _ in members]
 
@@ -475,7 +494,8 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
                desc=f"evaluating {len(members)} members", dynamic_ncols=True)
     try:
         for tokens, mask in batches:
-            evaluate_batch(model, ev.hook, tokens.to(device), mask.to(device), members, stats, cfg.with_error)
+            evaluate_batch(model, ev.hook, tokens.to(device), mask.to(device), members, stats, cfg.with_error,
+                           ablate_all=not cfg.keep_special_in_ablation)
             n_seq += len(tokens)
             n_tok += int(mask.sum())
             bar.update(int(mask.sum()))
@@ -496,6 +516,7 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         "toolkit_version": training.__version__,
         "evaluated": {
             "sweep": str(folder.resolve()), "sweep_sha256": meta.get("weights_sha256"), "architecture": arch, "key_name": key_name(arch), "keys": keys,
+            **({"saes": meta["saes"], "architectures": meta["architectures"]} if "saes" in meta else {}),
             "model": ev.model, "hook": ev.hook, "dataset": ev.dataset, "dataset_split": ev.dataset_split,
             "text_column": ev.text_column, "context_length": ev.context_length, "held_out": ev.held_out,
             "skip_sequences": ev.skip_sequences, "n_tokens": n_tok, "n_tokens_requested": cfg.n_tokens,
@@ -503,7 +524,7 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
             "exclusion": exclusion_note(ev), "dense_threshold": cfg.dense_threshold, "device": str(device),
             "dtype": dtype,
             "seconds": seconds, "config": config_to_dict(cfg)},
-        "clean": {"ce_clean": first["ce_clean"], "ce_zero": first["ce_zero"], "kl_zero": first["kl_zero"]},
+        "clean": {n: first[n] for n in ("ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_ablation")},
         "knee": {"index": knee.index, "key": None if knee.index is None else keys[knee.index],
                  "reason": knee.reason, "definition": KNEE_DEFINITION, "distances": knee.distances},
         "pareto_front": [keys[i] for i in pareto_front([m["l0"] for m in reports],
@@ -532,7 +553,8 @@ def exclusion_note(ev: Evaluated) -> str:
     if not ev.exclude_special:
         return "no positions excluded (Stage 1 kept special tokens, so the dictionaries were trained on them)"
     return (f"positions holding a special token (ids {ev.special_token_ids}: BOS/EOS/PAD) are left out of every "
-            "average and keep their clean activation in the spliced runs, because Stage 1 left them out of the "
+            "average and keep their clean activation in the spliced runs (the zero-ablated baseline zeroes them too, as "
+            "SAELens does, unless --keep_special_in_ablation), because Stage 1 left them out of the "
             "training data; a CE term at position t (predicting token t+1) is dropped when token t is special")
 
 
@@ -553,15 +575,15 @@ def report_markdown(report: dict[str, Any]) -> str:
     """report.md: what was evaluated, the recommendation and why, one table row per member, the plots."""
     ev, knee, clean = report["evaluated"], report["knee"], report["clean"]
     arch = ev["architecture"]
-    name = get_architecture(arch).key_column
+    name = "dictionary" if arch == PRETRAINED else get_architecture(arch).key_column
     lines = [f"# Sweep evaluation: `{ev['sweep']}`", "",
              f"- model `{ev['model']}`" + (f" in {ev['dtype']}" if ev.get("dtype") else "")
              + f", hook `{ev['hook']}`, {ev['architecture']} dictionaries",
              f"- text: `{ev['dataset']}` split `{ev['dataset_split']}`: {ev['held_out']}",
              f"- {ev['n_tokens']:,} token positions in {ev['n_sequences']:,} sequences of {ev['context_length']}",
              f"- excluded: {ev['exclusion']}",
-             f"- clean next-token CE {_f(clean['ce_clean'], '.4f')} nats, with the hook zero-ablated "
-             f"{_f(clean['ce_zero'], '.4f')} nats", ""]
+             f"- clean next-token CE {_f(clean['ce_loss_without_sae'], '.4f')} nats, with the hook zero-ablated "
+             f"{_f(clean['ce_loss_with_ablation'], '.4f')} nats", ""]
     if knee["index"] is not None:
         m = report["members"][knee["index"]]
         lines += [f"## Recommended: {format_key(arch, knee['key'])}", "",
@@ -573,21 +595,26 @@ def report_markdown(report: dict[str, Any]) -> str:
     else:
         lines += ["## Recommended: none", "", f"{knee['reason']}; pick from the table.", ""]
     lines += [f"| {name} | L0 | expl. var | MSE | cos sim | norm ratio | L1 norm | dead % | dense % | "
-              "CE spliced | CE loss score | KL spliced | CE w/ error − clean |",
-              "|" + "---:|" * 13]
+              "CE spliced | CE loss score | KL spliced | KL div score | CE w/ error − clean |",
+              "|" + "---:|" * 14]
     for i, m in enumerate(report["members"]):
-        key = f"**{m['key']:.3g}** ◀" if i == knee["index"] else f"{m['key']:.3g}"
+        key = f"**{_key(m['key'])}** ◀" if i == knee["index"] else _key(m["key"])
         lines.append(
             f"| {key} | {_f(m['l0'], '.1f')} | {_f(m['explained_variance'], '.4f')} | {_f(m['mse'], '.4g')} | "
-            f"{_f(m['cosine_similarity'], '.4f')} | {_f(m['norm_ratio'], '.3f')} | {_f(m['l1_norm'], '.3g')} | "
-            f"{_f(100 * m['frac_dead'], '.1f')} | {_f(100 * m['frac_dense'], '.1f')} | {_f(m['ce_spliced'], '.4f')} | "
-            f"{_f(m['ce_loss_score'], '.4f')} | {_f(m['kl_spliced'], '.4f')} | "
+            f"{_f(m['cossim'], '.4f')} | {_f(m['l2_ratio'], '.3f')} | {_f(m['l1'], '.3g')} | "
+            f"{_f(100 * m['frac_dead'], '.1f')} | {_f(100 * m['frac_dense'], '.1f')} | "
+            f"{_f(m['ce_loss_with_sae'], '.4f')} | {_f(m['ce_loss_score'], '.4f')} | {_f(m['kl_div_with_sae'], '.4f')} | "
+            f"{_f(m['kl_div_score'], '.4f')} | "
             f"{_f(m.get('ce_with_error_delta'), '.1e')} |")
-    lines += ["", "Definitions (training/metrics.py): MSE per element; explained variance 1 − Σ‖x − x̂‖² / "
+    lines += ["", "Definitions (training/metrics.py; SAELens' and SAEBench's): MSE = mean over tokens of "
+              "‖x − x̂‖² (summed over dimensions); explained variance 1 − Σ‖x − x̂‖² / "
               "Σ‖x − mean(x)‖²; cos sim and norm ratio ‖x̂‖/‖x‖ are means over tokens; L0 and L1 norm are means "
               "over tokens of the number and the sum of active codes; dead = never active over the evaluated "
               f"tokens; dense = active on more than {ev['dense_threshold']:g} of them; CE loss score = (CE zero − "
-              "CE spliced) / (CE zero − CE clean); KL = KL(clean ‖ spliced) per position, nats; the last column "
+              "CE spliced) / (CE zero − CE clean); KL = KL(clean ‖ spliced) per position, nats; KL div score = (KL zero − "
+              "KL spliced) / KL zero; the zero-ablated run zeroes "
+              + ("every position except special tokens" if report["evaluated"]["config"].get(
+                  "keep_special_in_ablation") else "every position, as SAELens does") + "; the last column "
               "splices SAE output + error term, which must give the clean CE back (a check of the splicing).", "",
               f"![explained variance vs L0]({PLOTS['ev']})", f"![CE loss score vs L0]({PLOTS['ce']})",
               f"![dead fraction]({PLOTS['dead']})", f"![feature density]({PLOTS['density']})", ""]
@@ -604,7 +631,9 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _label(arch: str, key: float | int) -> str:
-    """Short point label: "1e-03" for an L1 penalty, "k=32", ..."""
+    """Short point label: "1e-03" for an L1 penalty, "k=32", a pretrained dictionary's name."""
+    if isinstance(key, str):
+        return key
     return get_architecture(arch).short_key(key)
 
 
@@ -658,9 +687,9 @@ def plot_vs_l0(members: list[dict[str, Any]], metric: str, ylabel: str, arch: st
         if k:
             ax.scatter([k[0][0]], [k[0][1]], s=220, facecolors="none", edgecolors="C3", lw=2, zorder=4,
                        label=f"knee: {format_key(arch, k[0][2])}")
-        if not get_architecture(arch).sweep_param_integer:
-            ax.text(0.02, 0.97, f"points labelled by their {get_architecture(arch).key_column}", transform=ax.transAxes, va="top",
-                    fontsize=8, color="0.3")
+        if arch != PRETRAINED and not get_architecture(arch).sweep_param_integer:
+            ax.text(0.02, 0.97, f"points labelled by their {get_architecture(arch).key_column}",
+                    transform=ax.transAxes, va="top", fontsize=8, color="0.3")
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
         if ax.get_legend_handles_labels()[0]:
@@ -688,10 +717,14 @@ def plot_dead(members: list[dict[str, Any]], arch: str, dense_threshold: float, 
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = [m["key"] for m in members]
-    ax.plot(keys, [100 * m["frac_dead"] for m in members], "o-", color="C3", label="dead (never active)")
-    ax.plot(keys, [100 * m["frac_dense"] for m in members], "s--", color="C1",
+    xs = list(range(len(keys))) if arch == PRETRAINED else keys
+    ax.plot(xs, [100 * m["frac_dead"] for m in members], "o-", color="C3", label="dead (never active)")
+    ax.plot(xs, [100 * m["frac_dense"] for m in members], "s--", color="C1",
             label=f"dense (active on > {dense_threshold:g} of tokens)")
-    if not get_architecture(arch).sweep_param_integer:
+    if arch == PRETRAINED:
+        ax.set_xticks(xs, keys, rotation=30, fontsize=8)
+        ax.set_xlabel("dictionary")
+    elif not get_architecture(arch).sweep_param_integer:
         positive = [k for k in keys if k > 0]
         if len(positive) == len(keys):
             ax.set_xscale("log")

@@ -34,19 +34,19 @@ def _check_pair(x: Tensor, x_hat: Tensor) -> None:
 
 
 def mse(x: Tensor, x_hat: Tensor) -> float:
-    """Per-element mean squared error: sum_{t,j} (x_tj - x_hat_tj)^2 / (n * d).
+    """Mean over tokens of the squared L2 error: (1/n) sum_t ||x_t - x_hat_t||^2 (summed over d, not averaged).
 
-    This is what SAELens' evals and `torch.nn.functional.mse_loss` report as "mse";
-    see `mse_per_token` for the per-token sum over d (the usual SAE training loss term).
+    The one meaning of "mse" in this toolkit: SAELens' evals (>= 6.54) "mse", SAEBench core's and the SAE training
+    loss term (sweep.json, metrics.jsonl). `mse_per_element` is this / d (torch's mse_loss).
     """
     _check_pair(x, x_hat)
-    return ((x.double() - x_hat.double()) ** 2).mean().item()
-
-
-def mse_per_token(x: Tensor, x_hat: Tensor) -> float:
-    """Mean over tokens of the squared L2 error: (1/n) sum_t ||x_t - x_hat_t||^2 (= d * mse)."""
-    _check_pair(x, x_hat)
     return ((x.double() - x_hat.double()) ** 2).sum(-1).mean().item()
+
+
+def mse_per_element(x: Tensor, x_hat: Tensor) -> float:
+    """Per-element mean squared error: sum_{t,j} (x_tj - x_hat_tj)^2 / (n * d) (= mse / d)."""
+    _check_pair(x, x_hat)
+    return ((x.double() - x_hat.double()) ** 2).mean().item()
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> float:
@@ -74,9 +74,18 @@ def cosine_similarity(x: Tensor, x_hat: Tensor) -> float:
 
 
 def norm_ratio(x: Tensor, x_hat: Tensor) -> float:
-    """Shrinkage: mean over tokens of ||x_hat_t|| / max(||x_t||, eps) (below 1: the SAE shrinks norms)."""
+    """Shrinkage, SAELens' "l2_ratio": mean over tokens of ||x_hat_t|| / ||x_t||, with ||x_t|| < 1e-4 replaced by 1
+    (below 1: the SAE shrinks norms)."""
     _check_pair(x, x_hat)
     return _per_token_norm_ratio(x, x_hat).mean().item()
+
+
+def relative_reconstruction_bias(x: Tensor, x_hat: Tensor) -> float:
+    """Relative reconstruction bias (Rajamanoharan et al. 2024, eq. 10; SAELens, SAEBench):
+    mean_t ||x_hat_t||^2 / mean_t <x_t, x_hat_t> (1: unbiased; below 1: shrinkage), pooled over tokens."""
+    _check_pair(x, x_hat)
+    x64, y64 = x.double(), x_hat.double()
+    return ((y64 ** 2).sum(-1).mean() / (x64 * y64).sum(-1).mean()).item()
 
 
 def _per_token_cosine(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -86,9 +95,14 @@ def _per_token_cosine(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x64 * y64).sum(-1) / denom
 
 
+_SMALL_NORM = 1e-4
+"""Input norms below this count as 1 in the norm ratio (SAELens' l2_ratio)."""
+
+
 def _per_token_norm_ratio(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Per-token ||x_hat_t|| / ||x_t|| [n], float64."""
-    return x_hat.double().norm(dim=-1) / x.double().norm(dim=-1).clamp_min(_EPS)
+    """Per-token ||x_hat_t|| / ||x_t|| [n], float64 (||x_t|| < 1e-4 taken as 1, as SAELens does)."""
+    norm_in = x.double().norm(dim=-1)
+    return x_hat.double().norm(dim=-1) / torch.where(norm_in.abs() < _SMALL_NORM, torch.ones_like(norm_in), norm_in)
 
 
 # ----------------------------------------------------------------------------- sparsity
@@ -178,6 +192,14 @@ class ReconstructionStats:
     """Running sum of per-token cosine similarities."""
     sum_norm_ratio: float = 0.0
     """Running sum of per-token norm ratios ||x_hat_t|| / ||x_t||."""
+    sum_norm_in: float = 0.0
+    """Running sum of ||x_t||."""
+    sum_norm_out: float = 0.0
+    """Running sum of ||x_hat_t||."""
+    sum_out_sq: float = 0.0
+    """Running sum of ||x_hat_t||^2."""
+    sum_dot: float = 0.0
+    """Running sum of <x_t, x_hat_t>."""
 
     def update(self, x: Tensor, x_hat: Tensor) -> "ReconstructionStats":
         """Add a batch x, x_hat [n_b, d]; returns self."""
@@ -201,20 +223,30 @@ class ReconstructionStats:
         self.sse += ((x64 - x_hat.detach().double()) ** 2).sum().item()
         self.sum_cos += _per_token_cosine(x.detach(), x_hat.detach()).sum().item()
         self.sum_norm_ratio += _per_token_norm_ratio(x.detach(), x_hat.detach()).sum().item()
+        y64 = x_hat.detach().double()
+        self.sum_norm_in += x64.norm(dim=-1).sum().item()
+        self.sum_norm_out += y64.norm(dim=-1).sum().item()
+        self.sum_out_sq += (y64 ** 2).sum().item()
+        self.sum_dot += (x64 * y64).sum().item()
         return self
 
     def compute(self) -> dict[str, float]:
-        """Return mse (per element), mse_per_token, explained_variance, normalized_mse, cosine_similarity, norm_ratio, n_tokens."""
+        """Return, in SAELens / SAEBench names: mse (per token), mse_per_element, explained_variance,
+        normalized_mse, cossim (mean cosine similarity), l2_ratio (mean norm ratio), l2_norm_in, l2_norm_out (mean
+        norms), relative_reconstruction_bias, n_tokens."""
         if self.n == 0:
             raise ValueError("no tokens seen")
         ev = 1.0 - self.sse / self.m2 if self.m2 > 0 else float("nan")
         return {
-            "mse": self.sse / (self.n * self.d),
-            "mse_per_token": self.sse / self.n,
+            "mse": self.sse / self.n,
+            "mse_per_element": self.sse / (self.n * self.d),
             "explained_variance": ev,
             "normalized_mse": 1.0 - ev,
-            "cosine_similarity": self.sum_cos / self.n,
-            "norm_ratio": self.sum_norm_ratio / self.n,
+            "cossim": self.sum_cos / self.n,
+            "l2_ratio": self.sum_norm_ratio / self.n,
+            "l2_norm_in": self.sum_norm_in / self.n,
+            "l2_norm_out": self.sum_norm_out / self.n,
+            "relative_reconstruction_bias": self.sum_out_sq / self.sum_dot if self.sum_dot else float("nan"),
             "n_tokens": float(self.n),
         }
 
@@ -257,14 +289,15 @@ class SparsityStats:
         return self.fire_counts.double() / self.n
 
     def compute(self) -> dict[str, float]:
-        """Return l0, l1_norm, n_dead, frac_dead, n_dense, frac_dense, n_features, n_tokens."""
+        """Return l0, l1 (mean sum of codes per token, SAEBench core's name), n_dead, frac_dead, n_dense, frac_dense,
+        n_features, n_tokens."""
         density = self.feature_density()
         h = density.shape[0]
         n_dead = int(dead_features(density).sum())
         n_dense = int(dense_features(density, self.dense_threshold).sum())
         return {
             "l0": self.active_total / self.n,
-            "l1_norm": self.l1_total / self.n,
+            "l1": self.l1_total / self.n,
             "n_dead": float(n_dead),
             "frac_dead": n_dead / h,
             "n_dense": float(n_dense),
@@ -406,6 +439,12 @@ def splice_hook(
     return hook
 
 
+SPLICE_NAMES = {"ce_clean": "ce_loss_without_sae", "ce_spliced": "ce_loss_with_sae", "ce_zero": "ce_loss_with_ablation",
+                "ce_with_error": "ce_loss_with_error", "kl_spliced": "kl_div_with_sae", "kl_zero": "kl_div_with_ablation",
+                "kl_with_error": "kl_div_with_error"}
+"""The names SpliceStats sums under -> the names it reports (SAEBench core's, where it has one)."""
+
+
 @dataclass
 class SpliceStats:
     """Streaming splice metrics: sums of per-position CE and KL over batches (see `splice_losses`)."""
@@ -455,13 +494,18 @@ class SpliceStats:
         self.sums[key] = self.sums.get(key, 0.0) + values.double()[mask.to(values.device)].sum().item()
 
     def compute(self) -> dict[str, float]:
-        """Return the averages and ce_loss_score, ce_delta (see `splice_losses`)."""
+        """Return the averages in SAEBench core's names (`SPLICE_NAMES`) and ce_loss_score, kl_div_score, ce_delta
+        (see `splice_losses`)."""
         if self.n_ce == 0 or self.n_kl == 0:
             raise ValueError("no positions to average over")
-        out = {k: v / (self.n_ce if k.startswith("ce_") else self.n_kl) for k, v in self.sums.items()}
-        denom = out["ce_zero"] - out["ce_clean"]
-        out["ce_loss_score"] = (out["ce_zero"] - out["ce_spliced"]) / denom if denom != 0 else float("nan")
-        out["ce_delta"] = out["ce_spliced"] - out["ce_clean"]
+        out = {SPLICE_NAMES.get(k, k): v / (self.n_ce if k.startswith("ce_") else self.n_kl)
+               for k, v in self.sums.items()}
+        clean, zero, spliced = out["ce_loss_without_sae"], out["ce_loss_with_ablation"], out["ce_loss_with_sae"]
+        out["ce_loss_score"] = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+        if "kl_div_with_ablation" in out:
+            kl_zero = out["kl_div_with_ablation"]
+            out["kl_div_score"] = (kl_zero - out["kl_div_with_sae"]) / kl_zero if kl_zero != 0 else float("nan")
+        out["ce_delta"] = spliced - clean
         out["n_positions_ce"] = float(self.n_ce)
         out["n_positions_kl"] = float(self.n_kl)
         return out
@@ -482,13 +526,13 @@ def splice_losses(
     [b, s, heads, d_head]), is flattened to [batch*seq, prod(rest)] for `reconstruct` and reshaped back.
     Four forward passes, activation replaced by: nothing (clean), reconstruct(a) (spliced), zeros
     (zero), reconstruct(a) + (a - reconstruct(a)).detach() (with_error: the exact activation back).
-    Returns (means over positions, float64):
-    - ce_clean, ce_spliced, ce_zero, ce_with_error: next-token cross-entropy,
-      CE = mean over (b, t) of -log softmax(logits[b, t])[tokens[b, t+1]], t = 0..seq-2;
+    Returns (means over positions, float64; SAEBench core's names):
+    - ce_loss_without_sae (clean), ce_loss_with_sae (spliced), ce_loss_with_ablation (zero), ce_loss_with_error:
+      next-token cross-entropy, CE = mean over (b, t) of -log softmax(logits[b, t])[tokens[b, t+1]], t = 0..seq-2;
     - ce_loss_score = (CE_zero - CE_spliced) / (CE_zero - CE_clean) (1 perfect, 0 as bad as zero-ablation;
       nan if CE_zero == CE_clean); ce_delta = CE_spliced - CE_clean;
-    - kl_spliced, kl_zero, kl_with_error: KL(clean || run) of the next-token distributions, mean over
-      positions t = 0..seq-1;
+    - kl_div_with_sae, kl_div_with_ablation, kl_div_with_error: KL(clean || run) of the next-token distributions,
+      mean over positions t = 0..seq-1; kl_div_score = (KL_zero - KL_spliced) / KL_zero (SAELens; 1 perfect);
     - n_positions_ce, n_positions_kl.
     exclude_positions (e.g. (0,) for BOS) drops those positions t from both averages (a CE term at t
     is the prediction made at t); with splice_excluded=False they also keep their clean activation

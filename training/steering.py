@@ -493,47 +493,20 @@ def summary_table(result: SteeringResult) -> str:
 
 # ------------------------------------------------------------------------------------- sweeps
 
-def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None = None,
-                      device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], float | int]:
-    """(dictionary, sweep.json, its key) of the member chosen by `l1` (L1 sweep) or `k` (TopK sweep);
-    either may be left out when the sweep has a single member."""
-    from training.sweep_files import load_sweep, read_sweep_json
-    path = Path(sweep)
-    if not path.exists():
-        raise UserError(f"sweep {path} does not exist: pass the --output_dir of basic_l1_sweep.py")
-    meta = read_sweep_json(path)
-    keys = meta["keys"]
-    arch = get_architecture(meta["architecture"])
-    given = dict(l1=l1, k=k)                                   # the flags, named by the sweep parameter they pick
-    flag, value = f"--{arch.sweep_param}", given.get(arch.sweep_param)
-    listing = ", ".join(f"{key:g}" for key in keys)
-    if any(v is not None for name, v in given.items() if name != arch.sweep_param):
-        article = "an" if arch.title[0] in "AEIOUL" else "a"  # "an L1", "a TopK"
-        raise UserError(f"{path} is {article} {arch.title} sweep: choose its dictionary with {flag} "
-                        f"(one of {listing})")
-    if value is None:
-        if len(keys) != 1:
-            raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with {flag} (one of {listing})")
-        key = keys[0]
-    else:
-        matches = [key for key in keys if math.isclose(key, value, rel_tol=1e-5)]
-        if not matches:
-            name = f"{arch.key_symbol} values"
-            raise UserError(f"{flag} {value:g} is not in the sweep {path}: its {name} are {listing}")
-        key = matches[0]
-    return load_sweep(path, device)[key], meta, key
-
-
-def load_for_steering(sweep: str | Path, l1: float | None = None, k: int | None = None, model: str | None = None,
-                      device: str | None = None, dtype: str = "auto") -> tuple[Any, Any, str]:
-    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` and the model its
-    activations came from (or `model`), in `dtype` (auto: the one Stage 1 ran it in)."""
+def load_for_steering(sweep: str | Path | None, l1: float | None = None, k: int | None = None,
+                      model: str | None = None, device: str | None = None, dtype: str = "auto",
+                      sae: str | None = None, hook: str | None = None) -> tuple[Any, Any, str]:
+    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` (or the pretrained
+    dictionary `sae`, see training.pretrained) and the model its activations came from (or `model`), in `dtype`
+    (auto: the one Stage 1 ran it in)."""
     from training.models import analysis_dtype, load_model, resolve_device
+    from training.pretrained import pick_dictionary
     dev = resolve_device(device)
-    sae, meta, _ = select_dictionary(sweep, l1, k, dev)
+    picked = pick_dictionary(sweep, l1, k, sae=sae, hook=hook, model=model, device=dev)
+    meta = picked.meta
     loaded = load_model(model_name(meta, model), dev, analysis_dtype(dtype, meta.get("source_manifest")))
     check_sweep_hook(loaded, meta)
-    return loaded, sae, meta["hook"]
+    return loaded, picked.module, meta["hook"]
 
 
 def save_result(path: str | Path, result: SteeringResult) -> None:
@@ -578,9 +551,13 @@ class SteerConfig:
     sweep: str = "outputs/sweep"
     """Sweep folder written by basic_l1_sweep.py."""
     l1: float | None = None
-    """L1 penalty of the dictionary to use (one of the sweep's; may be left out when it has one dictionary)."""
+    """L1 penalty of the dictionary to use (one of the sweep's, nearest within 5%; may be left out when it has one dictionary)."""
     k: int | None = None
     """k of the dictionary to use, for a TopK sweep."""
+    sae: str | None = None
+    """A pretrained dictionary instead of a sweep member: a SAELens, sparsify or dictionary_learning folder, or hf:OWNER/REPO/PATH."""
+    hook: str | None = None
+    """Hook to steer at (default: the one the dictionary was trained on)."""
     feature: int | None = None
     """Feature id to steer with."""
     features: list[str] | None = None
@@ -633,7 +610,9 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    sae, meta, key = select_dictionary(cfg.sweep, cfg.l1, cfg.k, device)
+    from training.pretrained import pick_dictionary
+    picked = pick_dictionary(cfg.sweep, cfg.l1, cfg.k, sae=cfg.sae, hook=cfg.hook, model=cfg.model, device=device)
+    sae, meta = picked.module, picked.meta
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)
     model = load_model(name, device, analysis_dtype(cfg.dtype, meta.get("source_manifest")))
@@ -644,8 +623,7 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     norm = hook_norm(meta)
     header = (f"model {name} · hook {meta['hook']}"
               + (f" (mean activation norm {norm:.3g})" if norm else "")
-              + f" · dictionary {get_architecture(meta['architecture']).sweep_param}={key:g}"
-              f" ({sae.decoder.shape[0]} features) from {cfg.sweep}")
+              + f" · dictionary {picked.name} ({sae.decoder.shape[0]} features) from {picked.where}")
     print(render_result(result, cfg.width, header))
     if cfg.save_json:
         save_result(cfg.save_json, result)

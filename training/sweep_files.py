@@ -11,6 +11,11 @@ A checkpoint is saved as one unit: the new generation's weights go to a new file
 checkpoint.json switches to it, then older generations are removed. A kill at any instant leaves checkpoint.json
 naming a complete file of the same save. Older folders (checkpoint.safetensors beside a checkpoint.json without
 "weights") resume when their Adam step count agrees with the progress.
+
+Every tool reads a sweep through this module: `load_sweep` (all members, frozen, `.member(0.46)`), `load_member` (one
+member read alone), `select_member` (--l1 / --k / --key: `choose_key`, the nearest key within KEY_TOLERANCE, said on
+stderr when not exact), `read_sweep` (a finished sweep's sweep.json), key names and labels (`key_name`, `format_key`,
+`key_label`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from safetensors.torch import load_file
 from training.chunks import atomic_write_json, file_sha256, read_json, save_tensors
 from training.cli import UserError
 from training.architectures import get as get_architecture, names as architecture_names
-from training.dictionary import unstack_dictionaries
+from training.dictionary import dictionary_from_params, unstack_dictionaries
 
 SWEEP_JSON, SWEEP_WEIGHTS = "sweep.json", "sweep.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
@@ -36,6 +41,9 @@ METRICS = "metrics.jsonl"
 CHECKPOINT_FORMAT = 2
 UNIT_NORM_TOLERANCE = 1e-3
 """How far a decoder row's norm may be from 1 in a loaded sweep (they are saved normalised, in float32)."""
+KEY_TOLERANCE = 0.05
+"""How far (relative) a requested L1 penalty may be from a member's key and still choose it: keys are printed with
+3 significant digits (0.464 for 0.4641589), so a printed key is always within 0.2% of the real one."""
 _GENERATION = re.compile(r"checkpoint-(\d+)\.safetensors$")
 
 
@@ -240,14 +248,157 @@ def check_unit_rows(decoder: torch.Tensor, frozen: list[bool], path: Path, advic
                         f"not 1 (corrupt or modified): {advice}")
 
 
-def load_sweep(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
-               ) -> dict[float | int, torch.nn.Module]:
+def load_sweep(path: str | Path, device: str | torch.device = "cpu", verify: bool = True, trainable: bool = False
+               ) -> "Sweep":
     """The dictionaries of a sweep folder, {member key (its sweep parameter: l1 penalty, k, ...): the architecture's
-    module (SparseLinearAutoencoder, TopKAutoencoder, ...)}, checked as `load_sweep_params` does (`verify=False`
-    skips the checksum and the norms, for speed)."""
+    module},
+    in eval mode without gradients (`trainable=True`: parameters require grad), checked as `load_sweep_params` does
+    (`verify=False` skips the checksum and the norms, for speed); `.member(value)` picks the nearest key."""
     meta, params = load_sweep_params(path, device, verify)
     modules = unstack_dictionaries(params, meta["architecture"], meta["keys"])
-    return dict(zip(meta["keys"], (m.eval() for m in modules)))
+    return Sweep(zip(meta["keys"], (_ready(m, trainable) for m in modules)), meta=meta, path=Path(path))
+
+
+def _ready(module: torch.nn.Module, trainable: bool) -> torch.nn.Module:
+    """`module` in eval mode, its parameters requiring grad only when `trainable`."""
+    return module.eval().requires_grad_(trainable)
+
+
+class Sweep(dict):
+    """{key: dictionary} of a sweep folder, with its sweep.json (`meta`); `member(value)` finds the nearest key."""
+
+    def __init__(self, items: Any = (), *, meta: dict[str, Any], path: Path):
+        super().__init__(items)
+        self.meta, self.path = meta, path
+
+    def member(self, value: float | int, tolerance: float = KEY_TOLERANCE) -> torch.nn.Module:
+        """The dictionary whose key is nearest `value` (within `tolerance`, relative; says which when not exact)."""
+        return self[choose_key(list(self), value, self.meta["architecture"], tolerance, str(self.path))]
+
+    def __missing__(self, key: Any) -> torch.nn.Module:
+        listing = ", ".join(f"{k:g}" for k in self)
+        raise KeyError(f"no member {key!r} in the sweep {self.path} (keys: {listing}); saes.member({key!r}) picks "
+                       f"the nearest key within {KEY_TOLERANCE:.0%}")
+
+
+# ------------------------------------------------------------------------------------- members
+
+PRETRAINED = "pretrained"
+"""The `architecture` of a description made for pretrained dictionaries (keyed by name, not by a sweep parameter)."""
+
+
+def key_name(architecture: str) -> str:
+    """What members are keyed by: the architecture's sweep parameter ("l1", "k", ...), or "name" (pretrained
+    dictionaries, by folder name)."""
+    return "name" if architecture == PRETRAINED else get_architecture(architecture).sweep_param
+
+
+def format_key(architecture: str, key: float | int | str) -> str:
+    """A member's key for people: "L1 = 0.001", "k = 32", ..., or a pretrained dictionary's name."""
+    return key if isinstance(key, str) else get_architecture(architecture).format_key(key)
+
+
+def key_label(name: str, key: float | int) -> str:
+    """Folder-safe name of a sweep member from its key name: l1_0.001 or k_32 (integer keys without a point)."""
+    return f"{name}_{key:g}" if isinstance(key, float) else f"{name}_{int(key)}"
+
+
+def choose_key(keys: list[float | int], value: float | int, architecture: str,
+               tolerance: float = KEY_TOLERANCE, where: str = "the sweep") -> float | int:
+    """The key of `keys` nearest `value`: a real-valued key (an L1 penalty, ...) within `tolerance` (relative to the
+    key; printed to stderr when not exact), an integer key (k) exactly; otherwise a one-line UserError listing them."""
+    import sys
+    listing = ", ".join(f"{k:g}" for k in keys)
+    name = key_name(architecture)
+    arch = get_architecture(architecture)
+    if arch.sweep_param_integer:
+        if float(value) != int(value) or int(value) not in keys:
+            raise UserError(f"--{name} {value:g} is not in {where}: its {arch.key_symbol} values are {listing}")
+        return int(value)
+    distance = [abs(float(k) - float(value)) / abs(float(k)) if k else abs(float(value)) for k in keys]
+    best = min(range(len(keys)), key=lambda i: distance[i]) if keys else None
+    if best is None or distance[best] > tolerance:
+        raise UserError(f"--{name} {value:g} is not in {where} (none within {tolerance:.0%}): its "
+                        f"{arch.key_symbol} values are {listing}")
+    if keys[best] != value:
+        print(f"--{name} {value:g}: using the nearest member, {name} = {keys[best]!r} "
+              f"({100 * distance[best]:.2g}% away)", file=sys.stderr)
+    return keys[best]
+
+
+def load_member(path: str | Path, key: float | int, device: str | torch.device = "cpu", verify: bool = True,
+                trainable: bool = False) -> torch.nn.Module:
+    """The dictionary of one member (exact `key`, see `choose_key`) of a sweep folder, read alone from the file,
+    checked as `load_sweep` checks it."""
+    path = Path(path)
+    meta = read_sweep_json(path)
+    if key not in meta["keys"]:
+        raise UserError(f"no member {key!r} in the sweep {path}: its keys are {meta['keys']}")
+    i = meta["keys"].index(key)
+    weights, advice = path / SWEEP_WEIGHTS, sweep_advice(path)
+    if verify and meta.get("weights_sha256"):
+        check_sha256(weights, meta["weights_sha256"], advice)
+    expected = sweep_shapes(meta)
+    try:
+        with safe_open(str(weights), "pt", device=str(device)) as f:
+            found = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+            if found != expected:
+                raise UserError(f"{weights} holds tensors {found} but {path / SWEEP_JSON} describes {expected}: "
+                                f"{advice}")
+            params = {n: f.get_slice(n)[i] for n in found}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}): {advice}") from None
+    if verify:
+        frozen = bool(isinstance(meta["members"][i], dict) and meta["members"][i].get("frozen"))
+        check_unit_rows(params["decoder"][None], [frozen], weights, advice)
+    return _ready(dictionary_from_params(params, meta["architecture"], key), trainable)
+
+
+def select_member(sweep: str | Path, l1: float | None = None, k: int | None = None, key: str | float | None = None,
+                  device: str | torch.device = "cpu") -> tuple[float | int, torch.nn.Module, dict[str, Any]]:
+    """(key, dictionary, sweep.json) of the member chosen by --l1 / --k / --key (nearest key, see `choose_key`), or
+    the only one; only that member is read."""
+    path = Path(sweep)
+    if not path.exists():
+        raise UserError(f"sweep {path} does not exist: pass the --output_dir of basic_l1_sweep.py")
+    meta = read_sweep_json(path)
+    arch, keys = meta["architecture"], list(meta["keys"])
+    name = key_name(arch)
+    listing = ", ".join(f"{v:g}" for v in keys)
+    given = [(flag, v) for flag, v in (("--l1", l1), ("--k", k), ("--key", key)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"give one of {', '.join(f for f, _ in given)}, not several")
+    if not given:
+        if len(keys) != 1:
+            raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with --{name} (one of {listing})")
+        chosen = keys[0]
+    else:
+        flag, value = given[0]
+        if flag != "--key" and flag != f"--{name}":
+            title = get_architecture(arch).title
+            article = "an" if title[0] in "AEFHILMNORSX" else "a"                     # "an L1", "a TopK"
+            raise UserError(f"{path} is {article} {title} sweep: choose its dictionary with --{name} (one of {listing})")
+        try:
+            wanted = float(value)
+        except ValueError:
+            raise UserError(f"--key {value!r} is not a number: use one of {listing}") from None
+        chosen = choose_key(keys, wanted, arch, where=f"the sweep {path}")
+    return chosen, load_member(path, chosen, device), meta
+
+
+def read_sweep(path: str | Path, allow_unfinished: bool = False) -> dict[str, Any]:
+    """sweep.json of a sweep folder with finished weights; a missing or unfinished sweep is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"sweep folder {path} does not exist: give a folder written by basic_l1_sweep.py")
+    meta = read_sweep_json(path)
+    if not (path / SWEEP_WEIGHTS).exists():
+        raise UserError(f"{path} has {SWEEP_JSON} but no {SWEEP_WEIGHTS}: the sweep saved no weights yet")
+    if not meta.get("finished", False) and not allow_unfinished:
+        step = meta.get("progress", {}).get("step", "?")
+        raise UserError(f"the sweep in {path} has not finished training (saved at step {step}): finish it with "
+                        "basic_l1_sweep.py --resume, or pass --allow_unfinished to use its last saved weights")
+    return meta
 
 
 # ------------------------------------------------------------------------------------- derived outputs

@@ -25,7 +25,8 @@ Definitions (n = tokens processed, a_f(t) = activation of feature f on token t):
 
 features.json (one feature per line):
   {"format": "top_activations", "version": 1,
-   "source": {"kind": "sae"|"neurons", "sweep", "key", "key_name" (the sweep parameter: l1, k, ...), "architecture",
+   "source": {"kind": "sae"|"neurons", "sweep" | "sae" (a pretrained dictionary; key, key_name null), "key",
+              "key_name" (the sweep parameter: l1, k, ...), "architecture",
               "make_positive_by", "hook", "model", "dataset_dir" | "dataset", "d_in", "context_length"},
    "n_tokens": int, "n_features": int, "top_k", "window_before", "window_after", "n_quantiles",
    "per_quantile", "sample_size", "histogram_bins", "n_dead": int, "config": {flags of the run},
@@ -49,7 +50,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
@@ -63,6 +64,7 @@ from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, read_js
 from training.cli import UserError, config_to_dict
 from training.locks import folder_lock
 from training.models import DTYPE_CHOICES, analysis_dtype, manifest_dtype, resolve_device, resolve_model_path
+from training.sweep_files import read_sweep_json
 
 POSITIVE_BY = ("abs", "relu", "affine")
 BLOCKS = "".join(chr(0x2581 + i) for i in range(8))
@@ -86,6 +88,8 @@ class TopActivationsConfig:
     """k of the sweep member to use (TopK sweeps)."""
     key: str | None = None
     """Sweep member by its key as written in sweep.json (either kind); not needed for a one-member sweep."""
+    sae: str | None = None
+    """A pretrained dictionary instead of a sweep member: a SAELens, sparsify or dictionary_learning folder, or hf:OWNER/REPO/PATH (its hook and model unless --hook / --model)."""
     neurons: bool = False
     """Gather the model's own basis directions (neurons or residual dimensions) instead of dictionary features."""
     make_positive_by: str = field(default="abs", metadata={"choices": list(POSITIVE_BY)})
@@ -132,7 +136,7 @@ class TopActivationsConfig:
     """Precision to run --model in; auto: the one Stage 1 ran it in (float32 when no manifest records one)."""
     output: str | None = None
     """Output file (or folder to put features.json in); default: {sweep}/features/{l1_X|k_X}/features.json,
-    or outputs/neurons/{hook}-{make_positive_by}/features.json for --neurons."""
+    outputs/features/{folder name}/features.json for --sae, or outputs/neurons/{hook}-{make_positive_by}/features.json for --neurons."""
 
 
 # ------------------------------------------------------------------------------------- numbers
@@ -217,15 +221,21 @@ class SaeScorer:
     all_fire = False
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.n_features = module.decoder.shape[0]
+        self.module = None if getattr(module, "architecture", None) in ("l1", "topk") else module.to(device).float()
+        if self.module is not None:  # another architecture (a pretrained JumpReLU or Gated): its own encode
+            return
         with torch.no_grad():
             self.w = module.encoder_weight().detach().to(device, torch.float32).contiguous()      # [F, d]
             center = module.center.detach().to(device, torch.float32)
             self.b = module.encoder_bias.detach().to(device, torch.float32) - self.w @ center     # [F]
         self.k = getattr(module, "k", None)
-        self.n_features = self.w.shape[0]
 
     def codes_t(self, x: Tensor) -> Tensor:
         """[F, b] codes (one matmul; TopK: scatter of the k kept values per row)."""
+        if self.module is not None:
+            with torch.no_grad():
+                return self.module.encode(x).T
         if self.k is None:
             return torch.addmm(self.b[:, None], self.w, x.T).relu_()
         pre = torch.addmm(self.b, x, self.w.T)                                    # [b, F]
@@ -238,6 +248,12 @@ class SaeScorer:
     def at(self, x: Tensor, rows: Tensor, feats: Tensor, block: int = 65536) -> Tensor:
         """Per-slot activations; L1 by row-feature dot products, TopK by encoding whole rows in blocks."""
         out = torch.empty(len(rows), device=x.device)
+        if self.module is not None:
+            with torch.no_grad():
+                for s in range(0, len(rows), block):
+                    out[s:s + block] = self.module.encode(x[rows[s:s + block]]).gather(
+                        1, feats[s:s + block, None]).squeeze(1)
+            return out
         if self.k is None:
             for s in range(0, len(rows), block):
                 r, f = rows[s:s + block], feats[s:s + block]
@@ -661,39 +677,12 @@ def build_features(stats: RunningTop, ex: Examples, bands: list, positions: np.n
 
 # ------------------------------------------------------------------------------------- members, sources, output
 
-def key_label(key_name: str, key: float | int) -> str:
-    """Folder-safe name of a sweep member: l1_0.001 or k_32 (integer keys without a decimal point)."""
-    return f"{key_name}_{key:g}" if isinstance(key, float) else f"{key_name}_{int(key)}"
-
-
-def select_member(sweep: str | Path, l1: float | None = None, k: int | None = None, key: str | None = None
-                  ) -> tuple[float | int, torch.nn.Module, dict[str, Any]]:
-    """(key, dictionary, sweep.json) of the member chosen by --l1 / --k / --key (or the only one)."""
-    from training.sweep_files import load_sweep, read_sweep_json
-    path = Path(sweep)
-    meta = read_sweep_json(path)
-    arch, keys = meta["architecture"], list(meta["keys"])
-    declared = get_architecture(arch)
-    name = declared.sweep_param
-    listing = ", ".join(f"{v:g}" for v in keys)
-    given = [(flag, v) for flag, v in (("--l1", l1), ("--k", k), ("--key", key)) if v is not None]
-    if len(given) > 1:
-        raise UserError(f"give one of {', '.join(f for f, _ in given)}, not several")
-    if not given:
-        if len(keys) == 1:
-            return keys[0], load_sweep(path)[keys[0]], meta
-        raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with --{name} (one of {listing})")
-    flag, value = given[0]
-    if flag != "--key" and flag != f"--{name}":
-        raise UserError(f"{path} is a {declared.title} sweep: use --{name} (one of {listing})")
-    try:
-        wanted = float(value)
-    except ValueError:
-        raise UserError(f"--key {value!r} is not a number: use one of {listing}") from None
-    match = [v for v in keys if math.isclose(float(v), wanted, rel_tol=1e-6, abs_tol=0.0)]
-    if not match:
-        raise UserError(f"{flag} {value} is not in the sweep {path}; it has {name} = {listing}")
-    return match[0], load_sweep(path)[match[0]], meta
+def model_of(meta: dict[str, Any]) -> str:
+    """The model a (pretrained) dictionary's description records; a UserError when none."""
+    name = ((meta.get("source_manifest") or {}).get("config") or {}).get("model")
+    if not name:
+        raise UserError(f"{meta.get('pretrained', 'the dictionary')} records no model: pass --model")
+    return name
 
 
 def load_tokenizer(name: str) -> Any:
@@ -715,6 +704,8 @@ def default_output(cfg: TopActivationsConfig, label: str | None, hook: str) -> P
     if cfg.output:
         out = Path(cfg.output)
         return out if out.suffix == ".json" else out / FEATURES_JSON
+    if label is not None and cfg.sae is not None:
+        return Path("outputs") / "features" / label / FEATURES_JSON
     if label is not None:
         return Path(cfg.sweep) / "features" / label / FEATURES_JSON  # type: ignore[arg-type]
     return Path("outputs") / "neurons" / f"{hook}-{cfg.make_positive_by}" / FEATURES_JSON
@@ -831,11 +822,15 @@ def check_config(cfg: TopActivationsConfig) -> None:
         raise UserError(f"--histogram_bins must be at least 1 (got {cfg.histogram_bins})")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1 (got {cfg.batch_size})")
-    if cfg.sweep is None and not cfg.neurons:
-        raise UserError("give --sweep (the features of a dictionary) or --neurons (the model's basis directions)")
-    if cfg.neurons and any(v is not None for v in (cfg.l1, cfg.k, cfg.key)):
-        raise UserError("--neurons gathers the model's own directions: drop --l1/--k/--key")
-    if (cfg.model is None) != (cfg.dataset is None):
+    if cfg.sweep is None and cfg.sae is None and not cfg.neurons:
+        raise UserError("give --sweep (the features of a dictionary), --sae (a pretrained one) or --neurons (the "
+                        "model's basis directions)")
+    if cfg.neurons and any(v is not None for v in (cfg.l1, cfg.k, cfg.key, cfg.sae)):
+        raise UserError("--neurons gathers the model's own directions: drop --l1/--k/--key/--sae")
+    if cfg.sae is not None and cfg.dataset is None and cfg.dataset_dir is None:
+        raise UserError("--sae needs activations to read: --dataset (text to run the dictionary's model, or --model, "
+                        "on) or --dataset_dir (a Stage 1 hook folder)")
+    if (cfg.model is None) != (cfg.dataset is None) and cfg.sae is None:
         raise UserError("--model and --dataset go together (run the model on text); give both, or neither to "
                         "read stored activations")
     if cfg.model is not None and cfg.dataset_dir is not None:
@@ -879,10 +874,13 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
     key = label = meta = None
     source_info: dict[str, Any]
     if not cfg.neurons:
-        key, module, meta = select_member(cfg.sweep, cfg.l1, cfg.k, cfg.key)  # type: ignore[arg-type]
-        label = key_label(get_architecture(meta["architecture"]).sweep_param, key)
+        from training.pretrained import pick_dictionary
+        picked = pick_dictionary(cfg.sweep, cfg.l1, cfg.k, cfg.key, cfg.sae, cfg.hook if cfg.sae else None,
+                                 cfg.model, device)
+        key, module, meta, label = picked.key, picked.module, picked.meta, picked.label
+        if cfg.sae is not None and cfg.dataset is not None and cfg.model is None:
+            cfg = replace(cfg, model=model_of(meta))
     elif cfg.sweep is not None:
-        from training.sweep_files import read_sweep_json
         meta = read_sweep_json(cfg.sweep)
     source, tokenizer, where = open_source(cfg, meta, device)
     if cfg.neurons:
@@ -893,10 +891,7 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
             raise UserError(f"the activations are {source.d} wide but the dictionary reads {meta['d_in']}: "  # type: ignore[index]
                             "use the data (hook) the sweep was trained on")
         scorer = SaeScorer(module, device)
-        source_info = {"kind": "sae", "sweep": str(Path(cfg.sweep).resolve()), "key": key,  # type: ignore[arg-type]
-                       "key_name": get_architecture(meta["architecture"]).sweep_param,  # type: ignore[index]
-                       "architecture": meta["architecture"], "d_in": meta["d_in"],  # type: ignore[index]
-                       "sweep_sha256": meta.get("weights_sha256")}  # type: ignore[union-attr]
+        source_info = dict(picked.source)
     source_info.update(where)
     out_path = default_output(cfg, label, where["hook"])
     with folder_lock(out_path.parent):  # one writer per features folder

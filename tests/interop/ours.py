@@ -1,0 +1,101 @@
+"""The toolkit's side of the SAELens interop check (run with the project's venv; see `make interop`).
+
+    python tests/interop/ours.py export DIR        a sweep of every architecture we train, exported to DIR/export,
+                                                   with activations and our codes / reconstructions (DIR/ours.safetensors)
+    python tests/interop/ours.py check-native DIR  load DIR/native/* (written by SAELens) with training.load_dictionary
+                                                   and compare with SAELens' outputs (DIR/native.safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from training.chunks import save_tensors  # noqa: E402
+from training.sweep_files import SWEEP_WEIGHTS, load_sweep, write_sweep_json, write_sweep_weights  # noqa: E402
+
+TOLERANCE = 1e-5
+HOOK, MODEL = "blocks.1.hook_resid_post", "tiny-model"
+SWEEPS = {"l1": [1e-3, 0.0464159], "l1_tied": [1e-2], "topk": [4, 8]}
+"""Sweeps to export: every architecture the toolkit trains (tied L1 too)."""
+
+
+def fake_sweep(folder: Path, architecture: str, keys: list, d_in: int = 16, d_hidden: int = 48, tied: bool = False,
+               seed: int = 0) -> Path:
+    """A finished sweep folder with random dictionaries (unit decoder rows, biases that leave some codes active)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(keys)
+    decoder = torch.randn(n, d_hidden, d_in, generator=g)
+    decoder = decoder / decoder.norm(dim=-1, keepdim=True)
+    params = {"center": 0.3 * torch.randn(n, d_in, generator=g), "decoder": decoder,
+              "encoder_bias": -0.2 + 0.1 * torch.randn(n, d_hidden, generator=g)}
+    if not tied:
+        params["encoder"] = decoder + 0.3 * torch.randn(n, d_hidden, d_in, generator=g)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = write_sweep_weights(folder, params)
+    name = "l1" if architecture == "l1" else "k"
+    write_sweep_json(folder, {
+        "toolkit_version": "test", "architecture": architecture, "tied": tied, "d_in": d_in, "d_hidden": d_hidden,
+        "hook": HOOK, "dataset_dir": str(folder / "data" / HOOK), "keys": keys,
+        "members": [{name: k, "frozen": False} for k in keys], "progress": {"step": 1}, "finished": True,
+        "config": {}, "weights_sha256": digest,
+        "source_manifest": {"config": {"model": MODEL, "dataset": "some/text", "context_length": 32,
+                                       "skip_special_tokens": True}, "special_token_ids": [0]}})
+    assert (folder / SWEEP_WEIGHTS).exists()
+    return folder
+
+
+def export(out: Path) -> None:
+    """Export every architecture's sweep and record our outputs on shared activations."""
+    from training.saelens import ExportConfig, export_sweep
+    x = 2 * torch.randn(512, 16, generator=torch.Generator().manual_seed(1))
+    record = {"x": x}
+    for name, keys in SWEEPS.items():
+        arch = "l1" if name.startswith("l1") else "topk"
+        sweep = fake_sweep(out / "sweeps" / name, arch, keys, tied=name == "l1_tied")
+        for folder, (key, module) in zip(export_sweep(ExportConfig(sweep=str(sweep), all=True,
+                                                                   out=str(out / "export" / name))),
+                                         load_sweep(sweep).items()):
+            with torch.no_grad():
+                codes = module.encode(x)
+                record[f"{name}/{folder.name}/codes"] = codes
+                record[f"{name}/{folder.name}/x_hat"] = module.decode(codes)
+    save_tensors(out / "ours.safetensors", {k: v.contiguous() for k, v in record.items()})
+    print(f"exported {sum(len(k) for k in SWEEPS.values())} dictionaries of {len(SWEEPS)} sweeps to {out / 'export'}")
+
+
+def check_native(out: Path) -> float:
+    """Max abs difference between our load of each SAELens-written folder and SAELens' own outputs."""
+    from safetensors.torch import load_file
+    from training import load_dictionary
+    ref = load_file(str(out / "native.safetensors"))
+    worst = 0.0
+    for folder in sorted((out / "native").iterdir()):
+        sae = load_dictionary(folder).module
+        with torch.no_grad():
+            codes = sae.encode(ref["x"])
+            x_hat = sae.decode(ref[f"{folder.name}/codes"])
+        d_codes = float((codes - ref[f"{folder.name}/codes"]).abs().max())
+        d_dec = float((x_hat - ref[f"{folder.name}/x_hat"]).abs().max())
+        worst = max(worst, d_codes, d_dec)
+        print(f"SAELens {folder.name:>28} -> ours ({type(sae).__name__}): max |encode diff| {d_codes:.2e}, "
+              f"max |decode diff| {d_dec:.2e}")
+    return worst
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1], Path(sys.argv[2])
+    if mode == "export":
+        export(folder)
+    elif mode == "check-native":
+        worst = check_native(folder)
+        print(json.dumps({"direction": "SAELens -> ours", "max_abs_diff": worst}))
+        sys.exit(0 if worst <= TOLERANCE else 1)
+    else:
+        sys.exit(f"unknown mode {mode!r}")
