@@ -131,12 +131,12 @@ def dictionary_hook(name: str, sae: Any, mode: str = "sae", *, keep: Tensor | No
         flat = act.reshape(b * s, -1)                                          # [b*s, d_in]
         if attribution:
             codes = encode(flat)
-            leaf = codes.detach().requires_grad_(True)
-            x_hat = sae.decode(leaf)
-            err = (flat.float() - x_hat).detach().requires_grad_(True)
+            leaf = codes.detach().reshape(b, s, -1).requires_grad_(True)          # [b, s, d_hidden]
+            x_hat = sae.decode(leaf.reshape(b * s, -1))
+            err = (flat.float() - x_hat).detach().reshape(b, s, -1).requires_grad_(True)  # [b, s, d_in]
             if record is not None:
-                record.leaves[name], record.errors[name] = leaf.reshape(b, s, -1), err.reshape(b, s, -1)
-            new = (x_hat + err).to(act.dtype).reshape(act.shape)
+                record.leaves[name], record.errors[name] = leaf, err
+            new = (x_hat + err.reshape(b * s, -1)).to(act.dtype).reshape(act.shape)
         elif edit is not None:
             codes = encode(flat)
             edited = edit(codes.reshape(b, s, -1)).reshape(b * s, -1)
