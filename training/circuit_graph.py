@@ -172,7 +172,8 @@ def _context_row(ex: dict[str, Any]) -> str:
     """One context as a row of shaded token cells."""
     acts = ex["acts"]
     top = max([a for a in acts if a is not None] or [0.0])
-    cells = "".join(f'<TD BGCOLOR="{_shade(a, top)}"{" BORDER=\"1\"" if j == ex["center"] else ""}>{_text(t)}</TD>'
+    border = ' BORDER="1"'
+    cells = "".join(f'<TD BGCOLOR="{_shade(a, top)}"{border if j == ex["center"] else ""}>{_text(t)}</TD>'
                     for j, (t, a) in enumerate(zip(ex["tokens"], acts)))
     return f'<TR><TD ALIGN="LEFT"><TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1"><TR>{cells}</TR></TABLE></TD></TR>'
 

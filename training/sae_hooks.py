@@ -118,10 +118,10 @@ def dictionary_hook(name: str, sae: Any, mode: str = "sae", *, keep: Tensor | No
     def encode(flat: Tensor) -> Tensor:
         """codes [b*s, d_hidden] of flat [b*s, d_in] (in float32 at least), recorded."""
         _check_width(sae, flat, name)
-        codes = sae.encode(flat.float())
+        codes = sae.encode(flat.float()).reshape(*b_s, -1)                    # [b, s, d_hidden]
         if record is not None:
-            record.codes[name] = codes.reshape(*b_s, -1)
-        return codes
+            record.codes[name] = codes
+        return codes.reshape(flat.shape[0], -1)  # the graph runs through the recorded tensor: d/d codes works
 
     b_s: list[int] = []
 
