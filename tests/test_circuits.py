@@ -163,6 +163,14 @@ def drawn(planted, tmp_path_factory):
     model, _ = planted
     out = tmp_path_factory.mktemp("planted-out")
     sites = planted_sites()
+    # layer 0 as if gather_high_activations.py and make_dashboards.py had run: contexts and pages from there
+    member = tmp_path_factory.mktemp("planted-features")
+    example = {"tokens": ["def", " read", "_file"], "acts": [0.0, 0.5, 2.0], "center": 2, "activation": 2.0}
+    (member / "features.json").write_text(json.dumps({"format": "top_activations", "features": [
+        {"id": 0, "top": [example, example]}, {"id": 1, "top": []}]}))
+    (member / "dashboards" / "features").mkdir(parents=True)
+    (member / "dashboards" / "features" / "0.html").write_text("<html>feature 0</html>")
+    sites[0].features_json, sites[0].dashboards = member / "features.json", member / "dashboards"
     circuit = find_circuit(model, sites, torch.tensor([TOKENS]), method="ablation")
     circuit.info["prompt"] = "planted"
     paths = write_outputs(circuit, sites, model, TOKENS, out, 2, extend=False)
@@ -181,8 +189,13 @@ def test_outputs_parse_and_render(drawn):
     assert ab and ab.group(1).startswith("#1f4fd8")                    # positive: blue
     svg = paths["svg"].read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and 'id="0.0"' in svg and "drawn:" in svg
-    node = graph["nodes"]["0.0"]
-    assert node["contexts"][0]["source"] == "prompt" and len(node["up"]) == 3 and len(node["down"]) == 3
+    node = graph["nodes"]["0.0"]                                       # contexts from features.json, with a page
+    assert [c["source"] for c in node["contexts"]] == ["features.json"] * 2 and node["contexts"][0]["tokens"][2] == "_file"
+    assert len(node["up"]) == 3 and len(node["down"]) == 3 and node["dashboard"].endswith("features/0.html")
+    assert re.search(r'"0\.0" \[label=.*URL="[^"]*dashboards/features/0\.html"', dot)
+    assert '<a href="../' in paths["html"].read_text() or "dashboards/features/0.html" in paths["html"].read_text()
+    b = graph["nodes"]["1.0"]                                          # no features file: the prompt's context
+    assert b["contexts"][0]["source"] == "prompt" and "dashboard" not in b
 
 
 def test_extend_adds_the_same_edges_up(drawn, planted, tmp_path):
@@ -212,6 +225,8 @@ def test_html_in_headless_chromium(drawn, tmp_path):
     assert "<svg" in dom and 'id="0.0"' in dom and "drawn:" in dom
     listed = re.findall(r"<tr><td>([^<]+)</td>", dom)
     assert set(listed) == set(circuit.nodes)
+    link = re.search(r'<a href="([^"]+)">dashboard</a>', dom)
+    assert link and (paths["html"].parent / link.group(1)).read_text() == "<html>feature 0</html>"
 
 
 # ----------------------------------------------------------------------------- end to end

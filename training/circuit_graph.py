@@ -275,7 +275,7 @@ def to_html(graph: dict[str, Any], svg_text: str, out: Path) -> str:
                 if v.get("dashboard") else "")
         what = {"feature": f"feature {v.get('feature')} at {v.get('hook')}", "error": f"error at {v.get('hook')}",
                 "logit": f"log p({html.escape(repr(v.get('token')))})"}[v["kind"]]
-        rows.append(f"<tr><td>{html.escape(nid)}</td><td>{what}</td><td>{v.get('value', 0):.4g}</td><td>{link}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(nid)}</td><td>{what}</td><td>{'' if v.get('value') is None else format(v['value'], '.4g')}</td><td>{link}</td></tr>")
     prompts = "".join(f"<li><code>{html.escape(str(r.get('prompt')))}</code></li>" for r in graph["runs"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Feature circuit</title>

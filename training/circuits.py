@@ -256,15 +256,15 @@ def find_circuit(model: Any, sites: Sequence[Site], tokens: Tensor, *, threshold
         abl.update(error_effects(model, sites, tokens, clean, k, sum_positions))
     edges = [Edge(s, t, attr.get((s, t)), abl.get((s, t))) for s, t in dict.fromkeys([*attr, *abl])]
     kept = [e for e in edges if abs(e.weight) >= threshold and e.weight != 0]
-    both = [(e.attribution, e.ablation) for e in edges
-            if e.attribution is not None and e.ablation is not None and not e.source.endswith(".err")]
+    both = [(e.attribution, e.ablation) for e in edges if e.attribution is not None and e.ablation is not None
+            and not e.source.endswith(".err") and (e.attribution != 0 or e.ablation != 0)]
     info = {"method": method, "threshold": threshold, "sum_positions": sum_positions,
             "features_from": features_from, "confirm": confirm, "n_edges_measured": len(edges),
             "n_ablated_pairs": sum(e.ablation is not None for e in edges),
             "agreement": {"spearman": rank_correlation(*zip(*both)) if len(both) > 1 else math.nan,
                           "n_pairs": len(both),
                           "definition": "Spearman rank correlation of attribution and ablation effect over the "
-                                        "feature edges measured both ways"}}
+                                        "feature edges measured both ways (pairs where both are 0 left out)"}}
     circuit = Circuit(edges, kept, {}, info, clean.codes)
     circuit.nodes = circuit_nodes(model, sites, clean, kept)
     info["share_drawn"] = circuit.share_drawn()
@@ -365,6 +365,15 @@ def sweep_dictionaries(args: Sequence[str], device: torch.device | str = "cpu"
     return out
 
 
+def dictionary_entries(cfg: CircuitConfig, device: torch.device | str = "cpu"
+                       ) -> list[tuple[str, Any, str, dict[str, Any], Path | None]]:
+    """(hook, dictionary, label, sweep.json, features.json or None) of every dictionary the flags name: the seam
+    where pretrained dictionaries (training.load_dictionary) join the sweeps."""
+    if not cfg.sweeps:
+        raise UserError("no dictionaries: pass --sweeps DIR[:KEY] (one per hook, at least one)")
+    return sweep_dictionaries(cfg.sweeps, device)
+
+
 def make_sites(entries: Sequence[tuple[str, Any, str, dict[str, Any] | None, Path | None]], model: Any) -> list[Site]:
     """Sites in forward order, named by block (plus hook kind where one block has several); hooks checked."""
     from training.hooks import describe_valid_hooks, hook_layer
@@ -406,8 +415,6 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
     from training.circuit_graph import check_graphviz, write_outputs
     from training.models import analysis_dtype, load_model, resolve_device
     from training.steering import check_sweep_hook, prompt_token_ids
-    if not cfg.sweeps:
-        raise UserError("no dictionaries: pass --sweeps DIR[:KEY] (one per hook, at least one)")
     if not cfg.prompt:
         raise UserError("empty prompt: pass --prompt TEXT")
     for name in ("n_logits", "batch_size", "confirm"):
@@ -415,7 +422,7 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     check_graphviz()
     device = resolve_device(cfg.device)
-    entries = sweep_dictionaries(cfg.sweeps, device)
+    entries = dictionary_entries(cfg, device)
     metas = [e[3] for e in entries]
     name = circuit_model_name(metas, cfg.model)
     model = load_model(name, device, analysis_dtype(cfg.dtype, metas[0].get("source_manifest")))
