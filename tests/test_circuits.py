@@ -268,6 +268,12 @@ def test_end_to_end_on_the_embedded_model(embedded_sweeps, tmp_path):
     for p in paths.values():
         assert p.stat().st_size > 0
     assert "<svg" in paths["html"].read_text()
+    # a second prompt extends the graph
+    cli(["--sweeps", str(embedded_sweeps / "l0"), str(embedded_sweeps / "l1"), "--prompt", "import os\n",
+         "--out", str(out), "--extend", "--device", "cpu"])
+    both = json.loads(paths["json"].read_text())
+    assert [r["prompt"] for r in both["runs"]] == ["def read_file(self, path):", "import os\n"]
+    assert set(graph["nodes"]) <= set(both["nodes"]) and len(both["edges"]) >= len(graph["edges"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -277,6 +283,7 @@ def test_end_to_end_on_the_embedded_model(embedded_sweeps, tmp_path):
     (["--sweeps", "{l0}", "{l0}"], "two dictionaries at blocks.0.hook_resid_post"),
     (["--sweeps", "{l0}", "--model", "{narrow}"], "reads 128 values but the model's activation there has 32"),
     (["--sweeps", "{l0}", "--confirm", "0"], "--confirm must be at least 1"),
+    (["--sweeps", "{l0}", "--extend"], "run find_circuit.py without --extend first"),
 ])
 def test_cli_errors_are_one_line(embedded_sweeps, tiny_neox_dir, tmp_path, capsys, argv, message):
     argv = [a.format(l0=embedded_sweeps / "l0", narrow=tiny_neox_dir) for a in argv]

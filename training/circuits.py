@@ -413,6 +413,7 @@ def circuit_model_name(metas: Sequence[dict[str, Any]], override: str | None) ->
 def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
     """Load the dictionaries and the model, find the circuit on the prompt, write the outputs."""
     from training.circuit_graph import check_graphviz, write_outputs
+    from training.locks import output_lock
     from training.models import analysis_dtype, load_model, resolve_device
     from training.steering import check_sweep_hook, prompt_token_ids
     if not cfg.prompt:
@@ -420,6 +421,9 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
     for name in ("n_logits", "batch_size", "confirm"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.extend:
+        from training.circuit_graph import read_graph
+        read_graph(Path(cfg.out) / "circuit.json")  # a missing or foreign circuit is refused before any work
     check_graphviz()
     device = resolve_device(cfg.device)
     entries = dictionary_entries(cfg, device)
@@ -438,5 +442,6 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
                            n_logits=cfg.n_logits, batch_size=cfg.batch_size)
     circuit.info.update({"prompt": cfg.prompt, "model": name, "config": dataclasses.asdict(cfg),
                          "sites": [{"name": s.name, "hook": s.hook, "dictionary": s.label} for s in sites]})
-    paths = write_outputs(circuit, sites, model, tokens[0].tolist(), Path(cfg.out), cfg.n_contexts, cfg.extend)
+    with output_lock(cfg.out):  # one writer per output folder (--extend reads, merges and rewrites it)
+        paths = write_outputs(circuit, sites, model, tokens[0].tolist(), Path(cfg.out), cfg.n_contexts, cfg.extend)
     return circuit, paths
