@@ -136,6 +136,10 @@ def test_features_from_and_threshold(planted):
         find_circuit(model, planted_sites(), tokens, features_from=5)
     strict = find_circuit(model, planted_sites(), tokens, threshold=1e9)
     assert strict.kept == [] and strict.share_drawn() == 0
+    every = find_circuit(model, planted_sites(), tokens, threshold=0)
+    two = find_circuit(model, planted_sites(), tokens, threshold=0, max_edges=2)
+    strongest = sorted((abs(e.weight) for e in every.kept), reverse=True)[:2]
+    assert sorted((abs(e.weight) for e in two.kept), reverse=True) == strongest
 
 
 def test_rank_correlation_matches_scipy():

@@ -230,10 +230,12 @@ def error_effects(model: Any, sites: Sequence[Site], tokens: Tensor, clean: Clea
 
 def find_circuit(model: Any, sites: Sequence[Site], tokens: Tensor, *, threshold: float = 1e-3,
                  method: str = "attribution", confirm: int = 50, sum_positions: bool = False,
-                 features_from: int = 0, n_logits: int = 5, batch_size: int = 32) -> Circuit:
+                 features_from: int = 0, n_logits: int = 5, batch_size: int = 32, max_edges: int | None = None
+                 ) -> Circuit:
     """Attribution scores for every edge from the sites at block >= features_from, ablation effects for the
     sources of the `confirm` strongest (method "attribution") or of every edge ("ablation") and for the error
-    nodes; the edges whose effect (ablation, else attribution) reaches `threshold` in size are kept."""
+    nodes; the edges whose effect (ablation, else attribution) reaches `threshold` in size are kept, at most
+    `max_edges` of them (the strongest)."""
     from training.hooks import hook_layer
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}: choose {' or '.join(METHODS)}")
@@ -256,9 +258,11 @@ def find_circuit(model: Any, sites: Sequence[Site], tokens: Tensor, *, threshold
         abl.update(error_effects(model, sites, tokens, clean, k, sum_positions))
     edges = [Edge(s, t, attr.get((s, t)), abl.get((s, t))) for s, t in dict.fromkeys([*attr, *abl])]
     kept = [e for e in edges if abs(e.weight) >= threshold and e.weight != 0]
+    if max_edges is not None and len(kept) > max_edges:
+        kept = sorted(kept, key=lambda e: -abs(e.weight))[:max_edges]
     both = [(e.attribution, e.ablation) for e in edges if e.attribution is not None and e.ablation is not None
             and not e.source.endswith(".err") and (e.attribution != 0 or e.ablation != 0)]
-    info = {"method": method, "threshold": threshold, "sum_positions": sum_positions,
+    info = {"method": method, "threshold": threshold, "max_edges": max_edges, "sum_positions": sum_positions,
             "features_from": features_from, "confirm": confirm, "n_edges_measured": len(edges),
             "n_ablated_pairs": sum(e.ablation is not None for e in edges),
             "agreement": {"spearman": rank_correlation(*zip(*both)) if len(both) > 1 else math.nan,
@@ -315,6 +319,8 @@ class CircuitConfig:
     """Measure effects summed over positions (default: at the last position)."""
     n_logits: int = 5
     """Logit nodes: the most likely next tokens."""
+    max_edges: int = 300
+    """Draw at most this many edges, the strongest (graphviz slows down on thousands)."""
     n_contexts: int = 3
     """Top contexts shown per feature node."""
     out: str = "outputs/circuit"
@@ -418,7 +424,7 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
     from training.steering import check_sweep_hook, prompt_token_ids
     if not cfg.prompt:
         raise UserError("empty prompt: pass --prompt TEXT")
-    for name in ("n_logits", "batch_size", "confirm"):
+    for name in ("n_logits", "batch_size", "confirm", "max_edges"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.extend:
@@ -439,7 +445,7 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
     tokens = torch.tensor([ids], device=device)
     circuit = find_circuit(model, sites, tokens, threshold=cfg.threshold, method=cfg.method, confirm=cfg.confirm,
                            sum_positions=cfg.sum_positions, features_from=cfg.features_from,
-                           n_logits=cfg.n_logits, batch_size=cfg.batch_size)
+                           n_logits=cfg.n_logits, batch_size=cfg.batch_size, max_edges=cfg.max_edges)
     circuit.info.update({"prompt": cfg.prompt, "model": name, "config": dataclasses.asdict(cfg),
                          "sites": [{"name": s.name, "hook": s.hook, "dictionary": s.label} for s in sites]})
     with output_lock(cfg.out):  # one writer per output folder (--extend reads, merges and rewrites it)
