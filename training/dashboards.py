@@ -574,8 +574,8 @@ def prompt_activations(model: Any, hook: str, scorer: Any, prompts: Sequence[str
         if not ids:
             raise UserError(f"--prompt {text!r} has no tokens")
         tokens = torch.tensor([ids], dtype=torch.long, device=device)
-        _, acts = capture(model, tokens, [hook])
-        x = flatten_heads(acts[hook])[0].float()                                 # [T, d]
+        _, cached = capture(model, tokens, [hook])
+        x = flatten_heads(cached[hook])[0].float()                               # [T, d]
         acts = scorer.codes_t(x)                                                  # [F, T]
         if shift is not None:
             acts = acts - shift.to(acts.device)[:, None]

@@ -27,8 +27,8 @@ from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_laye
 from training.locks import folder_lock
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
 from training.prefetch import Prefetch
-from training.sae_hooks import capture as hooks_capture
 from training.repair import damaged_chunks
+from training.sae_hooks import capture as hooks_capture
 from training.text import iter_documents, pack_token_rows, special_token_ids
 from training.transfer import Landing, to_device
 
