@@ -142,6 +142,26 @@ def test_features_from_and_threshold(planted):
     assert sorted((abs(e.weight) for e in two.kept), reverse=True) == strongest
 
 
+def test_gather_contexts_finds_the_strongest_tokens(planted):
+    """A's activation is embedding column 0 of the token: the top windows are centred on the tokens with the
+    largest such values in the rows (special token 0 left out), in decreasing order."""
+    from training.circuits import gather_contexts
+    model, emb = planted
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 50, (6, 10), generator=g)
+    rows[0, 4] = 0                                                       # special: never a context
+    nodes = {"0.0": {"kind": "feature", "site": "0", "feature": 0}, "logit.7": {"kind": "logit"}}
+    got = gather_contexts(model, planted_sites(), nodes, rows, 3, batch_size=4)
+    assert set(got) == {"0.0"}
+    ids = rows.flatten()
+    vals = torch.where(ids == 0, torch.tensor(-1.0), emb[ids, 0])
+    want = vals.topk(3).indices
+    for ex, flat in zip(got["0.0"], want.tolist()):
+        r, p = divmod(flat, 10)
+        assert ex["tokens"][ex["center"]] == model.tokenizer.decode([int(rows[r, p])])
+        assert ex["activation"] == pytest.approx(float(emb[rows[r, p], 0]), abs=1e-4) and ex["source"] == "stage1"
+
+
 def test_rank_correlation_matches_scipy():
     from scipy.stats import spearmanr
     g = torch.Generator().manual_seed(1)
@@ -268,6 +288,8 @@ def test_end_to_end_on_the_embedded_model(embedded_sweeps, tmp_path):
     assert any(k.startswith("0.") and v["kind"] == "feature" for k, v in graph["nodes"].items())
     agree = circuit.info["agreement"]
     assert agree["n_pairs"] > 10 and agree["spearman"] > 0.5          # attribution ranks like ablation
+    feature_nodes = [v for v in graph["nodes"].values() if v["kind"] == "feature"]
+    assert all(v["contexts"][0]["source"] == "stage1" for v in feature_nodes)  # no features.json: gathered
     assert 0.5 < circuit.share_drawn() <= 1
     for p in paths.values():
         assert p.stat().st_size > 0

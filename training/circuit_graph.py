@@ -53,15 +53,17 @@ def _prompt_context(tokens: Sequence[str], acts: torch.Tensor, before: int = 8, 
 
 
 def describe_nodes(graph: dict[str, Any], sites: Sequence[Any], model: Any, codes: dict[str, torch.Tensor],
-                   prompt_ids: Sequence[int], n_contexts: int, n_tokens: int = 3) -> None:
-    """Add to each feature node its top contexts (features.json when the site has one, else the prompt), the
-    tokens its direction most raises/lowers ("up", "down") and its dashboard page when one exists (in place)."""
+                   prompt_ids: Sequence[int], n_contexts: int, gathered: dict[str, list[dict[str, Any]]] | None = None,
+                   n_tokens: int = 3) -> None:
+    """Add to each feature node its top contexts (features.json when the site has one, else those `gathered` on
+    the fly, else the prompt's), the tokens its direction most raises/lowers ("up", "down") and its dashboard
+    page when one exists (in place)."""
     from training.dashboards import logit_effects, residual_directions
     from training.top_activations import read_features_json
     by_name = {s.name: s for s in sites}
     prompt_tokens = [model.tokenizer.decode([t]) for t in prompt_ids]
     files: dict[str, list[dict[str, Any]] | None] = {}
-    for node in graph["nodes"].values():
+    for nid, node in graph["nodes"].items():
         if node["kind"] != "feature":
             continue
         site, i = by_name[node["site"]], node["feature"]
@@ -70,6 +72,8 @@ def describe_nodes(graph: dict[str, Any], sites: Sequence[Any], model: Any, code
         feats = files[site.name]
         if feats is not None and i < len(feats) and feats[i].get("top"):
             node["contexts"] = [dict(ex, source="features.json") for ex in feats[i]["top"][:n_contexts]]
+        elif gathered and gathered.get(nid):
+            node["contexts"] = gathered[nid][:n_contexts]
         else:
             node["contexts"] = [_prompt_context(prompt_tokens, codes[site.name][:, i])]
         dirs = residual_directions(model, site.hook, site.sae.decoder[i:i + 1].detach())
@@ -295,10 +299,12 @@ td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .graph{{overflow:a
 
 
 def write_outputs(circuit: Any, sites: Sequence[Any], model: Any, prompt_ids: Sequence[int], out: Path,
-                  n_contexts: int, extend: bool) -> dict[str, Path]:
-    """Write circuit.json, circuit.dot, circuit.svg and index.html into `out` (extending the circuit there)."""
+                  n_contexts: int, extend: bool, gathered: dict[str, list[dict[str, Any]]] | None = None
+                  ) -> dict[str, Path]:
+    """Write circuit.json, circuit.dot, circuit.svg and index.html into `out` (extending the circuit there);
+    `gathered`: contexts found on the fly, by node id (see describe_nodes)."""
     graph = circuit_graph(circuit, sites)
-    describe_nodes(graph, sites, model, circuit.codes, prompt_ids, n_contexts)
+    describe_nodes(graph, sites, model, circuit.codes, prompt_ids, n_contexts, gathered)
     paths = {k: out / f"circuit.{k}" for k in ("json", "dot", "svg")} | {"html": out / "index.html"}
     if extend:
         graph = merge_graphs(read_graph(paths["json"]), graph)

@@ -296,6 +296,71 @@ def circuit_nodes(model: Any, sites: Sequence[Site], clean: CleanRun, kept: Sequ
     return nodes
 
 
+# ------------------------------------------------------------------------------------- contexts on the fly
+
+def stage1_token_rows(metas: Sequence[dict[str, Any]], n_rows: int) -> Tensor | None:
+    """Up to n_rows token sequences [rows, seq] from the Stage 1 folder of the first sweep that has one (its
+    contexts/*.safetensors), None when none does."""
+    from training.chunks import CONTEXTS, mmap_tensors
+    for meta in metas:
+        folder = Path(meta.get("dataset_dir") or "").parent / CONTEXTS
+        files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+        rows: list[Tensor] = []
+        for f in files:
+            rows.append(mmap_tensors(f)[0]["tokens"].long())
+            if sum(len(r) for r in rows) >= n_rows:
+                break
+        if rows:
+            return torch.cat(rows)[:n_rows]
+    return None
+
+
+@torch.no_grad()
+def gather_contexts(model: Any, sites: Sequence[Site], nodes: dict[str, dict[str, Any]], rows: Tensor,
+                    n_contexts: int, before: int = 8, after: int = 3, batch_size: int = 16
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """{feature node id: its n_contexts strongest windows in token rows [R, S]} (special-token positions left
+    out, as Stage 1 leaves them out); examples as in features.json plus "source": "stage1"."""
+    from training.text import special_token_ids
+    wanted: dict[str, list[int]] = {}
+    for v in nodes.values():
+        if v["kind"] == "feature":
+            wanted.setdefault(v["site"], []).append(v["feature"])
+    if not wanted or len(rows) == 0:
+        return {}
+    by_name = {s.name: s for s in sites if s.name in wanted}
+    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
+    device = next(model.parameters()).device
+    acts: dict[str, list[Tensor]] = {n: [] for n in by_name}
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        with splice(model, {s.hook: s.sae for s in by_name.values()}, "read") as rec:
+            model(batch.to(device), return_type=None)
+        skip = torch.isin(batch, special).to(device)
+        for n, s in by_name.items():
+            a = rec.codes[s.hook][..., wanted[n]].float()                    # [b, S, k]
+            acts[n].append(a.masked_fill(skip[..., None], 0).cpu())
+    out: dict[str, list[dict[str, Any]]] = {}
+    for n, chunks in acts.items():
+        a = torch.cat(chunks)                                                 # [R, S, k]
+        S = a.shape[1]
+        for col, feat in enumerate(wanted[n]):
+            flat = a[..., col].flatten()
+            top = flat.topk(min(n_contexts, len(flat)))
+            examples = []
+            for value, idx in zip(top.values.tolist(), top.indices.tolist()):
+                if value <= 0:
+                    break
+                r, p = divmod(idx, S)
+                lo, hi = max(0, p - before), min(S, p + after + 1)
+                examples.append({"tokens": [model.tokenizer.decode([int(t)]) for t in rows[r, lo:hi]],
+                                 "acts": [round(float(x), 4) for x in a[r, lo:hi, col]], "center": p - lo,
+                                 "activation": round(value, 4), "source": "stage1"})
+            if examples:
+                out[f"{n}.{feat}"] = examples
+    return out
+
+
 # ------------------------------------------------------------------------------------- CLI
 
 @dataclass
@@ -323,6 +388,9 @@ class CircuitConfig:
     """Draw at most this many edges, the strongest (graphviz slows down on thousands)."""
     n_contexts: int = 3
     """Top contexts shown per feature node."""
+    context_rows: int = 64
+    """For dictionaries without a features.json: Stage 1 sequences run to find each feature's top contexts
+    (0, or no Stage 1 folder: the prompt's own context)."""
     out: str = "outputs/circuit"
     """Output folder: circuit.dot, circuit.svg, circuit.json, index.html."""
     extend: bool = False
@@ -448,6 +516,11 @@ def run_find_circuit(cfg: CircuitConfig) -> tuple[Circuit, dict[str, Path]]:
                            n_logits=cfg.n_logits, batch_size=cfg.batch_size, max_edges=cfg.max_edges)
     circuit.info.update({"prompt": cfg.prompt, "model": name, "config": dataclasses.asdict(cfg),
                          "sites": [{"name": s.name, "hook": s.hook, "dictionary": s.label} for s in sites]})
+    todo = {k: v for k, v in circuit.nodes.items() if v["kind"] == "feature"
+            and next(s for s in sites if s.name == v["site"]).features_json is None}
+    rows = stage1_token_rows(metas, cfg.context_rows) if cfg.context_rows > 0 and todo else None
+    gathered = gather_contexts(model, sites, todo, rows, cfg.n_contexts) if rows is not None else {}
     with output_lock(cfg.out):  # one writer per output folder (--extend reads, merges and rewrites it)
-        paths = write_outputs(circuit, sites, model, tokens[0].tolist(), Path(cfg.out), cfg.n_contexts, cfg.extend)
+        paths = write_outputs(circuit, sites, model, tokens[0].tolist(), Path(cfg.out), cfg.n_contexts, cfg.extend,
+                              gathered)
     return circuit, paths
