@@ -142,6 +142,38 @@ def test_features_from_and_threshold(planted):
     assert sorted((abs(e.weight) for e in two.kept), reverse=True) == strongest
 
 
+@pytest.mark.parametrize("hooks, names", [
+    (["blocks.0.attn.hook_z", "blocks.1.mlp.hook_post"], ["0", "1"]),
+    (["blocks.0.hook_mlp_out", "blocks.0.hook_attn_out"], ["0_attn_out", "0_mlp_out"]),   # parallel in GPT-NeoX
+])
+def test_attention_and_mlp_sites(tiny_neox_dir, hooks, names):
+    """Dictionaries at attention and MLP hooks: sites named by block (and kind), in forward order; attribution
+    agrees with ablation in sign and rank when features are small; a site the next does not depend on (the MLP
+    and attention of one parallel block) gives zero effects, not an error."""
+    from test_sae_hooks import random_sae
+    from training.circuits import make_sites
+    model = load_model(str(tiny_neox_dir), "cpu")
+    entries = []
+    for i, h in enumerate(hooks):
+        _, acts = capture(model, torch.zeros(1, 2, dtype=torch.long), [h])
+        sae = random_sae(math.prod(acts[h].shape[2:]), seed=i)
+        with torch.no_grad():
+            sae.decoder.mul_(0.002)            # small features: ablations are small steps, where attribution holds
+        entries.append((h, sae, h, {}, None))
+    sites = make_sites(entries, model)
+    assert [s.name for s in sites] == names
+    circuit = find_circuit(model, sites, torch.tensor([[3, 50, 7, 120, 9, 11]]), method="ablation", threshold=0)
+    feature_edges = [e for e in circuit.edges if not e.source.endswith(".err") and not e.target.startswith("logit")]
+    assert feature_edges
+    if names[0] == "0_attn_out":
+        assert all(e.ablation == 0 and e.attribution == 0 for e in feature_edges)
+    else:
+        clear = [e for e in feature_edges if abs(e.ablation) > 1e-3]
+        agree = sum((e.ablation > 0) == (e.attribution > 0) for e in clear)
+        assert len(clear) > 50 and agree >= 0.95 * len(clear)        # first order: a few targets cross their ReLU
+        assert circuit.info["agreement"]["spearman"] > 0.9
+
+
 def test_gather_contexts_finds_the_strongest_tokens(planted):
     """A's activation is embedding column 0 of the token: the top windows are centred on the tokens with the
     largest such values in the rows (special token 0 left out), in decreasing order."""

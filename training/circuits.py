@@ -170,11 +170,13 @@ def attribution_scores(model: Any, sites: Sequence[Site], tokens: Tensor, clean:
             else:
                 targets = [(f"logit.{t}", logp[t]) for t in clean.tokens]
             for target, value in targets:
-                g_leaf, g_err = torch.autograd.grad(value, [leaf, err], retain_graph=True, allow_unused=True)
-                if g_leaf is not None:
-                    scores = (leaf.detach() * g_leaf).sum((0, 1))                 # [h]
-                    for i in sources:
-                        out[(f"{src.name}.{i}", target)] = float(scores[i])
+                if not value.requires_grad:       # the target does not depend on this site (e.g. parallel blocks)
+                    g_leaf = g_err = None
+                else:
+                    g_leaf, g_err = torch.autograd.grad(value, [leaf, err], retain_graph=True, allow_unused=True)
+                scores = (leaf.detach() * g_leaf).sum((0, 1)) if g_leaf is not None else torch.zeros(leaf.shape[-1])
+                for i in sources:
+                    out[(f"{src.name}.{i}", target)] = float(scores[i])
                 out[(f"{src.name}.err", target)] = float((err.detach() * g_err).sum()) if g_err is not None else 0.0
     return out
 
