@@ -22,3 +22,16 @@ def open_hook(path, hook=None):
     """One hook's activation chunks in a dataset folder; see training.chunks."""
     from training.chunks import open_hook as _open
     return _open(path, hook)
+
+
+def splice(model, saes, mode="sae", **kw):
+    """Context manager: every forward pass of `model` inside it runs with dictionaries {hook: sae} spliced in
+    (mode "sae", "error", "zero" or "read"); see training.sae_hooks."""
+    from training.sae_hooks import splice as _splice
+    return _splice(model, saes, mode, **kw)
+
+
+def run_with_saes(model, tokens, saes, mode="sae", **kw):
+    """(logits, {hook: codes}) of `model` on tokens with dictionaries {hook: sae} spliced in; see training.sae_hooks."""
+    from training.sae_hooks import run_with_saes as _run
+    return _run(model, tokens, saes, mode, **kw)

@@ -569,6 +569,7 @@ def prompt_activations(model: Any, hook: str, scorer: Any, prompts: Sequence[str
     at most `top`, activation > 0, "special": per token whether it is a special token (left out, as Stage 1
     leaves them out of the data the features were gathered on)}."""
     from training.hooks import flatten_heads
+    from training.sae_hooks import capture
     from training.text import special_token_ids
     tok = model.tokenizer
     special = special_token_ids(tok)
@@ -578,8 +579,8 @@ def prompt_activations(model: Any, hook: str, scorer: Any, prompts: Sequence[str
         if not ids:
             raise UserError(f"--prompt {text!r} has no tokens")
         tokens = torch.tensor([ids], dtype=torch.long, device=device)
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
-        x = flatten_heads(cache[hook])[0].float()                                 # [T, d]
+        _, cached = capture(model, tokens, [hook])
+        x = flatten_heads(cached[hook])[0].float()                               # [T, d]
         acts = scorer.codes_t(x)                                                  # [F, T]
         if shift is not None:
             acts = acts - shift.to(acts.device)[:, None]

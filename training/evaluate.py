@@ -35,9 +35,10 @@ from training.architectures import get as get_architecture
 from training.chunks import CONTEXTS, atomic_write_json, has_tokens, mmap_tensors
 from training.cli import UserError, config_to_dict
 from training.locks import folder_lock
-from training.metrics import (EvalStats, SparsityStats, SpliceStats, splice_hook, kl_div, log_density_histogram,
+from training.metrics import (EvalStats, SparsityStats, SpliceStats, kl_div, log_density_histogram,
                               next_token_ce)
 from training.models import DTYPE_CHOICES
+from training.sae_hooks import capture, run_with_saes
 from training.sweep_files import PRETRAINED, format_key, key_name, load_sweep, read_sweep
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -304,21 +305,22 @@ def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members:
                    stats: Sequence[MemberStats], with_error: bool, ablate_all: bool = True) -> None:
     """Update every member's accumulators on tokens [b, seq] (mask [b, seq]: positions evaluated and spliced; the
     zero-ablation baseline zeroes every position when `ablate_all`, as SAELens does, else only those)."""
-    logits_clean, cache = model.run_with_cache(tokens, names_filter=[hook])  # [b, seq, vocab]
-    act = cache[hook]                                                         # [b, seq, *rest]
-    del cache
+    logits_clean, acts = capture(model, tokens, [hook], logits=True)          # [b, seq, vocab]
+    act = acts.pop(hook)                                                      # [b, seq, *rest]
     b, s = tokens.shape
     flat = act.reshape(b * s, -1).float()                                     # [b*seq, d_in]
     keep = ~mask                                                               # clean activation kept there
     ce_mask, kl_mask = mask[:, :-1], mask
     n_ce, n_kl = int(ce_mask.sum()), int(kl_mask.sum())
 
-    def run(hook_fn: Any) -> Tensor:
-        """Logits [b, seq, vocab] with the hook's activation replaced by hook_fn."""
-        return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, hook_fn)])
+    def run(member: torch.nn.Module | None, mode: str, clean: Tensor | None = keep) -> Tensor:
+        """Logits [b, seq, vocab] with `member` spliced in at the hook as `mode` (see training.sae_hooks), positions
+        where `clean` is True left as they were."""
+        logits, _ = run_with_saes(model, tokens, {hook: member}, mode, keep=clean)
+        return logits
 
     ce_clean = _masked_sum(next_token_ce(logits_clean, tokens), ce_mask)
-    logits_zero = run(splice_hook(lambda a: a, "zero", None if ablate_all else keep))
+    logits_zero = run(None, "zero", None if ablate_all else keep)
     ce_zero = _masked_sum(next_token_ce(logits_zero, tokens), ce_mask)
     kl_zero = _masked_sum(kl_div(logits_clean, logits_zero), kl_mask)
     del logits_zero
@@ -329,7 +331,7 @@ def evaluate_batch(model: Any, hook: str, tokens: Tensor, mask: Tensor, members:
         st.recon.update(flat[rows], x_hat[rows], codes[rows])
         passes = [("spliced", "sae")] + ([("with_error", "error")] if with_error else [])
         for name, mode in passes:
-            logits = run(splice_hook(lambda a, x_hat=x_hat: x_hat, mode, keep))
+            logits = run(member, mode)
             _add_sum(st.splice, f"ce_{name}", _masked_sum(next_token_ce(logits, tokens), ce_mask))
             _add_sum(st.splice, f"kl_{name}", _masked_sum(kl_div(logits_clean, logits), kl_mask))
             del logits
@@ -541,8 +543,8 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
 
 def _check_width(model: Any, hook: str, tokens: Tensor, d_in: int, name: str) -> None:
     """Raise a UserError unless the model's activation at `hook` is d_in wide (flattened)."""
-    _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
-    width = int(math.prod(cache[hook].shape[2:]))
+    _, acts = capture(model, tokens, [hook])
+    width = int(math.prod(acts[hook].shape[2:]))
     if width != d_in:
         raise UserError(f"model {name!r} gives {width}-wide activations at {hook!r} but the sweep's dictionaries "
                         f"take {d_in}: pass the --model (and --hook) the sweep was trained on")

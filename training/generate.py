@@ -28,6 +28,7 @@ from training.locks import folder_lock
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
 from training.prefetch import Prefetch
 from training.repair import damaged_chunks
+from training.sae_hooks import capture as hooks_capture
 from training.text import iter_documents, pack_token_rows, special_token_ids
 from training.transfer import Landing, to_device
 
@@ -119,8 +120,8 @@ def token_batches(cfg: GenerateConfig, tokenizer: Any) -> Iterator[torch.Tensor]
 
 def capture(model: Any, tokens: torch.Tensor, hooks: Sequence[str], stop: int | None) -> dict[str, torch.Tensor]:
     """Activations [batch, seq, d] at every hook from one forward pass that stops after the last needed block."""
-    _, cache = model.run_with_cache(tokens, names_filter=list(hooks), stop_at_layer=stop, return_type=None)
-    return {h: flatten_heads(cache[h]) for h in hooks}
+    _, acts = hooks_capture(model, tokens, hooks, stop)
+    return {h: flatten_heads(acts[h]) for h in hooks}
 
 
 def chunk_pieces(fill: int, n: int, chunk_size: int) -> list[tuple[int, int]]:

@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from training.sae_hooks import splice_hook  # the splice hook lives with the other hook operations
+
 _EPS = 1e-12
 """Floor on norms in denominators (cosine similarity, norm ratio, dictionary cosines)."""
 
@@ -410,33 +412,6 @@ def _position_mask(batch: int, seq: int, exclude_positions: Sequence[int], devic
     for p in exclude_positions:
         mask[:, p] = False
     return mask
-
-
-def splice_hook(
-    reconstruct: Callable[[Tensor], Tensor], mode: str, keep: Tensor | None
-) -> Callable[[Tensor, Any], Tensor]:
-    """Hook replacing an activation [batch, seq, *rest] by reconstruct (mode 'sae'), zeros ('zero') or reconstruct + error ('error')."""
-
-    def hook(act: Tensor, hook: Any = None) -> Tensor:
-        """Replace the activation; positions where `keep` is True keep their clean value."""
-        b, s = act.shape[:2]
-        if mode == "zero":
-            new = torch.zeros_like(act)
-        else:
-            flat = act.reshape(b * s, -1)  # [batch*seq, prod(rest)], e.g. hook_z: heads*d_head
-            rec = reconstruct(flat)
-            if rec.shape != flat.shape:
-                raise ValueError(f"reconstruct returned shape {tuple(rec.shape)}, expected {tuple(flat.shape)}")
-            rec = rec.to(act.dtype)
-            if mode == "error":
-                rec = rec + (flat - rec).detach()  # SAE output + error term = the exact activation
-            new = rec.reshape(act.shape)
-        if keep is not None:
-            k = keep.to(act.device).reshape(b, s, *([1] * (act.ndim - 2)))
-            new = torch.where(k, act, new)
-        return new
-
-    return hook
 
 
 SPLICE_NAMES = {"ce_clean": "ce_loss_without_sae", "ce_spliced": "ce_loss_with_sae", "ce_zero": "ce_loss_with_ablation",

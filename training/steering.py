@@ -34,6 +34,7 @@ from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
+from training.sae_hooks import add_vector_hook, capture  # noqa: F401 (add_vector_hook: part of this module's API)
 from training.text import special_token_ids
 
 DEFAULT_STRENGTH = 8.0
@@ -120,18 +121,6 @@ def steering_vector(sae: Any, strengths: dict[int, float]) -> Tensor:
     for f, s in strengths.items():
         v = v + s * decoder[f] / decoder[f].norm()
     return v
-
-
-def add_vector_hook(vector: Tensor) -> Callable[[Tensor, Any], Tensor]:
-    """A forward hook adding `vector: [d_in]` at every position of a [batch, seq, *rest] activation
-    (rest = [d] or [heads, d_head] for attn.hook_z, with prod(rest) = d_in); returns a new tensor."""
-    def hook(act: Tensor, hook: Any = None) -> Tensor:
-        rest = act.shape[2:]
-        if math.prod(rest) != vector.numel():
-            raise UserError(f"the steering vector has {vector.numel()} values but the activation at "
-                            f"{getattr(hook, 'name', 'the hook')} is {list(act.shape)}: use the model the sweep was trained on")
-        return act + vector.to(device=act.device, dtype=act.dtype).reshape(rest)
-    return hook
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -224,8 +213,8 @@ def hook_activations(model: Any, hook: str, token_ids: Sequence[int]) -> Tensor:
     for attn.hook_z)."""
     check_hook(model, hook)
     tokens = torch.tensor([list(token_ids)], device=model_device(model))
-    _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
-    act = cache[hook]
+    _, acts = capture(model, tokens, [hook])
+    act = acts[hook]
     return act.reshape(act.shape[0], act.shape[1], -1)[0]
 
 

@@ -473,9 +473,9 @@ class TextSource:
     def _run(self, tokens: Tensor) -> Tensor:
         """Activations at the hook: [batch, seq, d] float32."""
         from training.hooks import flatten_heads
-        _, cache = self.model.run_with_cache(tokens.to(self.device), names_filter=[self.hook],
-                                             stop_at_layer=self.stop, return_type=None)
-        return flatten_heads(cache[self.hook]).float()
+        from training.sae_hooks import capture
+        _, acts = capture(self.model, tokens.to(self.device), [self.hook], self.stop)
+        return flatten_heads(acts[self.hook]).float()
 
     def _rows(self, first_seq: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Kept rows (x [r, d], keys [r]) of sequences first_seq.. with token ids `tokens [B, L]`."""
