@@ -14,7 +14,8 @@ CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepCon
            ("training.evaluate", "EvaluateConfig"), ("training.tiny_lm", "TinyLMConfig"),
            ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig"),
            ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig"),
-           ("training.activation_import", "ImportConfig")]
+           ("training.activation_import", "ImportConfig"), ("training.saelens", "ExportConfig"),
+           ("training.circuits", "CircuitConfig")]
 
 
 @pytest.mark.parametrize("module, name", CONFIGS)
