@@ -191,6 +191,26 @@ def test_sae_features_match_brute_force(chunk_root, sweeps, tmp_path, kind, key)
         if feat["count"]:
             assert sum(feat["histogram"]["counts"]) == feat["histogram"]["sample"] == min(128, feat["count"])
     assert checked > 1000
+    # random windows: per-token activations as brute force, and for each feature the 10 pool windows with the
+    # smallest window maximum (every pool window some feature kept must have a maximum at least as large)
+    pool = {(e["sequence"], e["position"]) for feat in data["features"] for e in feat["random"]}
+    assert data["n_random"] == 10 and len(pool) > 10
+
+    def window_max(f: int, s: int, p: int) -> float:
+        return max(float(codes[lookup[(s, q)], f]) for q in range(p - 3, p + 3) if (s, q) in lookup)
+    for f, feat in enumerate(data["features"]):
+        assert len(feat["random"]) == 10
+        for ex in feat["random"]:
+            start = ex["position"] - ex["center"]
+            rows = [lookup.get((ex["sequence"], start + j)) for j in range(len(ex["acts"]))]
+            assert [a is None for a in ex["acts"]] == [r is None for r in rows]      # not stored: null
+            want = [float(codes[r, f]) for r in rows if r is not None]
+            assert [a for a in ex["acts"] if a is not None] == pytest.approx(want, rel=1e-3, abs=1e-6)
+        mine = {(e["sequence"], e["position"]) for e in feat["random"]}
+        worst = max(window_max(f, *w) for w in mine)
+        assert all(window_max(f, *w) >= worst - 1e-5 for w in pool - mine)
+        if feat["density"] < 0.01:
+            assert worst == 0.0                                        # a sparse feature: windows where it is silent
 
 
 def test_text_source_agrees_with_stored_chunks(chunk_root, sweeps, tiny_neox_dir, tmp_path):

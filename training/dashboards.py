@@ -1,6 +1,6 @@
 """Feature dashboards: a static site for one dictionary (or the model's neurons) that opens from disk.
 
-Input: a features.json written by gather_high_activations.py (see training.top_activations), plus the
+Input: a features.json written by gather_high_activations.py (see training.feature_file), plus the
 dictionary's decoder (from the sweep named in it) and the model's unembedding (from the model named in
 the Stage 1 manifest). No server, no network: pages link one stylesheet and, for the index, two local
 scripts (assets/index.js and index_data.js, loaded with <script src>, which works from file://).
@@ -54,8 +54,9 @@ from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
 from training.sweep_files import check_made_from
-from training.top_activations import (FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, key_label,
-                                      select_member, visible_token)
+from training.feature_file import FEATURES_JSON, FeatureFile
+from training.render import block_level, visible_token
+from training.top_activations import NeuronScorer, SaeScorer, key_label, select_member
 
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
 SITE_ASSETS = ("style.css", "index.js")
