@@ -384,3 +384,55 @@ def test_detection_needs_the_random_windows(tmp_path, server, monkeypatch):
         explain_features(config(path, server.url, scoring=["detection"]))
     with pytest.raises(UserError, match="--n_examples 11: at most 10"):
         explain_features(config(path, server.url, n_examples=11))
+
+
+# ----------------------------------------------------------------------------- plots and the CLI
+
+def test_plots_show_the_counts(tmp_path, capsys):
+    from matplotlib.colors import to_hex
+
+    from training.autointerp.plots import PlotInterpConfig, plot_interp
+    from training.cli import run_cli
+    feats = tmp_path / "features" / "interp.jsonl"
+    neurons = tmp_path / "neurons" / "interp.jsonl"
+    feats.parent.mkdir()
+    neurons.parent.mkdir()
+    f_recs = [(4, 0.9), (5, 0.95), (4, 0.55), (2, None), (None, None), (3, 1.0)]
+    n_recs = [(1, 0.5), (2, 0.45), (1, None), (3, 0.72)]
+    for path, recs in ((feats, f_recs), (neurons, n_recs)):
+        path.write_text("".join(json.dumps({"feature": i, "clearness": c, "detection": d}) + "\n"
+                                for i, (c, d) in enumerate(recs)))
+    out, counts, fig = plot_interp(PlotInterpConfig(runs=[str(feats), str(neurons)], labels=["features", "neurons"],
+                                                    bins=4, output=str(tmp_path / "p.png")))
+    assert out.exists() and out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert counts.clearness.tolist() == [[0, 1, 1, 2, 1], [2, 1, 1, 0, 0]] and counts.n_scored == [5, 4]
+    # bins [0,.25) [.25,.5) [.5,.75) [.75,1]: features .9 .95 .55 1.0; neurons .5 .45 .72
+    assert counts.detection.tolist() == [[0, 0, 1, 3], [0, 1, 2, 0]]
+    clear_ax, det_ax = fig.axes[:2]
+    bars = clear_ax.patches
+    assert [b.get_height() for b in bars] == [0, 1, 1, 2, 1, 2, 1, 1, 0, 0]                # features, then neurons
+    assert to_hex(bars[0].get_facecolor()) != to_hex(bars[5].get_facecolor())            # two colours, one per run
+    assert bars[0].get_x() < bars[5].get_x() < bars[1].get_x()                            # grouped side by side
+    assert [t.get_text() for t in clear_ax.get_xticklabels()] == ["1", "2", "3", "4", "5"]
+    assert [t.get_text() for t in clear_ax.get_legend().get_texts()] == ["features", "neurons"]
+    assert [b.get_height() for b in det_ax.patches] == [0, 0, 1, 3, 0, 1, 2, 0]
+    assert "features: 5" in clear_ax.get_title() and "balanced accuracy" in det_ax.get_xlabel()
+    # one run without detection: one panel; the CLI prints a summary and where it wrote
+    run_cli(lambda cfg: print(plot_interp(cfg)[1].clearness.tolist()), "", PlotInterpConfig,
+            ["--runs", str(neurons), "--output", str(tmp_path / "one.png")])
+    assert "[[2, 1, 1, 0, 0]]" in capsys.readouterr().out
+    with pytest.raises(UserError, match="2 runs but 1 labels"):
+        plot_interp(PlotInterpConfig(runs=[str(feats), str(neurons)], labels=["x"]))
+
+
+def test_cli_reports_bad_input_on_one_line(features_json, capsys, monkeypatch):
+    from training.cli import run_cli
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as info:
+        run_cli(explain_features, "", ExplainConfig, ["--features", str(features_json), "--env_file", "/none"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no API key: set OPENAI_API_KEY")
+    with pytest.raises(SystemExit):
+        run_cli(explain_features, "", ExplainConfig, ["--features", str(features_json), "--features_range", "x"])
+    assert capsys.readouterr().err.startswith("error: --features_range 'x': write start:stop")
