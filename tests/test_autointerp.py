@@ -121,7 +121,8 @@ class ChatServer:
 
     def handle(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         step = self.step_of(body)
-        fid = int(re.search(r"\bf(\d+)", body["messages"][1]["content"]).group(1))
+        marker = re.search(r"\bf(\d+)", body["messages"][1]["content"])
+        fid = int(marker.group(1)) if marker else -1                  # -1: a feature of a real features.json
         with self.lock:
             queue = self.faults.get((fid, step), [])
             fault = queue.pop(0) if queue else "ok"
@@ -436,3 +437,30 @@ def test_cli_reports_bad_input_on_one_line(features_json, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run_cli(explain_features, "", ExplainConfig, ["--features", str(features_json), "--features_range", "x"])
     assert capsys.readouterr().err.startswith("error: --features_range 'x': write start:stop")
+
+
+def test_gathered_features_and_neurons_end_to_end(tiny_tokenizer_dir, tmp_path, server, monkeypatch):
+    """gather_high_activations (a random dictionary, and the neurons) -> explain_features -> plot_interp."""
+    from bench.top_activations import write_random_sweep, write_synthetic_folder
+    from training.autointerp.plots import PlotInterpConfig, plot_interp
+    from training.feature_file import read_features_json
+    from training.top_activations import TopActivationsConfig, gather
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    hook_dir = write_synthetic_folder(tmp_path / "data", 3000, 8, str(tiny_tokenizer_dir), 300, chunk_size=1500,
+                                      context_length=50)
+    sweep = write_random_sweep(tmp_path / "sweep", hook_dir, 8, 16, bias=-1.5)
+    sae = gather(TopActivationsConfig(sweep=str(sweep), device="cpu", top_k=12)).path
+    neurons = gather(TopActivationsConfig(neurons=True, dataset_dir=str(hook_dir), make_positive_by="relu",
+                                          device="cpu", top_k=12, output=str(tmp_path / "neurons"))).path
+    assert all(len(f["random"]) == 10 for f in read_features_json(sae)["features"])
+    runs = []
+    for path, negative_max in ((sae, 0.0), (neurons, 0.3)):
+        res = explain_features(config(path, server.url, scoring=["clearness", "detection"], negative_max=negative_max))
+        recs = read_results(res.path)
+        assert sorted(recs) == list(range(read_features_json(path)["n_features"]))
+        live = [r for r in recs.values() if "skipped" not in r]
+        assert live and all(r["clearness"] is not None for r in live)
+        assert sum(r["detection"] is not None for r in live) >= len(live) // 2
+        runs.append(str(res.path))
+    out, counts, _ = plot_interp(PlotInterpConfig(runs=runs, labels=["features", "neurons"]))
+    assert out == sae.parent / "interp.png" and counts.n_scored[1] == 8 and counts.detection.sum() > 0
