@@ -819,7 +819,8 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
         if cfg.n_random:
             rex, rpos, racts = random_examples(source, scorer, stats, shift, cfg.n_random, cfg.window_before,
                                                cfg.window_after, device)
-            ex = Examples(*(np.concatenate([getattr(ex, n), getattr(rex, n)]) for n in ("feature", "key", "value", "group")))
+            ex = Examples(*(np.concatenate([getattr(ex, n), getattr(rex, n)])
+                            for n in ("feature", "key", "value", "group")))
             positions, acts = np.concatenate([positions, rpos]), np.concatenate([acts, racts])
         tokens = source.tokens(np.unique(ex.key // source.context_length))
         features = build_features(stats, ex, bands, positions, acts, tokens, TokenDecoder(tokenizer),

@@ -9,6 +9,7 @@ the reply cache answers any prompt asked before: a killed run resumes without as
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,6 @@ async def _run(cfg: ExplainConfig, todo: Iterator[dict[str, Any]], n_todo: int, 
 
 def explain_features(cfg: ExplainConfig) -> ExplainResult:
     """Explain and score the chosen features, appending one record per feature to interp.jsonl."""
-    import os
     check_config(cfg)
     t0 = time.perf_counter()
     path = features_path(cfg)
@@ -292,7 +292,7 @@ def explain_features(cfg: ExplainConfig) -> ExplainResult:
     base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None
     client = ChatClient(cfg.model, base_url, api_key(cfg.api_key_env, cfg.env_file, base_url), cfg.concurrency,
                         cfg.max_retries, cfg.backoff, cfg.timeout, cfg.temperature, cfg.max_tokens,
-                        cfg.response_format, ReplyCache(out.with_name(out.name.removesuffix(".jsonl") + ".cache.jsonl")))
+                        cfg.response_format, ReplyCache(out.with_name(out.stem + ".cache.jsonl")))
     wanted = set(selected) - skip
     todo = (f for f in doc if int(f["id"]) in wanted)
     errors: dict[str, int] = {}
