@@ -247,6 +247,8 @@ def test_held_out_examples_and_the_detection_set():
     assert sorted(truth) == [0] * 5 + [1] * 4 and all(BLOCKS[0] not in line for line in lines)
     lines, truth = P.fuzzing_set(feat, 10, 4, np.random.default_rng(0))
     assert sorted(truth) == [0, 0, 1, 1] and all(any(b in line for b in BLOCKS) for line in lines)
+    lit = {**feat, "quantiles": [], "top": [example(["a", "b"], [1.0, 2.0], j) for j in range(14)]}
+    assert P.fuzzing_set(lit, 10, 4, np.random.default_rng(0))[1] == [1, 1, 1, 1]   # every token lit: not fuzzed
     real = [line for line, t in zip(lines, truth) if t]
     fake = [line for line, t in zip(lines, truth) if not t]
     assert all(re.search(f" (cat|bird)[{BLOCKS}]", line) for line in real)
@@ -315,11 +317,16 @@ def test_faults_are_retried_or_reported(features_json, server, tmp_path, monkeyp
     assert 2 <= server.max_in_flight <= 3 and res.usage.max_in_flight <= 3
     assert server.auth == {f"Bearer {KEY}"}
     assert KEY.encode() not in all_bytes(tmp_path)
-    # a rerun asks nothing; adding nothing
+    # a rerun asks again only the request that failed after its retries (the explanation comes from the cache)
     n = len(server.log)
+    server.faults = {}
     again = explain_features(config(features_json, server.url, scoring=["clearness", "detection", "fuzzing"],
                                     n_detect=4, n_negative=5))
-    assert len(server.log) == n and again.n_written == 0 and again.n_done_before == N_FEATURES
+    assert server.log[n:] == [(8, "detection", "ok")] and again.n_written == 1 and again.n_done_before == 11
+    assert read_results(res.path)[8]["detection"] == pytest.approx(0.675) and again.usage.cached == 2
+    n = len(server.log)
+    assert explain_features(config(features_json, server.url, scoring=["clearness", "detection", "fuzzing"],
+                                   n_detect=4, n_negative=5)).n_written == 0 and len(server.log) == n
 
 
 def test_cache_serves_earlier_prompts_and_settings_are_checked(features_json, server, tmp_path, monkeypatch):

@@ -145,6 +145,9 @@ def test_neurons_by_hand(hand_folder, tiny_tokenizer_dir, tmp_path, mode, densit
     assert top["tokens"] == [tok.decode([i]) for i in ctx]
     if mode == "affine":
         assert [f["shift"] for f in feats] == [-1.0, -3.0]
+    # the random pool holds the 4 tokens; every window spans the whole sequence (shifted like the top examples)
+    assert sorted(e["position"] for e in feats[1]["random"]) == [0, 1, 2, 3]
+    assert all(e["acts"] == f1_top_acts for e in feats[1]["random"])
     # the plain-text line of that example: block level ceil(8 a / max) after every token with a > 0
     levels = [block_level(a, maxes[1]) for a in f1_top_acts]
     line = "".join(visible_token(t) + (BLOCKS[lv - 1] if lv else "") for t, lv in zip(top["tokens"], levels))

@@ -63,7 +63,7 @@ FUZZ_SYSTEM = ("You check an explanation of a feature of a language model agains
 
 EXPLAIN_SCHEMA = {"name": "feature_explanation", "strict": True, "schema": {
     "type": "object", "additionalProperties": False, "required": ["scratch", "clearness", "description"],
-    "properties": {"scratch": {"type": "string"}, "clearness": {"type": "integer", "minimum": 1, "maximum": 5},
+    "properties": {"scratch": {"type": "string"}, "clearness": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
                    "description": {"type": "string"}}}}
 ANSWERS_SCHEMA = {"name": "answers", "strict": True, "schema": {
     "type": "object", "additionalProperties": False, "required": ["answers"],
@@ -154,7 +154,8 @@ def detection_set(feat: dict[str, Any], n_examples: int, n_activating: int, n_no
 
 
 def fuzzed(ex: dict[str, Any], max_act: float, rng: np.random.Generator) -> str:
-    """The example with its blocks moved to as many other tokens, chosen at random (the real ones if no other)."""
+    """The example with its blocks moved to as many other tokens, chosen at random (unchanged if every token is
+    lit: `fuzzing_set` does not fuzz those)."""
     acts = [a if a is not None else 0.0 for a in ex["acts"]]
     lit = [i for i, a in enumerate(acts) if block_level(a, max_act)]
     dark = [i for i in range(len(acts)) if i not in lit]
@@ -169,16 +170,22 @@ def fuzzed(ex: dict[str, Any], max_act: float, rng: np.random.Generator) -> str:
 
 def fuzzing_set(feat: dict[str, Any], n_examples: int, n: int, rng: np.random.Generator
                 ) -> tuple[list[str], list[int]]:
-    """(excerpt lines, truth 1/0) for fuzzing: held-out activating examples, the first half (after a shuffle)
-    highlighted on the real tokens, the rest on random other tokens."""
+    """(excerpt lines, truth 1/0) for fuzzing: held-out activating examples, half of them (after a shuffle)
+    highlighted on the real tokens, the other half on random other tokens (only examples with a token
+    left dark can be fuzzed; the others stay real)."""
     pos = held_out_activating(feat, n_examples, n)
-    order = rng.permutation(len(pos))
-    half = (len(pos) + 1) // 2
+    order = [pos[int(i)] for i in rng.permutation(len(pos))]
+
+    def can_fuzz(ex: dict[str, Any]) -> bool:
+        return any(not block_level(a, feat["max"]) for a in ex["acts"])
+    n_fake = min(len(pos) // 2, sum(map(can_fuzz, order)))
     items = []
-    for r, i in enumerate(order):
-        ex = pos[int(i)]
-        items.append((render_example(ex["tokens"], ex["acts"], feat["max"]), 1) if r < half
-                     else (fuzzed(ex, feat["max"], rng), 0))
+    for ex in order:
+        if n_fake and can_fuzz(ex):
+            items.append((fuzzed(ex, feat["max"], rng), 0))
+            n_fake -= 1
+        else:
+            items.append((render_example(ex["tokens"], ex["acts"], feat["max"]), 1))
     shuffle = rng.permutation(len(items))
     return [items[i][0] for i in shuffle], [items[i][1] for i in shuffle]
 

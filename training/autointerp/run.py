@@ -197,8 +197,10 @@ async def score_feature(client: ChatClient, feat: dict[str, Any], cfg: ExplainCo
 
 
 def covers(rec: dict[str, Any], sig: str, scoring: list[str]) -> bool:
-    """Whether a stored record already answers this run (same settings, every chosen scoring present)."""
-    return rec.get("settings") == sig and ("skipped" in rec or all(
+    """Whether a stored record already answers this run: same settings, every chosen scoring present, and no
+    request that failed after its retries (those are asked again; unusable replies are not: same answer)."""
+    failed = any(str(e).startswith("request failed") for e in rec.get("errors", {}).values())
+    return rec.get("settings") == sig and not failed and ("skipped" in rec or all(
         s == "clearness" or s in rec for s in scoring))
 
 
