@@ -369,7 +369,7 @@ def test_killed_run_resumes_without_asking_again(features_json, tmp_path):
         assert 3 <= len(before) < N_FEATURES
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert "features explained" in proc.stdout and "tokens:" in proc.stdout
+        assert "features done in" in proc.stdout and "tokens:" in proc.stdout
         recs = read_results(out)
         assert sorted(recs) == list(range(N_FEATURES)) and len(out.read_text().splitlines()) == N_FEATURES
         second = slow.log[len(asked_before):]

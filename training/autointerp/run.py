@@ -221,7 +221,7 @@ class ExplainResult:
 
     def __str__(self) -> str:
         u = self.usage
-        lines = [f"{self.n_written:,} features explained in {self.seconds:.1f} s ({self.n_done_before:,} of "
+        lines = [f"{self.n_written:,} features done in {self.seconds:.1f} s ({self.n_done_before:,} of "
                  f"{self.n_selected:,} were already done) -> {self.path}"]
         if self.errors:
             lines.append("unusable or failed (not counted): " + ", ".join(f"{k} {v:,}" for k, v in self.errors.items()))
