@@ -345,6 +345,10 @@ def test_cache_serves_earlier_prompts_and_settings_are_checked(features_json, se
     assert len(out.read_text().splitlines()) == 8                      # later lines replace earlier ones
     with pytest.raises(UserError, match="holds results made with other settings"):
         explain_features(config(features_json, server.url, env_file=str(env), output=str(out), n_examples=5))
+    from lock_holder import held_lock
+    with held_lock(out.parent, ".interp.jsonl.lock") as holder:
+        with pytest.raises(UserError, match=f"interp.jsonl is in use by another process \\(PID {holder.pid}\\)"):
+            explain_features(config(features_json, server.url, env_file=str(env), output=str(out)))
     with pytest.raises(UserError, match="--features_range 20:30 selects no feature"):
         explain_features(config(features_json, server.url, env_file=str(env), output=str(out), features_range="20:30"))
     assert KEY.encode() not in all_bytes(tmp_path)

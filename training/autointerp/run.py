@@ -25,6 +25,7 @@ from training.autointerp.files import append_line, read_lines
 from training.autointerp.scoring import score_detail
 from training.cli import UserError
 from training.feature_file import FEATURES_JSON, FeatureFile
+from training.locks import output_lock
 
 SCORINGS = ("clearness", "detection", "fuzzing")
 
@@ -283,23 +284,24 @@ def explain_features(cfg: ExplainConfig) -> ExplainResult:
         out = out / "interp.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     sig = settings(cfg, header)
-    if cfg.overwrite and out.exists():
-        out.unlink()
-    done = {int(r["feature"]): r for r in read_lines(out)}
-    foreign = [r for r in done.values() if r.get("settings") != sig]
-    if foreign:
-        raise UserError(f"{out} holds results made with other settings (model {foreign[0].get('model')}): pass "
-                        "--output for a new file, or --overwrite to start it over")
-    skip = {i for i, r in done.items() if covers(r, sig, cfg.scoring)}
-    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    client = ChatClient(cfg.model, base_url, api_key(cfg.api_key_env, cfg.env_file, base_url), cfg.concurrency,
-                        cfg.max_retries, cfg.backoff, cfg.timeout, cfg.temperature, cfg.max_tokens,
-                        cfg.response_format, ReplyCache(out.with_name(out.stem + ".cache.jsonl")))
-    wanted = set(selected) - skip
-    todo = (f for f in doc if int(f["id"]) in wanted)
-    errors: dict[str, int] = {}
-    first_errors: list[str] = []
-    written = asyncio.run(_run(cfg, todo, len(wanted), client, sig, out, errors, first_errors))
-    return ExplainResult(out, len(selected), len(set(selected) & skip), written, errors, client.usage,
-                           time.perf_counter() - t0, price_of(cfg.model, cfg.price_input, cfg.price_output),
-                           cfg.model, first_errors)
+    with output_lock(out):  # one writer per results file
+        if cfg.overwrite and out.exists():
+            out.unlink()
+        done = {int(r["feature"]): r for r in read_lines(out)}
+        foreign = [r for r in done.values() if r.get("settings") != sig]
+        if foreign:
+            raise UserError(f"{out} holds results made with other settings (model {foreign[0].get('model')}): pass "
+                            "--output for a new file, or --overwrite to start it over")
+        skip = {i for i, r in done.items() if covers(r, sig, cfg.scoring)}
+        base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        client = ChatClient(cfg.model, base_url, api_key(cfg.api_key_env, cfg.env_file, base_url), cfg.concurrency,
+                            cfg.max_retries, cfg.backoff, cfg.timeout, cfg.temperature, cfg.max_tokens,
+                            cfg.response_format, ReplyCache(out.with_name(out.stem + ".cache.jsonl")))
+        wanted = set(selected) - skip
+        todo = (f for f in doc if int(f["id"]) in wanted)
+        errors: dict[str, int] = {}
+        first_errors: list[str] = []
+        written = asyncio.run(_run(cfg, todo, len(wanted), client, sig, out, errors, first_errors))
+        return ExplainResult(out, len(selected), len(set(selected) & skip), written, errors, client.usage,
+                             time.perf_counter() - t0, price_of(cfg.model, cfg.price_input, cfg.price_output),
+                             cfg.model, first_errors)
