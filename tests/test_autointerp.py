@@ -475,3 +475,12 @@ def test_gathered_features_and_neurons_end_to_end(tiny_tokenizer_dir, tmp_path, 
         runs.append(str(res.path))
     out, counts, _ = plot_interp(PlotInterpConfig(runs=runs, labels=["features", "neurons"]))
     assert out == sae.parent / "interp.png" and counts.n_scored[1] == 8 and counts.detection.sum() > 0
+
+
+def test_autointerp_imports_no_gatherer_or_trainer():
+    code = ("import sys, training.autointerp.run, training.autointerp.plots; "
+            "print(sorted(m for m in sys.modules if m in ('training.top_activations', 'training.sweep', "
+            "'training.ensemble', 'training.steering', 'training.dashboards')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
