@@ -107,10 +107,11 @@ def write_random_sweep(folder: Path, dataset_dir: Path, d: int, d_hidden: int, b
 
 def synthetic_features(n: int, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 3, window: int = 15,
                        seed: int = 0, n_tokens: int = 1_000_000) -> tuple[dict, Iterator[dict]]:
-    """(features.json header, iterator over its features) for `n` random features (see training.top_activations):
+    """(features.json header, iterator over its features) for `n` random features (see training.feature_file):
     log-uniform densities, a quarter of the window tokens active, word-like tokens; the shape of a real run
     with these settings. The features are generated lazily."""
-    from training.top_activations import FORMAT, VERSION, render_feature_text, round_sig
+    from training.feature_file import FORMAT, VERSION, round_sig
+    from training.render import render_feature_text
     rng = np.random.default_rng(seed)
     words = [" the", " of", " parser", " return", "(", ")", " self", ".", " value", " =", " file", "ing", " data",
              "\n", " list", " import", " error", " in", " for", ":", " string", " to", " a", " open"]
@@ -179,7 +180,7 @@ def bench_site(args: argparse.Namespace, tmp: Path) -> None:
     import resource
 
     from training.dashboards import SiteExtras, build_site, logit_effects, nearest_features
-    from training.top_activations import FeatureFile, write_features_json
+    from training.feature_file import FeatureFile, write_features_json
     n, d, vocab = args.site_features, args.d, 8192
     g = torch.Generator().manual_seed(0)
     t = time.perf_counter()

@@ -18,10 +18,12 @@ import torch
 from training import load_sweep
 from training.cli import UserError
 from training.dashboards import (DashboardConfig, DensityAxis, logit_effects, make_dashboards, nearest_features,
-                                 parse_scores, prompt_activations, residual_directions, token_spans)
+                                 SiteExtras, parse_scores, prompt_activations, residual_directions, token_spans)
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, run_sweep
-from training.top_activations import SaeScorer, TopActivationsConfig, gather, read_features_json, visible_token
+from training.top_activations import SaeScorer, TopActivationsConfig, gather
+from training.feature_file import read_features_json
+from training.render import visible_token
 
 HOOK = "blocks.1.hook_resid_post"
 PROMPTS = ["The quiet cat reads the parser number 12.", "The old lamp opens the queue."]
@@ -91,6 +93,29 @@ def test_parse_scores(tmp_path):
         parse_scores(p)
     with pytest.raises(UserError, match="does not exist"):
         parse_scores(tmp_path / "none.json")
+
+
+def test_interp_jsonl_scores_on_the_pages(tmp_path):
+    from bench.top_activations import synthetic_features
+    from training.dashboards import build_site
+    recs = [{"feature": 0, "explanation": "the word <cat>", "clearness": 4, "detection": 0.675, "fuzzing": None},
+            {"feature": 1, "explanation": "numbers", "clearness": 2},
+            {"feature": 1, "explanation": "digits", "clearness": 3},                # a later line replaces
+            {"feature": 2, "skipped": "never fired: nothing to explain"}]
+    p = tmp_path / "interp.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    scores = parse_scores(p)
+    assert scores == {0: {"score": 0.675, "explanation": "the word <cat>", "clearness": 4, "detection": 0.675},
+                      1: {"score": 3.0, "explanation": "digits", "clearness": 3}}
+    header, feats = synthetic_features(3, top_k=2, n_quantiles=1, per_quantile=1)
+    extras = SiteExtras(scores=scores)
+    index = build_site(tmp_path / "site", {**header, "features": list(feats)}, extras)
+    page0 = (index.parent / "features" / "0.html").read_text()
+    assert "<b>Explanation:</b> the word &lt;cat&gt;" in page0
+    assert 'id="clearness">4<' in page0 and 'id="detection">0.675<' in page0 and 'id="fuzzing"' not in page0
+    rows = json.loads((index.parent / "index_data.js").read_text().split("=", 1)[1].rstrip(";\n"))
+    assert rows["has_score"] and [r[3] for r in rows["rows"]] == [0.675, 3.0, None]
+    assert [r[5] for r in rows["rows"]] == ["the word <cat>", "digits", ""]
 
 
 def test_residual_directions(tiny_neox_dir):

@@ -263,7 +263,7 @@ def test_saelens_loads_our_exports_and_we_load_its_saves(tmp_path):
 
 
 def test_export_writes_log_density_from_the_members_features(tmp_path):
-    from training.top_activations import FEATURES_JSON, FORMAT, write_features_json
+    from training.feature_file import FEATURES_JSON, FORMAT, write_features_json
     sweep = fake_sweep(tmp_path / "s", "topk", [4])
     meta = json.loads((sweep / "sweep.json").read_text())
     density = [0.0, 0.5] + [1e-3] * 46

@@ -16,7 +16,8 @@ from training.evaluate import EvaluateConfig, evaluate_sweep
 from training.generate import GenerateConfig, generate
 from training.models import analysis_dtype, manifest_dtype
 from training.sweep import SweepConfig, run_sweep
-from training.top_activations import TopActivationsConfig, gather, read_features_json
+from training.top_activations import TopActivationsConfig, gather
+from training.feature_file import read_features_json
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -15,7 +15,8 @@ CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepCon
            ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig"),
            ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig"),
            ("training.activation_import", "ImportConfig"), ("training.saelens", "ExportConfig"),
-           ("training.circuits", "CircuitConfig")]
+           ("training.circuits", "CircuitConfig"), ("training.autointerp.run", "ExplainConfig"),
+           ("training.autointerp.plots", "PlotInterpConfig")]
 
 
 @pytest.mark.parametrize("module, name", CONFIGS)

@@ -115,7 +115,7 @@ def test_block_characters():
     shown = render_activations(["de", "f\n  ", "x"], torch.tensor([0.0, 1.0, 0.5]), 1.0, 80).splitlines()
     assert shown == ["def↵", "  ██", "  x", "██▄"]
     wrapped = render_activations(["abc", "de", "\tf"], torch.tensor([1.0, 0.0, 1.0]), 1.0, 5, [True, True, False])
-    assert wrapped == "abcde\n███\n→f\n"  # wrapped at 5 characters; the last token has no bar
+    assert wrapped == "abcde\n███\n⇥f\n"  # wrapped at 5 characters; the last token has no bar
 
 
 def test_side_by_side_and_stacked():

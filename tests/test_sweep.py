@@ -787,7 +787,7 @@ def test_sweep_json_that_disagrees_with_the_tensors_is_refused(small_sweep, tmp_
 
 def test_garbage_json_files_are_one_line_through_the_cli(small_sweep, tmp_path, capsys):
     from training.sweep_files import read_sweep
-    from training.top_activations import FeatureFile, read_features_json
+    from training.feature_file import FeatureFile, read_features_json
     out = damaged_copy(small_sweep, tmp_path / "o")
     (out / "sweep.json").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(SystemExit) as exit_info:

@@ -16,8 +16,9 @@ from training import load_sweep, open_hook
 from training.cli import UserError, run_cli
 from training.generate import GenerateConfig, generate
 from training.sweep import SweepConfig, run_sweep
-from training.top_activations import (BLOCKS, RunningTop, TopActivationsConfig, block_level, gather,
-                                      read_features_json, render_example, round_sig, visible_token)
+from training.top_activations import RunningTop, TopActivationsConfig, gather
+from training.feature_file import read_features_json, round_sig
+from training.render import BLOCKS, block_level, render_example, visible_token
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -145,6 +146,9 @@ def test_neurons_by_hand(hand_folder, tiny_tokenizer_dir, tmp_path, mode, densit
     assert top["tokens"] == [tok.decode([i]) for i in ctx]
     if mode == "affine":
         assert [f["shift"] for f in feats] == [-1.0, -3.0]
+    # the random pool holds the 4 tokens; every window spans the whole sequence (shifted like the top examples)
+    assert sorted(e["position"] for e in feats[1]["random"]) == [0, 1, 2, 3]
+    assert all(e["acts"] == f1_top_acts for e in feats[1]["random"])
     # the plain-text line of that example: block level ceil(8 a / max) after every token with a > 0
     levels = [block_level(a, maxes[1]) for a in f1_top_acts]
     line = "".join(visible_token(t) + (BLOCKS[lv - 1] if lv else "") for t, lv in zip(top["tokens"], levels))
@@ -191,6 +195,26 @@ def test_sae_features_match_brute_force(chunk_root, sweeps, tmp_path, kind, key)
         if feat["count"]:
             assert sum(feat["histogram"]["counts"]) == feat["histogram"]["sample"] == min(128, feat["count"])
     assert checked > 1000
+    # random windows: per-token activations as brute force, and for each feature the 10 pool windows with the
+    # smallest window maximum (every pool window some feature kept must have a maximum at least as large)
+    pool = {(e["sequence"], e["position"]) for feat in data["features"] for e in feat["random"]}
+    assert data["n_random"] == 10 and len(pool) > 10
+
+    def window_max(f: int, s: int, p: int) -> float:
+        return max(float(codes[lookup[(s, q)], f]) for q in range(p - 3, p + 3) if (s, q) in lookup)
+    for f, feat in enumerate(data["features"]):
+        assert len(feat["random"]) == 10
+        for ex in feat["random"]:
+            start = ex["position"] - ex["center"]
+            rows = [lookup.get((ex["sequence"], start + j)) for j in range(len(ex["acts"]))]
+            assert [a is None for a in ex["acts"]] == [r is None for r in rows]      # not stored: null
+            want = [float(codes[r, f]) for r in rows if r is not None]
+            assert [a for a in ex["acts"] if a is not None] == pytest.approx(want, rel=1e-3, abs=1e-6)
+        mine = {(e["sequence"], e["position"]) for e in feat["random"]}
+        worst = max(window_max(f, *w) for w in mine)
+        assert all(window_max(f, *w) >= worst - 1e-5 for w in pool - mine)
+        if feat["density"] < 0.01:
+            assert worst == 0.0                                        # a sparse feature: windows where it is silent
 
 
 def test_text_source_agrees_with_stored_chunks(chunk_root, sweeps, tiny_neox_dir, tmp_path):
@@ -269,7 +293,7 @@ def test_other_bad_input(sweeps, tmp_path, capsys):
 
 
 def test_features_file_streams_and_reports_damage(tmp_path):
-    from training.top_activations import FORMAT, FeatureFile, write_features_json
+    from training.feature_file import FORMAT, FeatureFile, write_features_json
     header = {"format": FORMAT, "version": 1, "n_features": 3}
     feats = [{"id": i, "text": "a\nb", "top": []} for i in range(3)]
     path = tmp_path / "features.json"

@@ -59,7 +59,7 @@ def describe_nodes(graph: dict[str, Any], sites: Sequence[Any], model: Any, code
     the fly, else the prompt's), the tokens its direction most raises/lowers ("up", "down") and its dashboard
     page when one exists (in place)."""
     from training.dashboards import logit_effects, residual_directions
-    from training.top_activations import read_features_json
+    from training.feature_file import read_features_json
     by_name = {s.name: s for s in sites}
     prompt_tokens = [model.tokenizer.decode([t]) for t in prompt_ids]
     files: dict[str, list[dict[str, Any]] | None] = {}
@@ -168,7 +168,7 @@ def _shade(a: float | None, top: float) -> str:
 
 def _text(s: str) -> str:
     """A token or string made safe for a graphviz HTML label."""
-    from training.top_activations import visible_token
+    from training.render import visible_token
     return html.escape(visible_token(s), quote=True) or "&#8709;"
 
 

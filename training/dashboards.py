@@ -1,6 +1,6 @@
 """Feature dashboards: a static site for one dictionary (or the model's neurons) that opens from disk.
 
-Input: a features.json written by gather_high_activations.py (see training.top_activations), plus the
+Input: a features.json written by gather_high_activations.py (see training.feature_file), plus the
 dictionary's decoder (from the sweep named in it) and the model's unembedding (from the model named in
 the Stage 1 manifest). No server, no network: pages link one stylesheet and, for the index, two local
 scripts (assets/index.js and index_data.js, loaded with <script src>, which works from file://).
@@ -49,13 +49,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training.architectures import get as get_architecture
 from training.chunks import has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
 from training.sweep_files import check_made_from, key_label, key_name, select_member
-from training.top_activations import FEATURES_JSON, FeatureFile, NeuronScorer, SaeScorer, block_level, visible_token
+from training.feature_file import FEATURES_JSON, FeatureFile
+from training.render import block_level, visible_token
+from training.top_activations import NeuronScorer, SaeScorer
 
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
 SITE_ASSETS = ("style.css", "index.js")
@@ -88,8 +89,9 @@ class DashboardConfig:
     n_neighbors: int = 8
     """Nearest features by decoder cosine shown per feature."""
     scores: str | None = None
-    """JSON of interpretation scores: {"id": score} or {"id": {"score": s, "explanation": "..."}} or a list of
-    {"feature": id, "score": s, "explanation": "..."}."""
+    """Interpretation scores: an interp.jsonl of explain_features.py (score: detection accuracy, else clearness),
+    or JSON {"id": score} or {"id": {"score": s, "explanation": "..."}} or a list of {"feature": id, "score": s,
+    "explanation": "..."}."""
     prompt: list[str] | None = None
     """Text(s) to show the firing features of, token by token, on prompts.html (needs the model)."""
     prompt_top: int = 6
@@ -349,7 +351,12 @@ def feature_page(feat: dict[str, Any], doc: dict[str, Any], axis: DensityAxis, e
              f'<div class="card"><div class="k">firing tokens</div><div class="v" id="count">{feat["count"]:,}</div>'
              f'<div class="n">{"min subtracted: " + fmt(feat["shift"]) if "shift" in feat else "activation &gt; 0"}</div></div>']
     sc = extras.scores.get(i)
-    if sc and sc.get("score") is not None:
+    named = [(k, label) for k, label in INTERP_CARDS if sc and sc.get(k) is not None]
+    if named:
+        cards += [f'<div class="card"><div class="k">{label}</div><div class="v" id="{k}">{fmt(float(sc[k]))}</div>'
+                  f'<div class="n">{note}</div></div>' for k, label in named
+                  for note in [INTERP_NOTES[k]]]
+    elif sc and sc.get("score") is not None:
         cards.append(f'<div class="card"><div class="k">interpretation score</div><div class="v" id="score">'
                      f'{fmt(sc["score"])}</div></div>')
     body = [f'<h1>Feature {i}</h1><p class="sub">{esc(source_line(doc))}</p>']
@@ -465,11 +472,32 @@ def prompts_page(extras: SiteExtras, summaries: dict[int, dict[str, Any]], built
 
 # ------------------------------------------------------------------------------------- building
 
+INTERP_CARDS = (("clearness", "clearness (1-5)"), ("detection", "detection accuracy"), ("fuzzing", "fuzzing accuracy"))
+"""Scores of an interp.jsonl shown as cards on a feature page."""
+INTERP_NOTES = {"clearness": "the explainer's own rating", "detection": "balanced, held-out vs random windows",
+                "fuzzing": "balanced, real vs moved highlights"}
+
+
+def interp_scores(path: Path) -> dict[int, dict[str, Any]]:
+    """Scores of an interp.jsonl (training.autointerp.files): score = detection accuracy, else clearness."""
+    from training.autointerp.files import read_results
+    out: dict[int, dict[str, Any]] = {}
+    for fid, rec in read_results(path).items():
+        if "skipped" in rec:
+            continue
+        score = rec.get("detection") if rec.get("detection") is not None else rec.get("clearness")
+        out[fid] = {"score": None if score is None else float(score), "explanation": rec.get("explanation"),
+                    **{k: rec.get(k) for k, _ in INTERP_CARDS if rec.get(k) is not None}}
+    return out
+
+
 def parse_scores(path: str | Path) -> dict[int, dict[str, Any]]:
-    """Interpretation scores from a JSON file (formats: see DashboardConfig.scores)."""
+    """Interpretation scores from an interp.jsonl or a JSON file (formats: see DashboardConfig.scores)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"--scores {p} does not exist")
+    if p.suffix == ".jsonl":
+        return interp_scores(p)
     try:
         raw = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -18,7 +18,6 @@ ce_score_vs_l0.png, dead_vs_key.png, density_histograms.png.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import time

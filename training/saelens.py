@@ -36,7 +36,7 @@ from torch import Tensor
 import training
 from training.chunks import save_tensors
 from training.cli import UserError
-from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder, dictionary_from_params, unit_norm_params
+from training.dictionary import dictionary_from_params, unit_norm_params
 from training.inference_dictionaries import GatedDictionary, JumpReLUDictionary
 
 SAE_WEIGHTS, SAE_CFG, SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
@@ -271,7 +271,7 @@ def member_log_density(sweep: Path, label: str, meta: dict[str, Any]) -> Tensor 
     path = sweep / "features" / label / "features.json"
     if not path.exists():
         return None
-    from training.top_activations import FeatureFile
+    from training.feature_file import FeatureFile
     features = FeatureFile(path)
     if (features.get("source") or {}).get("sweep_sha256") != meta.get("weights_sha256"):
         return None

@@ -17,7 +17,6 @@ activation is the dictionary's code (`sae.encode`) of the activation at the hook
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import textwrap
@@ -29,19 +28,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training.architectures import get as get_architecture
 from training.chunks import atomic_write_json, has_tokens
 from training.cli import UserError
 from training.locks import output_lock
 from training.models import DTYPE_CHOICES
+from training.render import BLOCKS, block_level, visible_token
 from training.sae_hooks import add_vector_hook, capture  # noqa: F401 (add_vector_hook: part of this module's API)
 from training.text import special_token_ids
 
 DEFAULT_STRENGTH = 8.0
 """Strength used when none is given (activation units: the decoder directions have unit norm)."""
-
-BLOCKS = "".join(chr(c) for c in range(0x2581, 0x2589))
-"""The eight block characters U+2581..U+2588, lowest to full."""
 
 FeatureSpec = int | Sequence[int] | dict[int, float] | Sequence[dict[int, float]]
 
@@ -376,20 +372,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 # ------------------------------------------------------------------------------------- display
 
 def block_levels(values: Tensor, vmax: float) -> list[int]:
-    """Bar height 0..8 per value: 0 for values <= 0 (or vmax <= 0), else ceil(8 * value / vmax) clipped to 1..8."""
-    if vmax <= 0:
-        return [0] * len(values)
-    return [0 if v <= 0 else min(8, max(1, math.ceil(8 * float(v) / vmax))) for v in values]
+    """Bar height 0..8 per value (training.render.block_level): 0 for values <= 0 (or vmax <= 0), else
+    ceil(8 * value / vmax) clipped to 1..8."""
+    return [block_level(float(v), vmax) for v in values]
 
 
 def block_bar(values: Tensor, vmax: float) -> str:
     """One character per value: a space for level 0, else BLOCKS[level - 1] (U+2581..U+2588)."""
     return "".join(" " if lv == 0 else BLOCKS[lv - 1] for lv in block_levels(values, vmax))
-
-
-def display_token(s: str) -> str:
-    """A piece of a token as shown above its bar: tab as →, carriage return dropped."""
-    return s.replace("\t", "→").replace("\r", "")
 
 
 def render_activations(tokens: Sequence[str], values: Tensor, vmax: float, width: int,
@@ -404,7 +394,7 @@ def render_activations(tokens: Sequence[str], values: Tensor, vmax: float, width
         ch = ch if shown is None or shown[i] else " "
         pieces = tok.split("\n")
         for k, piece in enumerate(pieces):
-            disp = display_token(piece) + ("↵" if k < len(pieces) - 1 else "")
+            disp = visible_token(piece) + ("↵" if k < len(pieces) - 1 else "")
             if text and len(text) + len(disp) > width:
                 lines += [text, bars.rstrip()]
                 text, bars = "", ""

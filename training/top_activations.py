@@ -18,62 +18,39 @@ Definitions (n = tokens processed, a_f(t) = activation of feature f on token t):
   neurons (`make_positive_by`):  abs: |x|;  relu: max(x, 0);
                affine: x - min over the processed tokens (shifted so that the minimum is 0; a token
                "fires" when it is above that minimum)
-  text       = one line per example; every token is followed by a block character U+2581..U+2588
-               (level = ceil(8 * a / max_f), clipped to 1..8) when a > 0, and by nothing when a is 0
-               or unknown; inside tokens newlines show as U+21B5, tabs as U+21E5, other control
-               characters as their Control Pictures symbol (U+2400 + code), carriage returns as nothing.
+  random     = `n_random` context windows per feature from a pool of 20 * n_random windows around
+               uniformly drawn tokens (seeded with seed + 1, independent of the sample above): the
+               windows whose largest activation of the feature is smallest, ties in pool order (so
+               for a sparse feature: random windows where it does not fire at all); they are the
+               non-activating examples of autointerp's detection scoring
+  text       = training.render.render_feature_text of the entry (block characters, see training.render)
 
-features.json (one feature per line):
-  {"format": "top_activations", "version": 1,
-   "source": {"kind": "sae"|"neurons", "sweep" | "sae" (a pretrained dictionary; key, key_name null), "key",
-              "key_name" (the sweep parameter: l1, k, ...), "architecture",
-              "make_positive_by", "hook", "model", "dataset_dir" | "dataset", "d_in", "context_length"},
-   "n_tokens": int, "n_features": int, "top_k", "window_before", "window_after", "n_quantiles",
-   "per_quantile", "sample_size", "histogram_bins", "n_dead": int, "config": {flags of the run},
-   "features": [
-     {"id": int, "density": float, "max": float, "count": int (firing tokens),
-      "shift": float (affine neurons only: the minimum subtracted),
-      "top": [example, ...],
-      "quantiles": [{"quantile": [lo, hi], "range": [min act, max act], "examples": [example, ...]}, ...],
-      "histogram": {"lo": 0, "hi": max, "counts": [int] * histogram_bins, "sample": int},
-      "text": str}, ...]}
-  example = {"tokens": [str], "acts": [float | null], "center": int (index of the token the example
-             is about), "activation": float, "sequence": int, "position": int}
-  `acts` are this feature's activations on every token of the window (null: no stored activation,
-  e.g. a special token Stage 1 left out). Numbers are rounded to 4 significant digits.
+The file written is features.json, whose format lives in training.feature_file.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training.architectures import get as get_architecture
-from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, read_json, require_tokens
+from training.chunks import CONTEXTS, HookData, mmap_tensors, open_hook, require_tokens
 from training.cli import UserError, config_to_dict
+from training.feature_file import FEATURES_JSON, FORMAT, VERSION, round_sig, write_features_json
 from training.locks import folder_lock
 from training.models import DTYPE_CHOICES, analysis_dtype, manifest_dtype, resolve_device, resolve_model_path
+from training.render import render_feature_text
 from training.sweep_files import read_sweep_json
 
 POSITIVE_BY = ("abs", "relu", "affine")
-BLOCKS = "".join(chr(0x2581 + i) for i in range(8))
-"""The eight block characters U+2581..U+2588, lowest first."""
-FORMAT = "top_activations"
-VERSION = 1
-FEATURES_JSON = "features.json"
-_FEATURES_OPEN = ',"features":[\n'
-"""What ends the first (header) line of features.json."""
 
 
 @dataclass
@@ -126,6 +103,9 @@ class TopActivationsConfig:
     """Firing tokens sampled uniformly at random per feature (source of the quantile examples and histogram)."""
     histogram_bins: int = 24
     """Bins of each feature's activation histogram."""
+    n_random: int = 10
+    """Least-activating windows kept per feature from a random pool of 20 x this many (autointerp's
+    non-activating examples); 0: none."""
     batch_size: int | None = None
     """Rows encoded per matmul (default: about 32M codes per batch, at most 65536 rows)."""
     seed: int = 0
@@ -137,66 +117,6 @@ class TopActivationsConfig:
     output: str | None = None
     """Output file (or folder to put features.json in); default: {sweep}/features/{l1_X|k_X}/features.json,
     outputs/features/{folder name}/features.json for --sae, or outputs/neurons/{hook}-{make_positive_by}/features.json for --neurons."""
-
-
-# ------------------------------------------------------------------------------------- numbers
-
-def round_sig(a: np.ndarray, digits: int = 4) -> np.ndarray:
-    """`a` rounded to `digits` significant digits (float64; NaN and 0 stay as they are), each value the
-    double nearest to its short decimal, so that JSON writes it short (0.1234, not 0.12340000271)."""
-    a = np.asarray(a, dtype=np.float64)
-    out = a.copy()
-    ok = np.isfinite(a) & (a != 0)
-    if not ok.any():
-        return out
-    v = a[ok]
-    p = digits - 1 - np.floor(np.log10(np.abs(v))).astype(np.int64)
-    res = np.empty_like(v)
-    pos = p >= 0
-    scale = 10.0 ** np.abs(p)
-    res[pos] = np.round(v[pos] * scale[pos]) / scale[pos]
-    res[~pos] = np.round(v[~pos] / scale[~pos]) * scale[~pos]
-    out[ok] = res
-    return out
-
-
-def block_level(act: float | None, max_act: float) -> int:
-    """0 (no block) for act <= 0, unknown or max <= 0, else ceil(8 * act / max) clipped to 1..8."""
-    if act is None or not act > 0 or not max_act > 0:
-        return 0
-    return int(min(8, max(1, math.ceil(8 * act / max_act))))
-
-
-_VISIBLE = {**{c: chr(0x2400 + c) for c in range(32)}, 0x7F: "\u2421", ord("\n"): "\u21b5", ord("\t"): "\u21e5",
-            ord("\r"): None, 0x85: "\u21b5", 0x2028: "\u21b5", 0x2029: "\u21b5"}
-
-
-def visible_token(tok: str) -> str:
-    """A token as shown on one line: newline -> U+21B5, tab -> U+21E5, carriage return dropped, other
-    control characters -> their Control Pictures symbol (U+2400 + code)."""
-    return tok.translate(_VISIBLE)
-
-
-def render_example(tokens: Sequence[str], acts: Sequence[float | None], max_act: float) -> str:
-    """One line: each token followed by its block character (none when its activation is 0 or unknown)."""
-    parts = []
-    for tok, a in zip(tokens, acts):
-        level = block_level(a, max_act)
-        parts.append(visible_token(tok) + (BLOCKS[level - 1] if level else ""))
-    return "".join(parts)
-
-
-def render_feature_text(feat: dict[str, Any]) -> str:
-    """The plain-text rendering of one feature entry of features.json (see the module docstring)."""
-    lines = [f"feature {feat['id']}: density {feat['density']:.4g}, max {feat['max']:.4g}"]
-    for ex in feat["top"]:
-        lines.append("  " + render_example(ex["tokens"], ex["acts"], feat["max"]))
-    for group in feat["quantiles"]:
-        lo, hi = group["quantile"]
-        lines.append(f" quantile {lo:.0%}-{hi:.0%} (activation {group['range'][0]:.3g}-{group['range'][1]:.3g}):")
-        for ex in group["examples"]:
-            lines.append("  " + render_example(ex["tokens"], ex["acts"], feat["max"]))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- what is scored
@@ -306,7 +226,7 @@ class RunningTop:
     """
 
     def __init__(self, n_features: int, top_k: int, sample_size: int, all_fire: bool, device: torch.device,
-                 seed: int = 0):
+                 seed: int = 0, pool_size: int = 0):
         F = n_features
         self.k, self.r, self.all_fire = top_k, sample_size, all_fire
         self.top_values = torch.full((F, top_k), -math.inf, device=device)        # [F, k] descending
@@ -320,6 +240,9 @@ class RunningTop:
         self.n_tokens = 0
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._buf: Tensor | None = None
+        self.pool_priority = torch.zeros(pool_size, device=device)              # [P] descending; 0 = empty
+        self.pool_rows = torch.full((pool_size,), -1, dtype=torch.long, device=device)
+        self.pool_generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     @staticmethod
     def merge(score: Tensor, payload: list[Tensor], new_score: Tensor, new_payload: list[Tensor]
@@ -355,6 +278,11 @@ class RunningTop:
             sv, sr = acts_t.gather(1, si), rows[si]
         self.sample_priority, (self.sample_values, self.sample_rows) = self.merge(
             self.sample_priority, [self.sample_values, self.sample_rows], sp, [sv, sr])
+        if len(self.pool_rows):                                                   # tokens for the random pool
+            pu, pi = (1 - torch.rand(b, generator=self.pool_generator, device=acts_t.device)).topk(
+                min(len(self.pool_rows), b))
+            best, (kept,) = self.merge(self.pool_priority[None], [self.pool_rows[None]], pu[None], [rows[pi][None]])
+            self.pool_priority, self.pool_rows = best[0], kept[0]
         self.n_tokens += b
 
     def shift(self) -> Tensor:
@@ -604,6 +532,55 @@ def window_activations(source: Source, scorer: Scorer, ex: Examples, shift: np.n
     return P, acts
 
 
+def random_examples(source: Source, scorer: Scorer, stats: RunningTop, shift: np.ndarray, n_random: int,
+                    before: int, after: int, device: torch.device) -> tuple[Examples, np.ndarray, np.ndarray]:
+    """(examples with group -2, positions [E, W], activations [E, W]) of the `n_random` pool windows with the
+    smallest window maximum of each feature (see the module docstring), like `window_activations`'s."""
+    L, F = source.context_length, stats.top_values.shape[0]
+    W = before + 1 + after
+    centers = stats.pool_rows[stats.pool_rows >= 0].cpu().numpy()                 # [Pn] in pool (random) order
+    empty = Examples(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float64, np.int64)))
+    if n_random <= 0 or len(centers) == 0:
+        return empty, np.zeros((0, W), dtype=np.int64), np.zeros((0, W))
+    P = (centers % L)[:, None] + np.arange(-before, after + 1)[None, :]          # [Pn, W]
+    valid = (P >= 0) & (P < L)
+    P = np.where(valid, P, -1)
+    keys = (centers // L)[:, None] * L + P
+    wanted = np.unique(keys[valid])
+    X = torch.zeros(len(wanted), source.d, device=device)                        # [rows, d]
+    found = np.zeros(len(wanted), dtype=bool)
+    for x, k in source.rows_with_keys(wanted):
+        at = np.searchsorted(wanted, k)
+        X[torch.from_numpy(at).to(device)] = x
+        found[at] = True
+    slot = np.where(valid, np.searchsorted(wanted, np.where(valid, keys, wanted[0])), 0)   # [Pn, W] row of X
+    stored = valid & found[slot]
+    shift_t = torch.from_numpy(shift).float().to(device)[:, None, None]
+    mask = torch.from_numpy(stored).to(device)
+    block = max(1, (1 << 25) // max(1, F * W))
+    wmax = torch.empty(F, len(centers), device=device)                           # [F, Pn]
+    for s in range(0, len(centers), block):
+        rows = X[torch.from_numpy(slot[s:s + block].ravel()).to(device)]           # [b * W, d]
+        codes = scorer.codes_t(rows).reshape(F, -1, W) - shift_t                   # [F, b, W]
+        codes = codes.masked_fill(~mask[None, s:s + block], -math.inf).amax(2)
+        wmax[:, s:s + block] = torch.where(torch.isinf(codes), math.inf, codes)   # nothing stored: never chosen
+    chosen = torch.sort(wmax, dim=1, stable=True).indices[:, :n_random].cpu().numpy()      # [F, n]
+    ok = (np.take_along_axis(wmax.cpu().numpy(), chosen, 1) < math.inf).ravel()
+    feat = np.repeat(np.arange(F), chosen.shape[1])[ok]
+    win = chosen.ravel()[ok]
+    # per-token activations of each chosen (feature, window); rows in ascending order for Scorer.at
+    e_idx, w_idx = np.nonzero(stored[win])
+    rows_x = slot[win[e_idx], w_idx]
+    order = np.argsort(rows_x, kind="stable")
+    e_idx, w_idx, rows_x = e_idx[order], w_idx[order], rows_x[order]
+    vals = scorer.at(X, torch.from_numpy(rows_x).to(device), torch.from_numpy(feat[e_idx]).to(device))
+    acts = np.full((len(win), W), np.nan)
+    acts[e_idx, w_idx] = vals.double().cpu().numpy() - shift[feat[e_idx]]
+    value = np.nan_to_num(acts[:, before], nan=0.0)
+    ex = Examples(feat.astype(np.int64), centers[win].astype(np.int64), value, np.full(len(win), -2, dtype=np.int64))
+    return ex, P[win], acts
+
+
 class TokenDecoder:
     """Token id -> its text (tokenizer.decode of the single id), cached."""
 
@@ -623,7 +600,7 @@ class TokenDecoder:
 
 def build_features(stats: RunningTop, ex: Examples, bands: list, positions: np.ndarray, acts: np.ndarray,
                    tokens: dict[int, np.ndarray], decode: TokenDecoder, L: int, n_quantiles: int,
-                   histogram_bins: int) -> Iterator[dict[str, Any]]:
+                   histogram_bins: int, with_random: bool = False) -> Iterator[dict[str, Any]]:
     """The entries of the "features" list of features.json, one at a time (see the module docstring)."""
     F = stats.top_values.shape[0]
     shift_t = stats.shift().double()
@@ -656,7 +633,7 @@ def build_features(stats: RunningTop, ex: Examples, bands: list, positions: np.n
 
     for f in tqdm(range(F), desc="building", unit="feature", dynamic_ncols=True):
         mine = order[starts[f]:starts[f + 1]]
-        top = [example(e) for e in mine if ex.group[e] < 0]
+        top = [example(e) for e in mine if ex.group[e] == -1]
         per_band: dict[int, list[dict[str, Any]]] = {}
         for e in mine:
             if ex.group[e] >= 0:
@@ -664,11 +641,12 @@ def build_features(stats: RunningTop, ex: Examples, bands: list, positions: np.n
         groups = [{"quantile": [q / n_quantiles, (q + 1) / n_quantiles],
                    "range": round_sig(np.array([lo, hi])).tolist(), "examples": per_band.get(q, [])}
                   for q, lo, hi in bands[f]]
+        random = [example(e) for e in mine if ex.group[e] == -2]
         entry: dict[str, Any] = {"id": f, "density": float(r_density[f]), "max": float(r_max[f]),
                                  "count": int(count[f])}
         if stats.all_fire:
             entry["shift"] = float(r_shift[f])
-        entry.update({"top": top, "quantiles": groups,
+        entry.update({"top": top, "quantiles": groups, **({"random": random} if with_random else {}),
                       "histogram": {"lo": 0.0, "hi": float(r_max[f]), "counts": hist[f].tolist(),
                                     "sample": int(valid[f].sum())}})
         entry["text"] = render_feature_text(entry)
@@ -711,85 +689,6 @@ def default_output(cfg: TopActivationsConfig, label: str | None, hook: str) -> P
     return Path("outputs") / "neurons" / f"{hook}-{cfg.make_positive_by}" / FEATURES_JSON
 
 
-def write_features_json(path: Path, header: dict[str, Any], features: Iterable[dict[str, Any]]) -> int:
-    """Write features.json atomically (temporary file + rename): the header on the first line, then one
-    feature per line (any iterable: written as it comes). Returns the file size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    head = json.dumps(header, separators=(",", ":"))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(head[:-1] + _FEATURES_OPEN)
-        for i, feat in enumerate(features):
-            f.write((",\n" if i else "") + json.dumps(feat, separators=(",", ":"), ensure_ascii=False))
-        f.write("\n]}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-class FeatureFile:
-    """features.json opened for streaming: `header` (everything but the features) and iteration over the
-    features read one line at a time (the layout `write_features_json` writes; other layouts are loaded
-    whole). Indexing like the dict: f["source"], f["features"] (this object), f.get("n_dead")."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise UserError(f"{self.path} does not exist: run gather_high_activations.py first")
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                first = f.readline()
-        except UnicodeDecodeError:
-            first = ""
-        self._whole: list[dict[str, Any]] | None = None
-        if first.endswith(_FEATURES_OPEN):
-            try:
-                self.header = json.loads(first[:-len(_FEATURES_OPEN)] + "}")
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path} has a damaged first line: rerun gather_high_activations.py to "
-                                "regenerate it") from None
-        else:
-            data = read_features_json(self.path)
-            self._whole = data.pop("features")
-            self.header = data
-        if self.header.get("format") != FORMAT:
-            raise UserError(f"{self.path} is not a features.json written by gather_high_activations.py")
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._whole is not None:
-            yield from self._whole
-            return
-        with open(self.path, encoding="utf-8") as f:
-            f.readline()
-            for n, line in enumerate(f, start=2):
-                line = line.rstrip().rstrip(",")
-                if line in ("", "]}"):
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{self.path} line {n} is not a feature (truncated file?): regenerate it") from None
-
-    def __getitem__(self, key: str) -> Any:
-        return self if key == "features" else self.header[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Header value (or `default`)."""
-        return self.header.get(key, default)
-
-
-def read_features_json(path: str | Path) -> dict[str, Any]:
-    """features.json as a dict; a missing or foreign file is a UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist: run gather_high_activations.py first")
-    data = read_json(path, "rerun gather_high_activations.py to regenerate it")
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("features"), list):
-        raise UserError(f"{path} is not a features.json written by gather_high_activations.py")
-    return data
-
-
 @dataclass
 class GatherResult:
     """What a run produced."""
@@ -815,7 +714,7 @@ def check_config(cfg: TopActivationsConfig) -> None:
     for name in ("n_tokens", "top_k"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("window_before", "window_after", "n_quantiles", "per_quantile", "sample_size"):
+    for name in ("window_before", "window_after", "n_quantiles", "per_quantile", "sample_size", "n_random"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(cfg, name)})")
     if cfg.histogram_bins < 1:
@@ -871,13 +770,13 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
     check_config(cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    key = label = meta = None
+    label = meta = None
     source_info: dict[str, Any]
     if not cfg.neurons:
         from training.pretrained import pick_dictionary
         picked = pick_dictionary(cfg.sweep, cfg.l1, cfg.k, cfg.key, cfg.sae, cfg.hook if cfg.sae else None,
                                  cfg.model, device)
-        key, module, meta, label = picked.key, picked.module, picked.meta, picked.label
+        module, meta, label = picked.module, picked.meta, picked.label
         if cfg.sae is not None and cfg.dataset is not None and cfg.model is None:
             cfg = replace(cfg, model=model_of(meta))
     elif cfg.sweep is not None:
@@ -897,7 +796,7 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
     with folder_lock(out_path.parent):  # one writer per features folder
         F = scorer.n_features
         batch = cfg.batch_size or max(256, min(65536, (1 << 25) // max(1, F)))
-        stats = RunningTop(F, cfg.top_k, cfg.sample_size, scorer.all_fire, device, cfg.seed)
+        stats = RunningTop(F, cfg.top_k, cfg.sample_size, scorer.all_fire, device, cfg.seed, 20 * cfg.n_random)
         bar = tqdm(total=source.total, desc="encoding", unit="tok", unit_scale=True, dynamic_ncols=True)
         with torch.no_grad():
             for x, keys in source.batches(batch):
@@ -911,15 +810,22 @@ def gather(cfg: TopActivationsConfig) -> GatherResult:
         shift = stats.shift().double().cpu().numpy()
         positions, acts = window_activations(source, scorer, ex, shift, cfg.window_before, cfg.window_after,
                                              device)
+        if cfg.n_random:
+            rex, rpos, racts = random_examples(source, scorer, stats, shift, cfg.n_random, cfg.window_before,
+                                               cfg.window_after, device)
+            ex = Examples(*(np.concatenate([getattr(ex, n), getattr(rex, n)])
+                            for n in ("feature", "key", "value", "group")))
+            positions, acts = np.concatenate([positions, rpos]), np.concatenate([acts, racts])
         tokens = source.tokens(np.unique(ex.key // source.context_length))
         features = build_features(stats, ex, bands, positions, acts, tokens, TokenDecoder(tokenizer),
-                                  source.context_length, cfg.n_quantiles, cfg.histogram_bins)
+                                  source.context_length, cfg.n_quantiles, cfg.histogram_bins, cfg.n_random > 0)
         counts = (stats.count - (stats.at_minimum if stats.all_fire else 0)).cpu()
         n_dead = int((counts == 0).sum())
         header = {"format": FORMAT, "version": VERSION, "source": source_info, "n_tokens": stats.n_tokens,
                   "n_features": F, "top_k": cfg.top_k, "window_before": cfg.window_before,
                   "window_after": cfg.window_after, "n_quantiles": cfg.n_quantiles, "per_quantile": cfg.per_quantile,
-                  "sample_size": cfg.sample_size, "histogram_bins": cfg.histogram_bins, "n_dead": n_dead,
+                  "sample_size": cfg.sample_size, "histogram_bins": cfg.histogram_bins, "n_random": cfg.n_random,
+                  "n_dead": n_dead,
                   "config": config_to_dict(cfg)}
         strongest = set((stats.top_values[:, 0] - stats.shift()).topk(min(3, F)).indices.tolist())
         shown: dict[int, str] = {}
