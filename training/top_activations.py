@@ -212,7 +212,8 @@ class Scorer(Protocol):
 
 
 class SaeScorer:
-    """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations)."""
+    """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations;
+    a module with a `threshold` (BatchTopK, Matryoshka): kept where above it)."""
 
     all_fire = False
 
@@ -221,13 +222,17 @@ class SaeScorer:
             self.w = module.encoder_weight().detach().to(device, torch.float32).contiguous()      # [F, d]
             center = module.center.detach().to(device, torch.float32)
             self.b = module.encoder_bias.detach().to(device, torch.float32) - self.w @ center     # [F]
-        self.k = getattr(module, "k", None)
         self.n_features = self.w.shape[0]
+        threshold = getattr(module, "threshold", None)       # BatchTopK-style: codes where pre > threshold, each row
+        self.threshold = (None if threshold is None
+                          else threshold.detach().to(device, torch.float32).expand(self.n_features).contiguous())
+        self.k = getattr(module, "k", None) if threshold is None else None
 
     def codes_t(self, x: Tensor) -> Tensor:
         """[F, b] codes (one matmul; TopK: scatter of the k kept values per row)."""
         if self.k is None:
-            return torch.addmm(self.b[:, None], self.w, x.T).relu_()
+            codes = torch.addmm(self.b[:, None], self.w, x.T).relu_()
+            return codes if self.threshold is None else codes.mul_(codes > self.threshold[:, None])
         pre = torch.addmm(self.b, x, self.w.T)                                    # [b, F]
         vals, idx = pre.topk(self.k, dim=1)
         out = torch.zeros(self.n_features, x.shape[0], device=x.device)
@@ -241,7 +246,8 @@ class SaeScorer:
         if self.k is None:
             for s in range(0, len(rows), block):
                 r, f = rows[s:s + block], feats[s:s + block]
-                out[s:s + block] = ((x[r] * self.w[f]).sum(1) + self.b[f]).relu_()
+                v = ((x[r] * self.w[f]).sum(1) + self.b[f]).relu_()
+                out[s:s + block] = v if self.threshold is None else v.mul_(v > self.threshold[f])
             return out
         starts = torch.searchsorted(rows, torch.arange(0, len(x) + block, block, device=rows.device))
         for j, r0 in enumerate(range(0, len(x), block)):
