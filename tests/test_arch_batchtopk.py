@@ -18,7 +18,7 @@ import training.sweep as sweep_mod
 from conftest import sweep_killed_at_chunk
 from test_sweep import HOOK, _same_weights, cfg_for, chunk_root  # noqa: F401 (chunk_root: the dataset fixture)
 from training.architectures import get
-from training.architectures.batchtopk import THRESHOLD_BETA, BatchTopKAutoencoder, batch_topk_loss
+from training.architectures.batchtopk import THRESHOLD_BETA, BatchTopKAutoencoder
 from training.cli import UserError
 from training.dictionary import decoder_norms
 from training.ensemble import Ensemble, make_members

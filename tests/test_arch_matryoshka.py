@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from test_arch_batchtopk import (_data, check_killed_sweep_resumes_bit_exactly, check_loss_and_gradient_against_reference,
-                                 check_nan_member_is_frozen_others_unchanged, check_recovers_known_features,
-                                 check_sweep_saves_a_threshold_that_loads, reference_loss)
+from test_arch_batchtopk import (_data, check_killed_sweep_resumes_bit_exactly,
+                                 check_loss_and_gradient_against_reference, check_nan_member_is_frozen_others_unchanged,
+                                 check_recovers_known_features, check_sweep_saves_a_threshold_that_loads,
+                                 reference_loss)
 from test_sweep import cfg_for, chunk_root  # noqa: F401 (chunk_root: the dataset fixture)
 from training.architectures.batchtopk import prefix_ends
 from training.architectures.matryoshka import DEFAULT_PREFIXES, MatryoshkaAutoencoder
@@ -69,7 +70,8 @@ def test_prefixes_are_an_option_kept_by_the_state_dict():
     x = _data(32, 8, seed=3)
     assert torch.equal(back.step(x)["loss"], ens.step(x)["loss"])
     with pytest.raises(ValueError, match="has no options"):
-        Ensemble(make_members("batchtopk", 1, 8, 32, keys=[2]), {"lr": [1e-2]}, arch_options={"matryoshka_prefixes": [1]})
+        Ensemble(make_members("batchtopk", 1, 8, 32, keys=[2]), {"lr": [1e-2]},
+                 arch_options={"matryoshka_prefixes": [1]})
 
 
 def test_nan_member_is_frozen_others_unchanged():

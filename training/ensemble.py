@@ -131,7 +131,7 @@ class Ensemble:
             raise ValueError(f"{self.architecture} has no options {sorted(unknown)} (it has {list(self.arch.options)})")
         self.arch_options: dict[str, Any] = dict(arch_options or {})
         self.member_state: dict[str, Any] = self.arch.member_state(host_keys, like, **self.arch_options)
-        self.member_state.update({n: self.params[n] for n in self.arch.state_params})   # aliases: updates are the params'
+        self.member_state.update({n: self.params[n] for n in self.arch.state_params})   # aliases of the params
         self.exp_avg, self.exp_avg_sq = moments if moments is not None else (
             {n: torch.zeros_like(p) for n, p in self.params.items()},
             {n: torch.zeros_like(p) for n, p in self.params.items()})

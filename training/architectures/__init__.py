@@ -14,7 +14,7 @@ gradient sees the stacked `[N, ...]` params):
     hparam of that name (int64 when `sweep_param_integer`, else float64) and in sweep.json as the members' keys.
   - `scheduled`: the coefficients (per-member float hparams) that `Ensemble.step(coefficient_scales=)` scales,
     e.g. the l1 warm-up; they reach the losses, already scaled, in `coefficients`.
-  - `member_state(keys: [N] on the CPU, like, **options) -> dict`: per-member state derived from the keys (tensors with a
+  - `member_state(keys: [N] on the CPU, like, **options) -> dict`: per-member state derived from the keys (tensors,
     leading [N] axis, vmapped by the autograd backend) and static values (ints, floats, bools: shared by all).
     Each step the ensemble adds its options (`k_aux`, `aux_coef`, `decoder_impl`) and, under the "aux_k" dead
     policy while any member has dead latents, `dead: [N, d_hidden]`.

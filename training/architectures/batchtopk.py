@@ -20,11 +20,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.architectures import Architecture
-from training.architectures.topk import FP32, TopKDecoder, _check_keys
+from training.architectures.topk import FP32, _check_keys
 from training.dictionary import (
     INIT_NORM,
     Dictionary,
