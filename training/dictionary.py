@@ -175,6 +175,12 @@ def init_center_value(acts: Tensor, method: Literal["mean", "geometric_median"] 
 class Dictionary(nn.Module):
     """Parameters and methods shared by every architecture's dictionary module (training/architectures/)."""
 
+    linear_scoring = True
+    """Whether the codes are ReLU(encoder (x - center) + encoder_bias), optionally kept only on the `k` largest
+    pre-activations or above `threshold` (per feature or one for all): then analysis tools may score features with
+    their own fast kernels on these parameters; an architecture whose encoder has another form sets it False (they
+    then call its `encode`)."""
+
     def _init_params(self, d_in: int, d_hidden: int, tied: bool, init_norm: float, device, dtype) -> None:
         """Random decoder rows of norm `init_norm`, encoder = decoder copy (its transpose in x @ W convention)."""
         self.d_in, self.d_hidden, self.tied = d_in, d_hidden, tied

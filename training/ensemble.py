@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from training.adam import adam_factors, adam_members_, adam_stacked_, clip_grads_, member_groups, project_rows_
-from training.ensemble_state import (architecture_name, check_state, load_options, state_refs,
+from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
 from training.dead_latents import DEAD_POLICIES, member_generator, track_dead_  # noqa: F401 (re-exported)
 from training.architectures import Architecture, get as get_architecture
@@ -81,7 +81,8 @@ class Ensemble:
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                  dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                  backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse",
-                 chunk_tokens: int = 1 << 30, unit_decoder: bool = False, grad_clip: float = 0.0):
+                 chunk_tokens: int = 1 << 30, unit_decoder: bool = False, grad_clip: float = 0.0,
+                 arch_options: dict[str, Any] | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         first = members[0]
@@ -96,16 +97,17 @@ class Ensemble:
         self._init_from(params, hparams, arch.name, keys, adam_betas=adam_betas, adam_eps=adam_eps,
                         dead_window=dead_window, k_aux=k_aux, aux_coef=aux_coef, backend=backend,
                         topk_decoder=topk_decoder, chunk_tokens=chunk_tokens, unit_decoder=unit_decoder,
-                        grad_clip=grad_clip)
+                        grad_clip=grad_clip, arch_options=arch_options)
 
     def _init_from(self, params: Params, hparams: dict[str, Tensor | list[float]], architecture: str,
                    member_keys: list | None, *, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                    dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                    backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse", chunk_tokens: int = 1 << 30,
-                   unit_decoder: bool = False, grad_clip: float = 0.0, moments: tuple[Params, Params] | None = None
-                   ) -> None:
+                   unit_decoder: bool = False, grad_clip: float = 0.0, moments: tuple[Params, Params] | None = None,
+                   arch_options: dict[str, Any] | None = None) -> None:
         """Set every field around stacked `params` {name: [N, ...]} (adopted, not copied) and Adam `moments`
-        (exp_avg, exp_avg_sq; default zeros); `member_keys`: each member's sweep key where its module holds it."""
+        (exp_avg, exp_avg_sq; default zeros); `member_keys`: each member's sweep key where its module holds it;
+        `arch_options`: the architecture's `options` by name (missing ones: its member_state's defaults)."""
         if backend not in ("fused", "autograd") or topk_decoder not in ("sparse", "dense"):
             raise ValueError(f"unknown backend {backend!r} or topk_decoder {topk_decoder!r}")
         self.arch: Architecture = get_architecture(architecture)
@@ -124,7 +126,12 @@ class Ensemble:
         self.hparams: dict[str, Tensor] = self._checked_hparams(hparams, member_keys)
         host_keys = (torch.tensor(member_keys) if member_keys is not None      # no device read (meta-safe)
                      else torch.as_tensor(hparams[self.arch.sweep_param]).to("cpu", copy=True))
-        self.member_state: dict[str, Any] = self.arch.member_state(host_keys, like)
+        unknown = set(arch_options or {}) - set(self.arch.options)
+        if unknown:
+            raise ValueError(f"{self.architecture} has no options {sorted(unknown)} (it has {list(self.arch.options)})")
+        self.arch_options: dict[str, Any] = dict(arch_options or {})
+        self.member_state: dict[str, Any] = self.arch.member_state(host_keys, like, **self.arch_options)
+        self.member_state.update({n: self.params[n] for n in self.arch.state_params})   # aliases of the params
         self.exp_avg, self.exp_avg_sq = moments if moments is not None else (
             {n: torch.zeros_like(p) for n, p in self.params.items()},
             {n: torch.zeros_like(p) for n, p in self.params.items()})
@@ -405,7 +412,7 @@ class Ensemble:
         moments = take("adam.exp_avg."), take("adam.exp_avg_sq.")
         ens = cls.__new__(cls)
         ens._init_from(params, hparams, arch.name, keys, backend=backend, topk_decoder=topk_decoder,
-                       moments=moments)
+                       moments=moments, arch_options=arch_options(state))
         check_state(ens, shapes)
         load_options(ens, state)
         ens.adam_step.copy_(state["adam.step"])

@@ -1,7 +1,8 @@
 """The ensemble's checkpoint format: one flat {name: tensor} dict (safetensors-ready) holding params
 ("param.<name>"), Adam moments ("adam.exp_avg.<name>", "adam.exp_avg_sq.<name>", "adam.step"), hparams
-("hparam.lr", "hparam.<sweep param>"), the architecture's saved member state ("state.<name>"), dead counters ("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the
-options ("option.*", among them the architecture's name as UTF-8 bytes). States written before an entry existed
+("hparam.lr", "hparam.<sweep param>"), the architecture's saved member state ("state.<name>"), dead counters
+("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the options ("option.*", among them the architecture's name
+as UTF-8 bytes and its own options, "option.arch.<name>"). States written before an entry existed
 are completed by `with_legacy_entries`, so old checkpoints load unchanged.
 """
 
@@ -34,7 +35,15 @@ def state_refs(ens: Any) -> dict[str, Tensor]:
     out["option.unit_decoder"] = torch.tensor(ens.unit_decoder)
     out["option.grad_clip"] = torch.tensor(ens.grad_clip, dtype=torch.float64)
     out["option.architecture"] = architecture_tensor(ens.architecture)
+    out.update({f"option.arch.{n}": torch.tensor(v, dtype=torch.float64) for n, v in ens.arch_options.items()})
     return out
+
+
+def arch_options(state: dict[str, Tensor]) -> dict[str, Any]:
+    """The architecture options a state_dict holds ("option.arch.<name>": a float, or a tuple of floats)."""
+    prefix = "option.arch."
+    return {n[len(prefix):]: (tuple(t.tolist()) if t.dim() else float(t)) for n, t in state.items()
+            if n.startswith(prefix)}
 
 
 def check_state(ens: Any, shapes: dict[str, torch.Size]) -> None:

@@ -109,10 +109,11 @@ def accumulate_bmm(out: Tensor, a: Tensor, b: Tensor, overwrite: bool, ws: Works
 
 @dataclass
 class SparseCodes:
-    """k active latents per token of every member, flattened for embedding_bag over [N*h, d] tables."""
-    flat_idx: Tensor    # [N*B, k] member-offset latent ids
-    offsets: Tensor     # [N*B] bag starts
-    offset2bag: Tensor  # [N*B*k] token of each entry
+    """Active latents of every member, flattened for embedding_bag over [N*h, d] tables: k per token (`build`), or
+    any number per bag (`from_bags`: entries sorted by bag, e.g. a batch top-k's)."""
+    flat_idx: Tensor    # [N*B, k] member-offset latent ids ([E] from `from_bags`)
+    offsets: Tensor     # [N*B] bag starts ([n_bags])
+    offset2bag: Tensor  # [N*B*k] bag (token) of each entry ([E])
     n_rows: int         # N*h
     _by_row: tuple[Tensor, Tensor, Tensor] | None = None   # CSR of the transpose: (crow, token, entry order)
 
@@ -126,18 +127,27 @@ class SparseCodes:
         o2b = torch.arange(n * batch, device=idx.device).repeat_interleave(k)
         return SparseCodes(flat, offsets, o2b, n * d_hidden)
 
+    @staticmethod
+    def from_bags(flat_idx: Tensor, bag: Tensor, n_bags: int, n_rows: int) -> "SparseCodes":
+        """From entries `flat_idx: [E]` (member-offset latent ids) in bags `bag: [E]` (ascending, in [0, n_bags))."""
+        offsets = torch.searchsorted(bag, torch.arange(n_bags, device=bag.device, dtype=bag.dtype))
+        return SparseCodes(flat_idx, offsets, bag, n_rows)
+
     def gather_sum(self, table: Tensor, weights: Tensor) -> Tensor:
-        """[N*B, d]: sum_j weights[t, j] * table[flat_idx[t, j]] (the sparse decode)."""
+        """[n_bags, d]: sum over a bag's entries e of weights[e] * table[flat_idx[e]] (the sparse decode)."""
+        if self.flat_idx.dim() == 1:
+            return F.embedding_bag(self.flat_idx, table, self.offsets, per_sample_weights=weights.reshape(-1),
+                                   mode="sum")
         return F.embedding_bag(self.flat_idx, table, per_sample_weights=weights.reshape(self.flat_idx.shape),
                                mode="sum")
 
     def weight_grad(self, grad_out: Tensor, table: Tensor) -> Tensor:
-        """[N*B*k]: d/d weights of gather_sum given `grad_out: [N*B, d]` (row dot products)."""
+        """[E]: d/d weights of gather_sum given `grad_out: [n_bags, d]` (row dot products)."""
         return torch.ops.aten._embedding_bag_per_sample_weights_backward(
             grad_out, table, self.flat_idx.view(-1), self.offsets, self.offset2bag, 0, -1)
 
     def scatter_rows(self, rows: Tensor, weights: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        """out[N*h, d] (+)= sum over entries e of weights[e] * rows[token(e)] into row flat_idx[e].
+        """out[N*h, d] (+)= sum over entries e of weights[e] * rows[bag(e)] into row flat_idx[e].
 
         A CSR (latent x token) matrix times `rows: [N*B, d]`, written into `out` (no allocation); the
         CSR pattern (one sort) is shared by every call on the same codes.
@@ -149,7 +159,8 @@ class SparseCodes:
             sorted_rows, order = torch.sort(keys, stable=True)
             starts = torch.arange(self.n_rows + 1, dtype=keys.dtype, device=flat.device)
             crow = torch.searchsorted(sorted_rows, starts, out_int32=small)            # no host sync
-            token = order.div(self.flat_idx.shape[1], rounding_mode="floor").to(keys.dtype)
+            token = (self.offset2bag[order] if self.flat_idx.dim() == 1
+                     else order.div(self.flat_idx.shape[1], rounding_mode="floor")).to(keys.dtype)
             self._by_row = (crow, token, order)
         crow, token, order = self._by_row
         with warnings.catch_warnings():

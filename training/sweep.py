@@ -61,7 +61,9 @@ class SweepConfig:
     output_dir: str = "outputs/sweep"
     """Where the sweep, its checkpoints and its metrics go."""
     architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
-    """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept)."""
+    """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept); batchtopk: BatchTopK (k per
+    token on average over the batch, swept; one learned threshold at inference); matryoshka: BatchTopK whose nested
+    prefixes each reconstruct (k swept)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
     l1_value_min: float = -2.0
@@ -73,7 +75,11 @@ class SweepConfig:
     l1_values: list[float] | None = None
     """Explicit L1 penalties (instead of min/max/n)."""
     k_values: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    """Active features per token of each TopK member (--architecture topk)."""
+    """Active features per token of each TopK member (--architecture topk; batchtopk and matryoshka: on average over
+    the batch)."""
+    matryoshka_prefixes: list[float] = field(default_factory=lambda: [1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0])
+    """Nested prefixes of the dictionary that each reconstruct the input (--architecture matryoshka), as rising
+    fractions of the dictionary size ending at 1 (default: dictionary_learning's)."""
     tied: bool = False
     """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
     batch_size: int = 4096
@@ -93,7 +99,7 @@ class SweepConfig:
     encoder bias)."""
     decoder_init_norm: float | None = None
     """Initial norm of the decoder rows, the encoder starting as their transpose (default: 0.1 for l1, 0.5 for topk,
-    the best measured; see the README's ablation)."""
+    the best measured, see the README's ablation; batchtopk and matryoshka take topk's)."""
     unit_decoder: bool = False
     """Keep decoder rows at unit norm during training (Bricken et al. 2023) instead of leaving them free with the
     L1 weighted by their norms (Anthropic 2024, SAELens); tied dictionaries always keep unit rows."""
@@ -413,9 +419,15 @@ def check_dictionary_size(cfg: SweepConfig, d_in: int) -> None:
     """A one-line UserError when a member's key does not fit the dictionary size for activations of width `d_in`
     (e.g. a TopK k above d_hidden)."""
     d_hidden = max(1, round(cfg.ratio * d_in))
-    problem = architecture(cfg).check_keys(member_keys(cfg), d_hidden)
+    arch = architecture(cfg)
+    problem = arch.check_keys(member_keys(cfg), d_hidden)
     if problem:
         raise UserError(problem)
+    try:                                                 # the architecture's options, checked by its member state
+        arch.member_state(torch.tensor(member_keys(cfg)), torch.empty(1, d_hidden, 1, device="meta"),
+                          **{n: getattr(cfg, n) for n in arch.options})
+    except ValueError as e:
+        raise UserError(f"--{' / --'.join(arch.options)}: {e}") from None
 
 
 def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
@@ -502,7 +514,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
     save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
-    weights = raw_space_params(ens.params, progress.input_scale)
+    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.scaled_params)
     digest = write_sweep_weights(out, weights)
     del weights
     write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
@@ -588,7 +600,8 @@ def input_scale(acts: torch.Tensor, target: float) -> float:
     return math.sqrt(target / mean_sq)
 
 
-def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+def raw_space_params(params: dict[str, torch.Tensor], scale: float,
+                     scaled: tuple[str, ...] = ("center", "encoder_bias")) -> dict[str, torch.Tensor]:
     """Weights with unit decoder rows that act on raw activations x, for a dictionary trained on s * x.
 
     First the decoder norms are folded into encoder and bias (`unit_norm_params`, exact); then with center
@@ -596,8 +609,8 @@ def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str,
     while encoder and decoder rows are unchanged; TopK picks the same features.
     """
     out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()})
-    out["center"] /= scale
-    out["encoder_bias"] /= scale
+    for name in scaled:                             # params in activation units (the architecture's scaled_params)
+        out[name] /= scale
     return out
 
 
@@ -784,7 +797,8 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
                                                          else torch.float64)}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
-                   unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip)
+                   unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip,
+                   arch_options={n: getattr(cfg, n) for n in arch.options})
     if cfg.center_init != "zero":
         ens.init_center(first_chunk.to(device, torch.float32), cfg.center_init)
     return ens

@@ -136,20 +136,25 @@ class Scorer(Protocol):
 
 
 class SaeScorer:
-    """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations)."""
+    """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations;
+    a module with a `threshold` (BatchTopK, Matryoshka): kept where above it)."""
 
     all_fire = False
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.n_features = module.decoder.shape[0]
-        self.module = None if getattr(module, "architecture", None) in ("l1", "topk") else module.to(device).float()
-        if self.module is not None:  # another architecture (a pretrained JumpReLU or Gated): its own encode
+        self.module = None if getattr(module, "linear_scoring", False) else module.to(device).float()
+        if self.module is not None:  # an encoder of another form (e.g. Gated): the module's own encode
             return
         with torch.no_grad():
             self.w = module.encoder_weight().detach().to(device, torch.float32).contiguous()      # [F, d]
             center = module.center.detach().to(device, torch.float32)
             self.b = module.encoder_bias.detach().to(device, torch.float32) - self.w @ center     # [F]
-        self.k = getattr(module, "k", None)
+        self.n_features = self.w.shape[0]
+        threshold = getattr(module, "threshold", None)       # BatchTopK-style: codes where pre > threshold, each row
+        self.threshold = (None if threshold is None
+                          else threshold.detach().to(device, torch.float32).expand(self.n_features).contiguous())
+        self.k = getattr(module, "k", None) if threshold is None else None
 
     def codes_t(self, x: Tensor) -> Tensor:
         """[F, b] codes (one matmul; TopK: scatter of the k kept values per row)."""
@@ -157,7 +162,8 @@ class SaeScorer:
             with torch.no_grad():
                 return self.module.encode(x).T
         if self.k is None:
-            return torch.addmm(self.b[:, None], self.w, x.T).relu_()
+            codes = torch.addmm(self.b[:, None], self.w, x.T).relu_()
+            return codes if self.threshold is None else codes.mul_(codes > self.threshold[:, None])
         pre = torch.addmm(self.b, x, self.w.T)                                    # [b, F]
         vals, idx = pre.topk(self.k, dim=1)
         out = torch.zeros(self.n_features, x.shape[0], device=x.device)
@@ -177,7 +183,8 @@ class SaeScorer:
         if self.k is None:
             for s in range(0, len(rows), block):
                 r, f = rows[s:s + block], feats[s:s + block]
-                out[s:s + block] = ((x[r] * self.w[f]).sum(1) + self.b[f]).relu_()
+                v = ((x[r] * self.w[f]).sum(1) + self.b[f]).relu_()
+                out[s:s + block] = v if self.threshold is None else v.mul_(v > self.threshold[f])
             return out
         starts = torch.searchsorted(rows, torch.arange(0, len(x) + block, block, device=rows.device))
         for j, r0 in enumerate(range(0, len(x), block)):

@@ -14,7 +14,7 @@ gradient sees the stacked `[N, ...]` params):
     hparam of that name (int64 when `sweep_param_integer`, else float64) and in sweep.json as the members' keys.
   - `scheduled`: the coefficients (per-member float hparams) that `Ensemble.step(coefficient_scales=)` scales,
     e.g. the l1 warm-up; they reach the losses, already scaled, in `coefficients`.
-  - `member_state(keys: [N] on the CPU, like) -> dict`: per-member state derived from the keys (tensors with a
+  - `member_state(keys: [N] on the CPU, like, **options) -> dict`: per-member state derived from the keys (tensors,
     leading [N] axis, vmapped by the autograd backend) and static values (ints, floats, bools: shared by all).
     Each step the ensemble adds its options (`k_aux`, `aux_coef`, `decoder_impl`) and, under the "aux_k" dead
     policy while any member has dead latents, `dead: [N, d_hidden]`.
@@ -40,6 +40,14 @@ gradient sees the stacked `[N, ...]` params):
     threshold estimate), saved in the ensemble's state_dict as `state.<name>` and loaded back;
     `update_state_(state, stats, active: [N] bool)` (default None): called after each step, without gradients, to
     update them in place from the step's stats (only where `active`, for frozen members stay as they are).
+  - `state_params` (default none): params that no gradient trains (their gradient is 0, so Adam leaves them as they
+    are) but `update_state_` keeps, e.g. BatchTopK's inference threshold: the ensemble puts the stacked param
+    tensors themselves into `member_state` under their names, so an update there is the param's (saved with the
+    params: sweep.safetensors, the module, the checkpoint). The fused gradient must zero their gradients.
+  - `scaled_params` (default center, encoder_bias): params in activation units, divided by the input scale when the
+    sweep saves dictionaries that take raw activations (e.g. a threshold on pre-activations).
+  - `options` (default none): SweepConfig field names passed as keywords to `member_state` (architecture-specific
+    settings, e.g. matryoshka_prefixes), saved in the ensemble's state_dict as `option.arch.<name>` (float64).
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
 (`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
 apart by their sweep hparam.
@@ -73,7 +81,7 @@ class Architecture:
     sweep_param: str
     sweep_param_integer: bool
     scheduled: tuple[str, ...]
-    member_state: Callable[[Tensor, Tensor], dict[str, Any]]
+    member_state: Callable[..., dict[str, Any]]
     loss: LossFn
     fused_grads: FusedGradsFn | None
     workspace: Callable[[int, int, dict[str, Any]], tuple[int, bool]]
@@ -92,9 +100,12 @@ class Architecture:
     eval_block_rows: Callable[[int], int]
     saved_state: tuple[str, ...] = ()
     update_state_: Callable[[dict[str, Any], dict[str, Tensor], Tensor], None] | None = None
+    state_params: tuple[str, ...] = ()
+    scaled_params: tuple[str, ...] = ("center", "encoder_bias")
+    options: tuple[str, ...] = ()
 
 
-MODULES = ("l1", "topk")
+MODULES = ("l1", "topk", "batchtopk", "matryoshka")
 """The registry: one entry per architecture module training/architectures/<name>.py (each defines ARCHITECTURE)."""
 REGISTRY: dict[str, Architecture] = {}
 
@@ -122,8 +133,9 @@ def names() -> tuple[str, ...]:
 
 
 def by_sweep_param(hparam_names: set[str] | list[str]) -> Architecture:
-    """The architecture whose sweep hyperparameter is among `hparam_names` (how a state_dict names its own)."""
+    """The first registered architecture whose sweep hyperparameter is among `hparam_names` (how a state_dict saved
+    before the architecture's name was recorded names its own: those come from l1 and topk, registered first)."""
     found = [a for a in registry().values() if a.sweep_param in hparam_names]
-    if len(found) != 1:
+    if len({a.sweep_param for a in found}) != 1:
         raise ValueError(f"cannot tell the architecture from hparams {sorted(hparam_names)}")
     return found[0]
