@@ -494,9 +494,10 @@ def summary_table(result: SteeringResult) -> str:
 # ------------------------------------------------------------------------------------- sweeps
 
 def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None = None,
-                      device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], float | int]:
-    """(dictionary, sweep.json, its key) of the member chosen by `l1` (L1 sweep) or `k` (TopK sweep);
-    either may be left out when the sweep has a single member."""
+                      device: str | torch.device = "cpu", key: str | float | None = None
+                      ) -> tuple[Any, dict[str, Any], float | int]:
+    """(dictionary, sweep.json, its key) of the member chosen by `l1` (L1 sweep), `k` (TopK sweep) or `key` (its
+    sweep parameter's value, any architecture); all may be left out when the sweep has a single member."""
     from training.sweep_files import load_sweep, read_sweep_json
     path = Path(sweep)
     if not path.exists():
@@ -507,6 +508,13 @@ def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None 
     given = dict(l1=l1, k=k)                                   # the flags, named by the sweep parameter they pick
     flag, value = f"--{arch.sweep_param}", given.get(arch.sweep_param)
     listing = ", ".join(f"{key:g}" for key in keys)
+    if key is not None:
+        if value is not None:
+            raise UserError(f"give one of {flag}, --key, not both")
+        try:
+            flag, value = "--key", float(key)
+        except ValueError:
+            raise UserError(f"--key {key!r} is not a number: use one of {listing}") from None
     if any(v is not None for name, v in given.items() if name != arch.sweep_param):
         article = "an" if arch.title[0] in "AEIOUL" else "a"  # "an L1", "a TopK"
         raise UserError(f"{path} is {article} {arch.title} sweep: choose its dictionary with {flag} "
@@ -514,23 +522,24 @@ def select_dictionary(sweep: str | Path, l1: float | None = None, k: int | None 
     if value is None:
         if len(keys) != 1:
             raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with {flag} (one of {listing})")
-        key = keys[0]
+        chosen = keys[0]
     else:
-        matches = [key for key in keys if math.isclose(key, value, rel_tol=1e-5)]
+        matches = [v for v in keys if math.isclose(v, value, rel_tol=1e-5)]
         if not matches:
             name = f"{arch.key_symbol} values"
             raise UserError(f"{flag} {value:g} is not in the sweep {path}: its {name} are {listing}")
-        key = matches[0]
-    return load_sweep(path, device)[key], meta, key
+        chosen = matches[0]
+    return load_sweep(path, device)[chosen], meta, chosen
 
 
 def load_for_steering(sweep: str | Path, l1: float | None = None, k: int | None = None, model: str | None = None,
-                      device: str | None = None, dtype: str = "auto") -> tuple[Any, Any, str]:
-    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` and the model its
+                      device: str | None = None, dtype: str = "auto", key: str | float | None = None
+                      ) -> tuple[Any, Any, str]:
+    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k`/`key` and the model its
     activations came from (or `model`), in `dtype` (auto: the one Stage 1 ran it in)."""
     from training.models import analysis_dtype, load_model, resolve_device
     dev = resolve_device(device)
-    sae, meta, _ = select_dictionary(sweep, l1, k, dev)
+    sae, meta, _ = select_dictionary(sweep, l1, k, dev, key)
     loaded = load_model(model_name(meta, model), dev, analysis_dtype(dtype, meta.get("source_manifest")))
     check_sweep_hook(loaded, meta)
     return loaded, sae, meta["hook"]
@@ -581,6 +590,8 @@ class SteerConfig:
     """L1 penalty of the dictionary to use (one of the sweep's; may be left out when it has one dictionary)."""
     k: int | None = None
     """k of the dictionary to use, for a TopK sweep."""
+    key: str | None = None
+    """The dictionary by its key as written in sweep.json (its sweep parameter's value; any architecture)."""
     feature: int | None = None
     """Feature id to steer with."""
     features: list[str] | None = None
@@ -633,7 +644,7 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    sae, meta, key = select_dictionary(cfg.sweep, cfg.l1, cfg.k, device)
+    sae, meta, key = select_dictionary(cfg.sweep, cfg.l1, cfg.k, device, cfg.key)
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)
     model = load_model(name, device, analysis_dtype(cfg.dtype, meta.get("source_manifest")))
