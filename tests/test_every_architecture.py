@@ -175,3 +175,40 @@ def test_every_architecture_recovers_known_features(name):
     mean_max_cos = (rows @ truth.features.T).amax(1).mean(-1)                                   # [N]
     assert not stats["frozen"].any()
     assert mean_max_cos.max() >= 0.95, mean_max_cos.tolist()
+
+
+# ----------------------------------------------------------------------------- the benchmarks cover the registry
+
+def test_bench_architectures_trains_and_compares_every_architecture(stage1, tmp_path, capsys):
+    from bench.architectures import RESULTS_JSON, main
+    keys = [f"{n}=" + ",".join(str(v) for v in keys_for(get(n), SWEEP_KEYS)) for n in names()]
+    out = main(["--dataset_dir", str(stage1), "--out", str(tmp_path), "--max_tokens", "1200", "--batch_size", "200",
+                "--ratio", "2", "--n_tokens", "200", "--device", "cpu", "--keys", *keys])
+    printed = capsys.readouterr().out
+    assert [s["architecture"] for s in out["sweeps"]] == list(names())
+    assert json.loads((tmp_path / RESULTS_JSON).read_text())["passes"] == 1
+    assert "on the Pareto frontier at L0 = 16, 32, 64" in printed and (tmp_path / "comparison" / COMPARISON_MD).exists()
+    for n in names():
+        assert json.loads((tmp_path / n / "sweep.json").read_text())["keys"] == keys_for(get(n), SWEEP_KEYS)
+    again = main(["--dataset_dir", str(stage1), "--out", str(tmp_path), "--max_tokens", "1200", "--batch_size", "200",
+                  "--ratio", "2", "--n_tokens", "200", "--device", "cpu", "--keys", *keys])
+    assert all(s["train_seconds"] is None for s in again["sweeps"])        # finished with the same flags: reused
+    assert "reusing the finished sweep" in capsys.readouterr().out
+
+
+def test_bench_sweep_times_every_architecture():
+    from bench.sweep import architecture_kinds, summarise, time_size
+    kinds = ["bmm"] + architecture_kinds(list(names()))
+    assert kinds[1:] == [f"{n}/{b}" for n in names() for b in ("fused", "autograd") if b == "autograd" or get(n).fused_grads]
+    times = time_size(dict(d_in=16, d_hidden=64, n_models=2, batch=64, device="cpu", precision="fp32", k=4,
+                           kinds=kinds, rounds=1))
+    seconds = {kind: t[0] for kind, t in times.items()}
+    row = summarise(16, 64, seconds, {}, 2, 64, "fp32", "cpu")
+    assert list(row["architectures"]) == list(names())
+    assert row["bmm_limit_tokens_per_s_per_member"] == pytest.approx(64 / seconds["bmm"])
+    assert row["bmm_flops_per_s"] == pytest.approx(2 * 10 * 64 * 16 * 64 / seconds["bmm"])
+    for n in names():
+        assert set(row["architectures"][n]) == ({"fused", "autograd"} if get(n).fused_grads else {"autograd"})
+        for backend, path in row["architectures"][n].items():
+            assert path["tokens_per_s_per_member"] == pytest.approx(64 / seconds[f"{n}/{backend}"])
+            assert path["fraction_of_bmm_limit"] == pytest.approx(seconds["bmm"] / seconds[f"{n}/{backend}"])
