@@ -76,3 +76,20 @@ def test_comparison_refuses_sweeps_of_other_hooks_and_duplicates(tmp_path):
         per_sweep_configs(CompareConfig(sweep=[str(tmp_path), str(tmp_path / ".")]))
     one = per_sweep_configs(CompareConfig(sweep=["a", "b"], n_tokens=7))
     assert [c.sweep for c in one] == ["a", "b"] and {c.n_tokens for c in one} == {7}
+
+
+def test_a_bad_sweep_among_several_fails_before_any_is_evaluated(tmp_path, monkeypatch):
+    import training.comparison as comparison
+    evaluated = []
+    monkeypatch.setattr(comparison, "evaluate_sweep", evaluated.append)
+    monkeypatch.setattr(comparison, "read_sweep", lambda path, allow: None)        # every sweep readable ...
+    with pytest.raises(UserError, match="is one of the sweeps"):
+        comparison.evaluate_and_compare(CompareConfig(sweep=["a", "b"], comparison_dir="b"))
+
+    def read(path, allow):
+        if path.name == "missing":
+            raise UserError(f"sweep folder {path} does not exist")
+    monkeypatch.setattr(comparison, "read_sweep", read)                            # ... or not: nothing evaluated
+    with pytest.raises(UserError, match="missing does not exist"):
+        comparison.evaluate_and_compare(CompareConfig(sweep=["a", str(tmp_path / "missing")]))
+    assert evaluated == []

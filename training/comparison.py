@@ -20,7 +20,7 @@ from training.architectures import get as get_architecture
 from training.architectures import names as architecture_names
 from training.chunks import atomic_write_json
 from training.cli import UserError
-from training.evaluate import EvaluateConfig, _json_safe, atomic_write_text, evaluate_sweep
+from training.evaluate import EvaluateConfig, _json_safe, atomic_write_text, evaluate_sweep, read_sweep
 from training.frontier import TARGET_L0, frontier_points, values_at_l0
 
 COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
@@ -195,6 +195,8 @@ def evaluate_and_compare(cfg: CompareConfig, show: Any = print) -> ComparisonRes
     configs = per_sweep_configs(cfg)
     if len(configs) > 1 and Path(cfg.comparison_dir).resolve() in [Path(s).resolve() for s in cfg.sweep]:
         raise UserError(f"--comparison_dir {cfg.comparison_dir} is one of the sweeps: give another folder")
+    for one in configs:                         # every sweep readable and finished before any is evaluated
+        read_sweep(Path(one.sweep), one.allow_unfinished)
     reports = []
     for one in configs:
         result = evaluate_sweep(one)
