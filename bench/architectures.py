@@ -92,14 +92,16 @@ def training_rows(data: Path) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train one sweep per architecture at the matched budget, compare them, print and write the results."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--architectures", nargs="+", default=list(architecture_names()))
     p.add_argument("--max_tokens", type=int, default=2_097_152, help="training tokens per member (matched budget)")
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--ratio", type=float, default=8.0)
     p.add_argument("--keys", nargs="*", default=[], help="NAME=v1,v2,...: an architecture's member keys")
     p.add_argument("--n_tokens", type=int, default=200_000, help="evaluation tokens")
-    p.add_argument("--dataset_dir", default="activation_data", help="Stage 1 folder (built with the defaults if missing)")
+    p.add_argument("--dataset_dir", default="activation_data",
+                   help="Stage 1 folder (built with the defaults if missing)")
     p.add_argument("--out", default="outputs/architectures")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)

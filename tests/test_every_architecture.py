@@ -151,7 +151,8 @@ def test_every_architecture_compared_in_one_report(sweeps, tmp_path):
 def test_learning_keys_are_taken_from_the_sweep_parameter():
     integer = dataclasses.replace(get(names()[0]), sweep_param="new_int", sweep_param_integer=True)
     real = dataclasses.replace(integer, sweep_param="new_real", sweep_param_integer=False)
-    assert keys_for(integer, LEARNING_KEYS) == LEARNING_KEYS["k"] and keys_for(real, LEARNING_KEYS) == LEARNING_KEYS["l1"]
+    assert keys_for(integer, LEARNING_KEYS) == LEARNING_KEYS["k"]
+    assert keys_for(real, LEARNING_KEYS) == LEARNING_KEYS["l1"]
 
 
 @pytest.mark.parametrize("name", names())
@@ -199,7 +200,8 @@ def test_bench_architectures_trains_and_compares_every_architecture(stage1, tmp_
 def test_bench_sweep_times_every_architecture():
     from bench.sweep import architecture_kinds, summarise, time_size
     kinds = ["bmm"] + architecture_kinds(list(names()))
-    assert kinds[1:] == [f"{n}/{b}" for n in names() for b in ("fused", "autograd") if b == "autograd" or get(n).fused_grads]
+    assert kinds[1:] == [f"{n}/{b}" for n in names() for b in ("fused", "autograd")
+                         if b == "autograd" or get(n).fused_grads]
     times = time_size(dict(d_in=16, d_hidden=64, n_models=2, batch=64, device="cpu", precision="fp32", k=4,
                            kinds=kinds, rounds=1))
     seconds = {kind: t[0] for kind, t in times.items()}

@@ -170,7 +170,8 @@ class ComparisonResult:
             rows.append(f"{label} on the Pareto frontier at L0 = {', '.join(f'{t:g}' for t in targets)}:")
             width = max(len(s["label"]) for s in self.comparison["sweeps"])
             for s in self.comparison["sweeps"]:
-                rows.append(f"  {s['label']:<{width}} " + " ".join(f"{_cell(v):>8}" for v in s["metrics"][metric]["at_l0"])
+                cells = " ".join(f"{_cell(v):>8}" for v in s["metrics"][metric]["at_l0"])
+                rows.append(f"  {s['label']:<{width}} " + cells
                             + f"   (L0 {l0_range(s)})")
         return ("\n".join(rows) + f"\n— : outside the sweep's measured L0 range (not extrapolated)\nwrote "
                 f"{self.folder / COMPARISON_MD}, {self.folder / COMPARISON_JSON} and {len(COMPARISON_PLOTS)} plots")
