@@ -302,6 +302,8 @@ def fmt_rate(tokens_per_s: float) -> str:
     """Tokens/s with a k/M suffix."""
     if tokens_per_s >= 1e6:
         return f"{tokens_per_s / 1e6:.2f}M"
+    if tokens_per_s < 1e3:
+        return f"{tokens_per_s:.0f}"
     return f"{tokens_per_s / 1e3:.2f}k" if tokens_per_s < 1e4 else f"{tokens_per_s / 1e3:.1f}k"
 
 
