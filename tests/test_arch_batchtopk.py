@@ -92,16 +92,17 @@ def test_the_module_loss_is_the_functional_one():
     assert (codes > 0).sum() == 3 * 16 and not torch.equal((codes > 0).sum(1), torch.full((16,), 3))
 
 
-def test_threshold_is_a_running_mean_then_an_ema_of_the_smallest_kept_score():
-    """Frozen params (lr 0): min_kept is the same each step, so the estimate is exact from the first step; then it
-    follows a changing input as a running mean of the first 1 / (1 - beta) steps."""
+def test_threshold_is_a_linearly_weighted_mean_then_an_ema_of_the_smallest_kept_score():
+    """Frozen params (lr 0): the estimate after t batches is the mean of their smallest kept scores weighted 1..t
+    (recent batches count more while the codes still grow), then an EMA of decay beta."""
     torch.manual_seed(0)
     ens = Ensemble(make_members("batchtopk", 2, 8, 32, keys=[2, 4], dtype=F64, init_norm=0.5), {"lr": [0.0, 0.0]})
     seen = []
     for step in range(5):
         x = _data(32, 8, seed=step)
         seen.append(ens.step(x)["min_kept"].clone())
-        want = torch.stack(seen).mean(0)                                            # weights 1/t: the mean
+        w = torch.arange(1, len(seen) + 1, dtype=F64)                               # weights 1, 2, ..., t
+        want = (torch.stack(seen) * w[:, None]).sum(0) / w.sum()
         torch.testing.assert_close(ens.params["threshold"], want)
     assert ens.member_state["threshold_batches"].tolist() == [5.0, 5.0]
     ens.member_state["threshold_batches"].fill_(10 ** 6)                           # long past the running mean

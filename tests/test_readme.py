@@ -11,7 +11,7 @@ from training.cli import flags_markdown
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepConfig"),
-           ("training.evaluate", "EvaluateConfig"), ("training.tiny_lm", "TinyLMConfig"),
+           ("training.comparison", "CompareConfig"), ("training.tiny_lm", "TinyLMConfig"),
            ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig"),
            ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig"),
            ("training.activation_import", "ImportConfig"), ("training.saelens", "ExportConfig"),

@@ -776,3 +776,45 @@ def plot_densities(members: list[dict[str, Any]], arch: str, dense_threshold: fl
                  f"{dense_threshold:g})\n{title}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------- several sweeps
+
+
+def plot_frontiers(comparison: dict[str, Any], metric: str, colour: Any) -> Any:
+    """Every compared sweep's members (dots) and Pareto frontier (line) of `metric` against L0 (log axis), one colour
+    per architecture (`colour(name)`, another line style for a second sweep of one), the target L0s dotted."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    styles, seen = ["-", "--", ":", "-."], {}
+    for s in comparison["sweeps"]:
+        arch = s["architecture"]
+        style = styles[seen.get(arch, 0) % len(styles)]
+        seen[arch] = seen.get(arch, 0) + 1
+        pts = [(x, y) for x, y in zip(s["l0"], s["metrics"][metric]["values"]) if _ok(x) and x > 0 and _ok(y)]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colour(arch), s=18, alpha=0.45, zorder=2)
+        front = s["metrics"][metric]["frontier"]
+        ax.plot([p[0] for p in front], [p[1] for p in front], style, marker="o", ms=5, color=colour(arch), lw=2,
+                zorder=3, label=f"{s['label']} ({len(front)} on frontier)")
+    for t in comparison["targets"]:
+        ax.axvline(t, color="0.6", ls=":", lw=1, zorder=1)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlabel("L0 (mean active features per token, log scale)")
+    label = comparison["metrics"][metric]
+    ax.set_ylabel(label + ("  (1 = clean, 0 = zero-ablated)" if metric == "ce_loss_score" else ""))
+    on = comparison["evaluated_on"]
+    ax.set_title(f"{label} vs L0: Pareto frontiers (lines), all members (dots)\n{on['hook']} of {on['model']}",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def write_frontier_plots(comparison: dict[str, Any], folder: Path, colour: Any) -> None:
+    """The PNG figures of comparison["plots"] ({metric: file name}; matplotlib, Agg backend), into folder."""
+    import matplotlib
+    matplotlib.use("Agg")
+    for metric, name in comparison["plots"].items():
+        _save_figure(plot_frontiers(comparison, metric, colour), folder / name)

@@ -474,14 +474,15 @@ def summary_table(result: SteeringResult) -> str:
 
 def load_for_steering(sweep: str | Path | None, l1: float | None = None, k: int | None = None,
                       model: str | None = None, device: str | None = None, dtype: str = "auto",
-                      sae: str | None = None, hook: str | None = None) -> tuple[Any, Any, str]:
-    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k` (or the pretrained
+                      sae: str | None = None, hook: str | None = None, key: str | float | None = None
+                      ) -> tuple[Any, Any, str]:
+    """(model, dictionary, hook) ready for `steer`: the sweep's member chosen by `l1`/`k`/`key` (or the pretrained
     dictionary `sae`, see training.pretrained) and the model its activations came from (or `model`), in `dtype`
     (auto: the one Stage 1 ran it in)."""
     from training.models import analysis_dtype, load_model, resolve_device
     from training.pretrained import pick_dictionary
     dev = resolve_device(device)
-    picked = pick_dictionary(sweep, l1, k, sae=sae, hook=hook, model=model, device=dev)
+    picked = pick_dictionary(sweep, l1, k, key, sae=sae, hook=hook, model=model, device=dev)
     meta = picked.meta
     loaded = load_model(model_name(meta, model), dev, analysis_dtype(dtype, meta.get("source_manifest")))
     check_sweep_hook(loaded, meta)
@@ -533,6 +534,8 @@ class SteerConfig:
     """L1 penalty of the dictionary to use (one of the sweep's, nearest within 5%; may be left out when it has one dictionary)."""
     k: int | None = None
     """k of the dictionary to use, for a TopK sweep."""
+    key: str | None = None
+    """The dictionary by its key as written in sweep.json (its sweep parameter's value; any architecture)."""
     sae: str | None = None
     """A pretrained dictionary instead of a sweep member: a SAELens, sparsify or dictionary_learning folder, or hf:OWNER/REPO/PATH."""
     hook: str | None = None
@@ -590,7 +593,8 @@ def _steer(cfg: SteerConfig) -> SteeringResult:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     from training.pretrained import pick_dictionary
-    picked = pick_dictionary(cfg.sweep, cfg.l1, cfg.k, sae=cfg.sae, hook=cfg.hook, model=cfg.model, device=device)
+    picked = pick_dictionary(cfg.sweep, cfg.l1, cfg.k, cfg.key, sae=cfg.sae, hook=cfg.hook, model=cfg.model,
+                             device=device)
     sae, meta = picked.module, picked.meta
     check_features(runs, sae.decoder.shape[0])
     name = model_name(meta, cfg.model)

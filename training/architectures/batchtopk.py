@@ -5,8 +5,10 @@ codes = ReLU(pre) * (pre * norms > threshold).
 
 The threshold is a (never gradient-trained) parameter of each member, kept by `update_state_` as a running average
 of the smallest positive kept score of each training batch (dictionary_learning's BatchTopKTrainer: EMA with
-beta 0.999; here a plain average over the first 1 / (1 - beta) batches instead of its 1000 skipped steps, so that
-short runs have one too). With unit decoder rows (the saved dictionaries) scores are the pre-activations, and the
+beta 0.999 after 1000 skipped steps; here, so that short runs have a usable one too, a mean of all batches so far
+weighted 1, 2, ..., t until its newest weight falls to 1 - beta, then that EMA. Measured on the embedded model,
+20 steps, k = 4: inference L0 20.1 and explained variance 0.08 with an unweighted running mean, 12.1 and 0.27 with
+these weights). With unit decoder rows (the saved dictionaries) scores are the pre-activations, and the
 threshold is SAELens' JumpReLU threshold (the same value for every latent).
 
 loss = sum over prefix ends m of MSE(x, decode(codes[:, :m])) + aux_coef * aux; BatchTopK has the one prefix d_hidden
@@ -223,11 +225,12 @@ def member_state(keys: Tensor, like: Tensor, ends: list[int]) -> dict[str, Any]:
 
 
 def update_threshold_(state: dict[str, Any], stats: dict[str, Tensor], active: Tensor) -> None:
-    """threshold += w * (min_kept - threshold) where a member is active and kept a positive score, w = 1 / t for its
-    t-th such batch up to 1 / (1 - beta), then 1 - beta (a running mean becoming dictionary_learning's EMA)."""
+    """threshold += w * (min_kept - threshold) where a member is active and kept a positive score, w = 2 / (t + 1)
+    for its t-th such batch until that falls to 1 - beta, then 1 - beta: the mean of the batches' values weighted
+    1, 2, ..., t (recent batches count more while the codes still grow), becoming dictionary_learning's EMA."""
     seen = active & torch.isfinite(stats["min_kept"])
     t = state["threshold_batches"].add_(seen)                                        # [N] float64
-    weight = torch.maximum(1 / t.clamp_min(1), torch.full_like(t, 1 - THRESHOLD_BETA)) * seen
+    weight = torch.maximum(2 / (t + 1), torch.full_like(t, 1 - THRESHOLD_BETA)) * seen
     threshold = state["threshold"]
     target = torch.where(seen, stats["min_kept"].to(threshold.dtype), threshold)
     threshold.add_((target - threshold) * weight.to(threshold.dtype))
