@@ -36,7 +36,7 @@ def _data(n: int, d: int, seed: int = 0, dtype=F64) -> torch.Tensor:
 
 
 def test_registry_lists_each_declaration_under_its_name():
-    assert names() == ("l1", "topk")
+    assert names()[:2] == ("l1", "topk") and "gated" in names()
     for name in names():
         arch = get(name)
         assert arch.name == name and arch.module.architecture == name
@@ -134,7 +134,7 @@ def test_an_architecture_with_only_a_loss_trains_by_autograd(monkeypatch):
     assert codes.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", ["l1", "topk"])          # the architectures that existed before the name was saved
 def test_a_state_saved_before_the_architecture_name_loads_unchanged(name):
     arch = get(name)
     ens = _ensemble(arch, "fused")

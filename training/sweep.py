@@ -61,7 +61,8 @@ class SweepConfig:
     output_dir: str = "outputs/sweep"
     """Where the sweep, its checkpoints and its metrics go."""
     architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
-    """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept)."""
+    """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept); gated: Gated dictionary
+    (Rajamanoharan et al. 2024; its gate's L1 penalty swept by the --l1_* flags)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
     l1_value_min: float = -2.0
@@ -502,7 +503,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
     save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
-    weights = raw_space_params(ens.params, progress.input_scale)
+    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.code_biases)
     digest = write_sweep_weights(out, weights)
     del weights
     write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
@@ -588,16 +589,18 @@ def input_scale(acts: torch.Tensor, target: float) -> float:
     return math.sqrt(target / mean_sq)
 
 
-def raw_space_params(params: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+def raw_space_params(params: dict[str, torch.Tensor], scale: float,
+                     code_biases: tuple[str, ...] = ("encoder_bias",)) -> dict[str, torch.Tensor]:
     """Weights with unit decoder rows that act on raw activations x, for a dictionary trained on s * x.
 
-    First the decoder norms are folded into encoder and bias (`unit_norm_params`, exact); then with center
-    c / s and encoder bias b / s the codes come out as codes(s x) / s and the reconstruction as x_hat(s x) / s,
-    while encoder and decoder rows are unchanged; TopK picks the same features.
+    First the decoder norms are folded into encoder and biases (`unit_norm_params`, exact); then with center
+    c / s and the code biases (`Architecture.code_biases`) b / s the codes come out as codes(s x) / s and the
+    reconstruction as x_hat(s x) / s, while encoder and decoder rows are unchanged; TopK picks the same features.
     """
-    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()})
+    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()}, code_biases)
     out["center"] /= scale
-    out["encoder_bias"] /= scale
+    for name in code_biases:
+        out[name] /= scale
     return out
 
 

@@ -40,6 +40,10 @@ gradient sees the stacked `[N, ...]` params):
     threshold estimate), saved in the ensemble's state_dict as `state.<name>` and loaded back;
     `update_state_(state, stats, active: [N] bool)` (default None): called after each step, without gradients, to
     update them in place from the step's stats (only where `active`, for frozen members stay as they are).
+  - `code_biases` (default ("encoder_bias",)): the per-latent params [h] in the units of the codes, which folding
+    the decoder norms multiplies by them and the input scale divides (sweep.safetensors acts on raw activations);
+  - `latent_vectors` (default ("encoder_bias",)): every per-latent param [h], set to 0 (with its Adam moments) for a
+    latent the "resample" policy revives.
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
 (`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
 apart by their sweep hparam.
@@ -92,9 +96,11 @@ class Architecture:
     eval_block_rows: Callable[[int], int]
     saved_state: tuple[str, ...] = ()
     update_state_: Callable[[dict[str, Any], dict[str, Tensor], Tensor], None] | None = None
+    code_biases: tuple[str, ...] = ("encoder_bias",)
+    latent_vectors: tuple[str, ...] = ("encoder_bias",)
 
 
-MODULES = ("l1", "topk")
+MODULES = ("l1", "topk", "gated")
 """The registry: one entry per architecture module training/architectures/<name>.py (each defines ARCHITECTURE)."""
 REGISTRY: dict[str, Architecture] = {}
 
@@ -122,8 +128,9 @@ def names() -> tuple[str, ...]:
 
 
 def by_sweep_param(hparam_names: set[str] | list[str]) -> Architecture:
-    """The architecture whose sweep hyperparameter is among `hparam_names` (how a state_dict names its own)."""
+    """The first registered architecture whose sweep hyperparameter is among `hparam_names` (how a state_dict saved
+    before the architecture's name was names its own: those hold l1 or topk, registered first)."""
     found = [a for a in registry().values() if a.sweep_param in hparam_names]
-    if len(found) != 1:
+    if not found or len({a.sweep_param for a in found}) != 1:
         raise ValueError(f"cannot tell the architecture from hparams {sorted(hparam_names)}")
     return found[0]
