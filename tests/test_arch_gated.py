@@ -88,6 +88,40 @@ def test_loss_and_its_gradient_equal_the_reference_implementation():
         torch.testing.assert_close(stats["aux"][i], parts["aux"].detach())
 
 
+@pytest.mark.parametrize("chunk_tokens", [1 << 30, 24])                 # one pass; chunks of 24 (the last one 16)
+def test_the_fused_gradient_equals_autograd(chunk_tokens):
+    members = _members()
+    x = _data(64, 8)
+    out = {}
+    for backend in ("fused", "autograd"):
+        ens = Ensemble(copy.deepcopy(members), {"lr": [1e-3] * 3, "l1": L1S}, backend=backend,
+                       chunk_tokens=chunk_tokens)
+        with torch.no_grad():
+            stats = ens._gradients(x, {"l1": 0.7})
+        out[backend] = {n: g.clone() for n, g in ens._grads.items()}, stats
+    (g_f, s_f), (g_a, s_a) = out["fused"], out["autograd"]
+    assert set(s_f) == set(s_a) and set(g_f) == set(g_a)
+    for n in g_a:
+        torch.testing.assert_close(g_f[n], g_a[n], rtol=1e-10, atol=1e-12, msg=n)
+    for n in s_a:
+        torch.testing.assert_close(s_f[n].to(F64), s_a[n].to(F64), rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_the_fused_gradient_under_bf16_autocast_is_close_to_fp32():
+    members = [m.float() for m in _members()]
+    x = _data(64, 8).float()
+    grads = {}
+    for autocast in (False, True):
+        ens = Ensemble(copy.deepcopy(members), {"lr": [1e-3] * 3, "l1": L1S}, chunk_tokens=40)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ens._gradients(x, {"l1": 1.0})
+        grads[autocast] = {n: g.clone() for n, g in ens._grads.items()}
+    for n, g in grads[False].items():
+        assert grads[True][n].dtype == torch.float32
+        rel = (grads[True][n] - g).norm() / g.norm()
+        assert rel < 0.05, (n, float(rel))
+
+
 def test_the_auxiliary_reconstruction_leaves_the_decoder_alone():
     """The aux term's decoder is frozen: with l1 = 0 the decoder gradient is that of the MSE alone."""
     m = _members(1)[0]
