@@ -3,7 +3,8 @@ revive them. An architecture names its policy (`Architecture.dead_policy`); `DEA
 `Ensemble.resample_dead` runs:
   - "resample": Anthropic's resampling ("Towards Monosemanticity"), `resample_`;
   - "aux_k": Gao et al.'s aux-K loss revives them during training; `refresh_aux_k` only records whether any member
-    has dead latents (the aux-K term is computed only while some have).
+    has dead latents (the aux-K term is computed only while some have);
+  - "ghost_grads" (an option of L1): the ghost-grads loss term revives them during training, switched like aux-K.
 Shapes: `since, dead: [N, d_hidden]`, `x: [n, d_in]`.
 """
 
@@ -103,5 +104,9 @@ def _revive_(ens: Any, i: int, latents: Tensor, directions: Tensor, enc_norm: Te
                 state[name][i, latents] = 0
 
 
-DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k}
-"""What `Ensemble.resample_dead` runs for each `Architecture.dead_policy`."""
+DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k,
+                                                  "ghost_grads": refresh_aux_k}
+"""What `Ensemble.resample_dead` runs for each dead policy (`Architecture.dead_policy` or `Ensemble(dead_policy=)`)."""
+LOSS_POLICIES = ("aux_k", "ghost_grads")
+"""The dead policies that are a loss term: the ensemble hands the loss `state["dead"]` while any member has a dead
+latent, and the sweep refreshes that switch every AUX_REFRESH_STEPS steps."""

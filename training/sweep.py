@@ -35,6 +35,7 @@ import training
 from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
+from training.dead_latents import LOSS_POLICIES
 from training.dictionary import unit_norm_params
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
@@ -107,7 +108,11 @@ class SweepConfig:
     dead_window_tokens: int = 1_000_000
     """A feature is dead when it has not fired over this many tokens."""
     resample_every: int = 25000
-    """L1 only: resample dead features every this many steps (0: never), until the learning-rate decay starts."""
+    """Architectures that resample (l1, gated): resample dead features every this many steps (0: never), until the
+    learning-rate decay starts."""
+    ghost_grads: bool = False
+    """L1 only: revive dead features with ghost grads (the mats_sae_training recipe: a loss term through exp of their
+    pre-activations, on while any feature is dead) instead of resampling them."""
     n_repetitions: int = 1
     """Passes over the data."""
     holdout_rows: int = 65536
@@ -230,7 +235,15 @@ def validate_flags(cfg: SweepConfig) -> None:
     if cfg.tied and not arch.tieable:
         tieable = [a for a in ARCHITECTURES if get_architecture(a).tieable]
         raise UserError(f"--tied applies to the {', '.join(tieable)} architecture only")
+    if dead_policy(cfg) not in (arch.dead_policy, *arch.dead_policies):
+        able = [a for a in ARCHITECTURES if "ghost_grads" in get_architecture(a).dead_policies]
+        raise UserError(f"--ghost_grads applies to the {', '.join(able)} architecture only")
     member_keys(cfg)
+
+
+def dead_policy(cfg: SweepConfig) -> str:
+    """How the sweep revives dead latents: "ghost_grads" with --ghost_grads, else the architecture's own policy."""
+    return "ghost_grads" if cfg.ghost_grads else architecture(cfg).dead_policy
 
 
 def validate_paths(cfg: SweepConfig) -> None:
@@ -430,7 +443,8 @@ def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
 
 EVAL_ROWS = 65536
 AUX_REFRESH_STEPS = 100
-"""Architectures with the aux-K dead policy (TopK): steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
+"""Dead policies that are a loss term (TopK's aux-K, L1's --ghost_grads): steps between refreshes of whether the term is on
+(a host sync each), whatever --log_every is."""
 
 
 @dataclass
@@ -787,7 +801,7 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
                                                          else torch.float64)}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
-                   unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip)
+                   unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip, dead_policy=dead_policy(cfg))
     if cfg.center_init != "zero":
         ens.init_center(first_chunk.to(device, torch.float32), cfg.center_init)
     return ens
@@ -949,13 +963,13 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                                                                           l1_scale(progress.step, total, cfg)))
                     progress.step += 1
                     progress.tokens += cfg.batch_size
-                    if (arch.dead_policy == "resample" and cfg.resample_every
+                    if (ens.dead_policy == "resample" and cfg.resample_every
                             and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
                                           seed=cfg.seed, step=progress.step)
-                    if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
-                        ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
+                    if ens.dead_policy in LOSS_POLICIES and progress.step % AUX_REFRESH_STEPS == 0:
+                        ens.resample_dead(x)  # refreshes whether the dead-latent loss is needed (one host sync)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
                         log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
                         bar.set_postfix(frozen=int(stats["frozen"].sum()))

@@ -27,7 +27,8 @@ gradient sees the stacked `[N, ...]` params):
   - `workspace(batch, chunk_tokens, state) -> (chunk, dense)`: the fused step's buffer layout (tokens per pass,
     whether the [N, C, h] buffers are needed).
   - `activate_(pre: [N, b, h], params, state) -> codes: [N, b, h]`: stacked encoding for evaluation (may reuse pre).
-  - `dead_policy`: "resample" (Anthropic resampling, called by the sweep every --resample_every steps) or "aux_k"
+  - `dead_policy`: "resample" (Anthropic resampling, called by the sweep every --resample_every steps), "ghost_grads"
+    (Jermyn & Templeton's ghost grads, the mats_sae_training recipe: a loss term on dead latents) or "aux_k"
     (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents).
   - `check_keys(keys, d_hidden) -> problem | None`: a one-line complaint about member keys that cannot work at
     this dictionary size (TopK: a k above d_hidden), else None.
@@ -40,6 +41,9 @@ gradient sees the stacked `[N, ...]` params):
     threshold estimate), saved in the ensemble's state_dict as `state.<name>` and loaded back;
     `update_state_(state, stats, active: [N] bool)` (default None): called after each step, without gradients, to
     update them in place from the step's stats (only where `active`, for frozen members stay as they are).
+  - `dead_policies` (default none): other dead policies the architecture's loss supports, which an ensemble may be
+    given instead of `dead_policy` (`Ensemble(dead_policy=)`, e.g. L1's "ghost_grads"); a policy that is a loss
+    term (`dead_latents.LOSS_POLICIES`) reaches the loss as `state["dead"]` while any member has dead latents;
   - `code_biases` (default ("encoder_bias",)): the per-latent params [h] in the units of the codes, which folding
     the decoder norms multiplies by them and the input scale divides (sweep.safetensors acts on raw activations);
   - `latent_vectors` (default ("encoder_bias",)): every per-latent param [h], set to 0 (with its Adam moments) for a
@@ -59,7 +63,7 @@ from torch import Tensor
 
 from training.dictionary import Params
 
-DeadPolicy = Literal["resample", "aux_k"]
+DeadPolicy = Literal["resample", "aux_k", "ghost_grads"]
 LossFn = Callable[[Params, Tensor, dict[str, Tensor], dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
 FusedGradsFn = Callable[..., dict[str, Tensor]]
 
@@ -96,6 +100,7 @@ class Architecture:
     eval_block_rows: Callable[[int], int]
     saved_state: tuple[str, ...] = ()
     update_state_: Callable[[dict[str, Any], dict[str, Tensor], Tensor], None] | None = None
+    dead_policies: tuple[DeadPolicy, ...] = ()
     code_biases: tuple[str, ...] = ("encoder_bias",)
     latent_vectors: tuple[str, ...] = ("encoder_bias",)
 
