@@ -82,6 +82,9 @@ class SweepConfig:
     """Activation rows per step, fed to every member."""
     adam_lr: float = 1e-3
     """Peak Adam learning rate."""
+    lr_values: list[float] | None = None
+    """One peak learning rate per member instead of --adam_lr for all, paired in order with the sweep's values
+    (--l1_values or the --l1_value_* range, --k_values: as many; the members' values must then differ)."""
     lr_warmup_fraction: float = 0.01
     """Fraction of the steps over which the learning rate rises linearly from 0."""
     lr_decay_fraction: float = 0.0
@@ -193,6 +196,25 @@ def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
     return SWEEP_VALUES[architecture(cfg).sweep_param](cfg)
 
 
+def member_lrs(cfg: SweepConfig) -> list[float]:
+    """Each member's peak learning rate: --lr_values zipped with the member keys (which must then be distinct, as
+    sweep.json keys members by them), else --adam_lr for every member."""
+    keys = member_keys(cfg)
+    if cfg.lr_values is None:
+        return [cfg.adam_lr] * len(keys)
+    flag = "--k_values" if architecture(cfg).sweep_param == "k" else "--l1_values"
+    if len(cfg.lr_values) != len(keys):
+        raise UserError(f"--lr_values gives {len(cfg.lr_values)} learning rates for {len(keys)} members: give one per "
+                        f"value of {flag}, in order")
+    bad = [v for v in cfg.lr_values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UserError(f"--lr_values must be positive (got {bad[0]})")
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--lr_values needs distinct {flag} (members are keyed by them; got {keys}): to try several "
+                        "learning rates at one value, nudge the repeats (e.g. 0.1 0.1001) or run one sweep per rate")
+    return [float(v) for v in cfg.lr_values]
+
+
 POSITIVE = ("ratio", "adam_lr")
 """Float flags that must be finite and above 0."""
 NON_NEGATIVE = ("activation_norm", "grad_clip")
@@ -238,7 +260,7 @@ def validate_flags(cfg: SweepConfig) -> None:
     if dead_policy(cfg) not in (arch.dead_policy, *arch.dead_policies):
         able = [a for a in ARCHITECTURES if "ghost_grads" in get_architecture(a).dead_policies]
         raise UserError(f"--ghost_grads applies to the {', '.join(able)} architecture only")
-    member_keys(cfg)
+    member_lrs(cfg)
 
 
 def dead_policy(cfg: SweepConfig) -> str:
@@ -488,7 +510,8 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
     """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
     keys = member_keys(cfg)
     name = architecture(cfg).sweep_param
-    members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
+    lrs = member_lrs(cfg)
+    members = [{name: key, "lr": lrs[i], "frozen": bool(ens.frozen[i]),
                 **({} if metrics is None else metrics[i])} for i, key in enumerate(keys)]
     return {
         "toolkit_version": training.__version__,
@@ -797,7 +820,7 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
                            tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
                            device=device)
-    lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
+    lr = torch.tensor(member_lrs(cfg), dtype=torch.float64)
     hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
                                                          else torch.float64)}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
