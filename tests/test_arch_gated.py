@@ -257,3 +257,16 @@ def test_the_command_line_trains_a_gated_sweep(toy_data, tmp_path, capsys):
     assert list(saes) == [0.1, 1.0] and all(type(s) is GatedAutoencoder for s in saes.values())
     with pytest.raises(UserError, match="--tied applies to the l1 architecture only"):
         run_sweep(_cfg(root, tmp_path / "t", tied=True))
+
+
+def test_the_top_activations_scorer_uses_the_gated_encoding():
+    from training.top_activations import SaeScorer
+    m = _members(1)[0].float()
+    x = _data(40, 8, seed=4).float()
+    scorer = SaeScorer(m, torch.device("cpu"))
+    codes = m.encode(x).detach()                                                    # [40, 32]
+    assert (codes > 0).any() and (codes == 0).any()
+    torch.testing.assert_close(scorer.codes_t(x), codes.T)
+    rows = torch.arange(40).repeat_interleave(3)
+    feats = torch.randint(0, 32, (120,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(scorer.at(x, rows, feats, block=16), codes[rows, feats])

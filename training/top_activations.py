@@ -44,6 +44,7 @@ features.json (one feature per line):
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -211,12 +212,19 @@ class Scorer(Protocol):
         """Activation of feature feats[s] on row x[rows[s]] for every s: [S] (`rows` ascending)."""
 
 
+PLAIN_PARAMS = {"center", "encoder", "encoder_bias", "decoder"}
+"""The parameters of a dictionary encoded as ReLU(W(x - c) + b) (kept on the k largest when it has a k)."""
+
+
 class SaeScorer:
-    """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations)."""
+    """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations; a
+    dictionary with other parameters, e.g. Gated: its own `encode`, on whole rows)."""
 
     all_fire = False
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
+        names = {n for n, _ in module.named_parameters()}
+        self.module = None if names <= PLAIN_PARAMS else copy.deepcopy(module).to(device, torch.float32).eval()
         with torch.no_grad():
             self.w = module.encoder_weight().detach().to(device, torch.float32).contiguous()      # [F, d]
             center = module.center.detach().to(device, torch.float32)
@@ -226,6 +234,9 @@ class SaeScorer:
 
     def codes_t(self, x: Tensor) -> Tensor:
         """[F, b] codes (one matmul; TopK: scatter of the k kept values per row)."""
+        if self.module is not None:
+            with torch.no_grad():
+                return self.module.encode(x).T.contiguous()
         if self.k is None:
             return torch.addmm(self.b[:, None], self.w, x.T).relu_()
         pre = torch.addmm(self.b, x, self.w.T)                                    # [b, F]
@@ -238,7 +249,7 @@ class SaeScorer:
     def at(self, x: Tensor, rows: Tensor, feats: Tensor, block: int = 65536) -> Tensor:
         """Per-slot activations; L1 by row-feature dot products, TopK by encoding whole rows in blocks."""
         out = torch.empty(len(rows), device=x.device)
-        if self.k is None:
+        if self.k is None and self.module is None:
             for s in range(0, len(rows), block):
                 r, f = rows[s:s + block], feats[s:s + block]
                 out[s:s + block] = ((x[r] * self.w[f]).sum(1) + self.b[f]).relu_()
@@ -248,9 +259,13 @@ class SaeScorer:
             s0, s1 = int(starts[j]), int(starts[j + 1])
             if s0 == s1:
                 continue
+            r = rows[s0:s1] - r0
+            if self.module is not None:
+                with torch.no_grad():
+                    out[s0:s1] = self.module.encode(x[r0:r0 + block])[r, feats[s0:s1]]
+                continue
             pre = torch.addmm(self.b, x[r0:r0 + block], self.w.T)                # [rows, F]
             kth = pre.topk(self.k, dim=1).values[:, -1]
-            r = rows[s0:s1] - r0
             v = pre[r, feats[s0:s1]]
             out[s0:s1] = torch.where(v >= kth[r], v.relu(), torch.zeros_like(v))
         return out
