@@ -98,7 +98,7 @@ class SweepConfig:
     encoder bias)."""
     decoder_init_norm: float | None = None
     """Initial norm of the decoder rows, the encoder starting as their transpose (default: 0.1 for l1, 0.5 for topk,
-    the best measured; see the README's ablation)."""
+    the best measured, see the README's ablation; 0.1 for gated, SAELens' default)."""
     unit_decoder: bool = False
     """Keep decoder rows at unit norm during training (Bricken et al. 2023) instead of leaving them free with the
     L1 weighted by their norms (Anthropic 2024, SAELens); tied dictionaries always keep unit rows."""
