@@ -230,7 +230,7 @@ def test_a_saved_member_encodes_raw_activations_as_the_trained_one_encodes_scale
 def test_a_killed_sweep_resumes_bit_exactly(toy_data, tmp_path):
     root, _ = toy_data
     kw = dict(max_tokens=None, batch_size=2000, save_after_every=True, resample_every=3, dead_window_tokens=2000,
-              l1_values=[0.3, 30.0])                                  # 30: many dead latents, resampled at every 3rd step
+              l1_values=[0.3, 30.0])                        # 30: many dead latents, resampled at every 3rd step
     run_sweep(_cfg(root, tmp_path / "whole", **kw))
     with sweep_killed_at_chunk(3):
         run_sweep(_cfg(root, tmp_path / "killed", **kw))

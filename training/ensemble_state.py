@@ -1,8 +1,9 @@
 """The ensemble's checkpoint format: one flat {name: tensor} dict (safetensors-ready) holding params
 ("param.<name>"), Adam moments ("adam.exp_avg.<name>", "adam.exp_avg_sq.<name>", "adam.step"), hparams
-("hparam.lr", "hparam.<sweep param>"), the architecture's saved member state ("state.<name>"), dead counters ("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the
-options ("option.*", among them the architecture's name and the dead policy as UTF-8 bytes). States written before an entry existed
-are completed by `with_legacy_entries`, so old checkpoints load unchanged.
+("hparam.lr", "hparam.<sweep param>"), the architecture's saved member state ("state.<name>"), dead counters
+("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the options ("option.*", among them the architecture's name
+and the dead policy as UTF-8 bytes). States written before an entry existed are completed by `with_legacy_entries`,
+so old checkpoints load unchanged.
 """
 
 from __future__ import annotations

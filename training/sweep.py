@@ -204,8 +204,9 @@ def member_lrs(cfg: SweepConfig) -> list[float]:
         return [cfg.adam_lr] * len(keys)
     flag = "--k_values" if architecture(cfg).sweep_param == "k" else "--l1_values"
     if len(cfg.lr_values) != len(keys):
-        raise UserError(f"--lr_values gives {len(cfg.lr_values)} learning rates for {len(keys)} members: give one per "
-                        f"value of {flag}, in order")
+        n = len(cfg.lr_values)
+        raise UserError(f"--lr_values gives {n} learning rate{'' if n == 1 else 's'} for {len(keys)} members: give "
+                        f"one per value of {flag}, in order")
     bad = [v for v in cfg.lr_values if not (math.isfinite(v) and v > 0)]
     if bad:
         raise UserError(f"--lr_values must be positive (got {bad[0]})")
@@ -465,8 +466,8 @@ def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
 
 EVAL_ROWS = 65536
 AUX_REFRESH_STEPS = 100
-"""Dead policies that are a loss term (TopK's aux-K, L1's --ghost_grads): steps between refreshes of whether the term is on
-(a host sync each), whatever --log_every is."""
+"""Dead policies that are a loss term (TopK's aux-K, L1's --ghost_grads): steps between refreshes of whether the term
+is on (a host sync each), whatever --log_every is."""
 
 
 @dataclass

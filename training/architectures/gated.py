@@ -115,7 +115,7 @@ def fused_gated_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grad
         lin = torch.bmm(xc, enc_c.transpose(1, 2), out=ws.buffer("lin", (n, ws.chunk, h), cd)[:, :m])
         gate = torch.add(lin, bg_c, out=ws.big_a[:, :m]).relu_()                    # ReLU(pi_gate)
         codes = torch.addcmul(bm_c, lin, s_c, out=ws.buffer("codes", (n, ws.chunk, h), cd)[:, :m]).relu_()
-        relu_mask_(codes, gate)                                                      # the Heaviside gate: 0 where pi <= 0
+        relu_mask_(codes, gate)                                      # the Heaviside gate: 0 where pi <= 0
         err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
         err_g = ws.buffer("err_gate", (n, ws.chunk, d), acc)[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
         if low:
