@@ -3,7 +3,8 @@ revive them. An architecture names its policy (`Architecture.dead_policy`); `DEA
 `Ensemble.resample_dead` runs:
   - "resample": Anthropic's resampling ("Towards Monosemanticity"), `resample_`;
   - "aux_k": Gao et al.'s aux-K loss revives them during training; `refresh_aux_k` only records whether any member
-    has dead latents (the aux-K term is computed only while some have).
+    has dead latents (the aux-K term is computed only while some have);
+  - "ghost_grads" (an option of L1): the ghost-grads loss term revives them during training, switched like aux-K.
 Shapes: `since, dead: [N, d_hidden]`, `x: [n, d_in]`.
 """
 
@@ -53,7 +54,8 @@ def resample_(ens: Any, x: Tensor, dead: Tensor, *, seed: int = 0, step: int = 0
 
     Each dead latent gets a decoder row = a centred input x - center, at the mean norm of the live decoder rows (1
     with `unit_decoder`), drawn with probability proportional to the square of that input's squared reconstruction
-    error; its encoder row = the same direction scaled to 0.2 x the mean norm of the live encoder rows; its bias = 0;
+    error; its encoder row = the same direction scaled to 0.2 x the mean norm of the live encoder rows; its bias (every
+    per-latent param of `Architecture.latent_vectors`) = 0;
     its Adam moments = 0. `x` should be many tokens (tens of thousands or more). The draws of member i come from
     `member_generator(seed, step, member_ids[i])` on the CPU (global member indices, default 0..N-1), so they depend
     on no device and no stored generator state. Frees the step workspace (the error pass reuses its memory); two
@@ -94,12 +96,17 @@ def _revive_(ens: Any, i: int, latents: Tensor, directions: Tensor, enc_norm: Te
         params["encoder"][i, latents] = directions * (0.2 * enc_norm[i])
     dec = params["decoder"]
     dec[i, latents] = directions if dec_norm is None else directions * dec_norm[i]
-    params["encoder_bias"][i, latents] = 0
+    for name in ens.arch.latent_vectors:                                           # encoder_bias and the like
+        params[name][i, latents] = 0
     for state in (ens.exp_avg, ens.exp_avg_sq):
-        for name in ("encoder", "decoder", "encoder_bias"):
+        for name in ("encoder", "decoder", *ens.arch.latent_vectors):
             if name in state:
                 state[name][i, latents] = 0
 
 
-DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k}
-"""What `Ensemble.resample_dead` runs for each `Architecture.dead_policy`."""
+DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k,
+                                                  "ghost_grads": refresh_aux_k}
+"""What `Ensemble.resample_dead` runs for each dead policy (`Architecture.dead_policy` or `Ensemble(dead_policy=)`)."""
+LOSS_POLICIES = ("aux_k", "ghost_grads")
+"""The dead policies that are a loss term: the ensemble hands the loss `state["dead"]` while any member has a dead
+latent, and the sweep refreshes that switch every AUX_REFRESH_STEPS steps."""

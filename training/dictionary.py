@@ -124,10 +124,11 @@ def normalize_decoder_(decoder: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def unit_norm_params(params: Params) -> Params:
-    """Equivalent params with unit decoder rows: decoder / norms, encoder and encoder_bias * norms (copies).
+def unit_norm_params(params: Params, code_biases: tuple[str, ...] = ("encoder_bias",)) -> Params:
+    """Equivalent params with unit decoder rows: decoder / norms, encoder and the `code_biases` (the architecture's
+    per-latent params in code units, `Architecture.code_biases`) * norms (copies).
 
-    Exact for both architectures: pre and codes scale by the norms (ReLU and the TopK ranking by
+    Exact for every architecture: pre and codes scale by the norms (ReLU, a gate's sign and the TopK ranking by
     pre * norms are unchanged), and codes @ decoder is unchanged. A tied dictionary is returned as is
     (it is trained with unit rows). Works on single ([h, d]) and stacked ([N, h, d]) params.
     """
@@ -137,7 +138,8 @@ def unit_norm_params(params: Params) -> Params:
     norms = decoder_norms(params).clamp_min(1e-12)                             # [..., h]
     out["decoder"] = params["decoder"] / norms.unsqueeze(-1)
     out["encoder"] = params["encoder"] * norms.unsqueeze(-1)
-    out["encoder_bias"] = params["encoder_bias"] * norms
+    for name in code_biases:
+        out[name] = params[name] * norms
     return out
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from training.adam import adam_factors, adam_members_, adam_stacked_, clip_grads_, member_groups, project_rows_
 from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
-from training.dead_latents import DEAD_POLICIES, member_generator, track_dead_  # noqa: F401 (re-exported)
+from training.dead_latents import DEAD_POLICIES, LOSS_POLICIES, member_generator, track_dead_  # noqa: F401
 from training.architectures import Architecture, get as get_architecture
 from training.dictionary import (
     Dictionary,
@@ -75,6 +75,8 @@ class Ensemble:
     default, see training.dictionary); `grad_clip`: scale each member's gradient to global norm at most this
     before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off). The attribute `whole_stack_update` (default:
     True off the CPU) updates every member at once, in a number of kernels that does not grow with n_models.
+    `dead_policy` (default: the architecture's): one of the dead policies the architecture supports
+    (`Architecture.dead_policy`, `Architecture.dead_policies`), e.g. "ghost_grads" for L1.
     """
 
     def __init__(self, members: list[Dictionary], hparams: dict[str, Tensor | list[float]], *,
@@ -82,7 +84,7 @@ class Ensemble:
                  dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                  backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse",
                  chunk_tokens: int = 1 << 30, unit_decoder: bool = False, grad_clip: float = 0.0,
-                 arch_options: dict[str, Any] | None = None):
+                 arch_options: dict[str, Any] | None = None, dead_policy: str | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         first = members[0]
@@ -97,14 +99,14 @@ class Ensemble:
         self._init_from(params, hparams, arch.name, keys, adam_betas=adam_betas, adam_eps=adam_eps,
                         dead_window=dead_window, k_aux=k_aux, aux_coef=aux_coef, backend=backend,
                         topk_decoder=topk_decoder, chunk_tokens=chunk_tokens, unit_decoder=unit_decoder,
-                        grad_clip=grad_clip, arch_options=arch_options)
+                        grad_clip=grad_clip, arch_options=arch_options, dead_policy=dead_policy)
 
     def _init_from(self, params: Params, hparams: dict[str, Tensor | list[float]], architecture: str,
                    member_keys: list | None, *, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                    dead_window: int = 10_000_000, k_aux: int | None = None, aux_coef: float = 1 / 32,
                    backend: Backend = "fused", topk_decoder: TopKDecoder = "sparse", chunk_tokens: int = 1 << 30,
                    unit_decoder: bool = False, grad_clip: float = 0.0, moments: tuple[Params, Params] | None = None,
-                   arch_options: dict[str, Any] | None = None) -> None:
+                   arch_options: dict[str, Any] | None = None, dead_policy: str | None = None) -> None:
         """Set every field around stacked `params` {name: [N, ...]} (adopted, not copied) and Adam `moments`
         (exp_avg, exp_avg_sq; default zeros); `member_keys`: each member's sweep key where its module holds it;
         `arch_options`: the architecture's `options` by name (missing ones: its member_state's defaults)."""
@@ -120,6 +122,10 @@ class Ensemble:
         self.backend, self.topk_decoder, self.chunk_tokens = backend, topk_decoder, int(chunk_tokens)
         self.unit_decoder = bool(unit_decoder) or self.tied
         self.grad_clip = float(grad_clip)
+        self.dead_policy: str = dead_policy or self.arch.dead_policy
+        if self.dead_policy not in (self.arch.dead_policy, *self.arch.dead_policies):
+            raise ValueError(f"{self.architecture} supports the dead policies "
+                             f"{[self.arch.dead_policy, *self.arch.dead_policies]}, not {self.dead_policy!r}")
 
         self.params: Params = params
         like = self.params["decoder"]
@@ -210,11 +216,11 @@ class Ensemble:
         return stats
 
     def _step_state(self) -> dict[str, Any]:
-        """The architecture's member state plus this ensemble's options and, under the aux-K dead policy while
-        any member has dead latents, `dead: [N, d_hidden]`."""
+        """The architecture's member state plus this ensemble's options and, under a dead policy that is a loss term
+        (aux-K, ghost grads) while any member has dead latents, `dead: [N, d_hidden]`."""
         state = {**self.member_state, "k_aux": self.k_aux, "aux_coef": self.aux_coef,
                  "decoder_impl": self.topk_decoder, "dead": None}
-        if self.arch.dead_policy == "aux_k" and self._aux_on and self.k_aux > 0:
+        if self.dead_policy in LOSS_POLICIES and self._aux_on:
             state["dead"] = self.dead_mask()
         return state
 
@@ -307,7 +313,7 @@ class Ensemble:
         member_ids[i]); call every few thousand steps. "aux_k" (TopK): refresh whether the aux-K term is needed."""
         dead = self.dead_mask() & ~self.frozen.unsqueeze(1)                            # [N, h]
         n_dead = dead.sum(-1)
-        DEAD_POLICIES[self.arch.dead_policy](self, x, dead, seed=seed, step=step, member_ids=member_ids)
+        DEAD_POLICIES[self.dead_policy](self, x, dead, seed=seed, step=step, member_ids=member_ids)
         return n_dead
 
     def release_workspace(self) -> None:

@@ -2,8 +2,8 @@
 ("param.<name>"), Adam moments ("adam.exp_avg.<name>", "adam.exp_avg_sq.<name>", "adam.step"), hparams
 ("hparam.lr", "hparam.<sweep param>"), the architecture's saved member state ("state.<name>"), dead counters
 ("dead.tokens_since_fired", "dead.aux_on"), "frozen" and the options ("option.*", among them the architecture's name
-as UTF-8 bytes and its own options, "option.arch.<name>"). States written before an entry existed
-are completed by `with_legacy_entries`, so old checkpoints load unchanged.
+as UTF-8 bytes, its own options, "option.arch.<name>", and the dead policy as UTF-8 bytes). States written before an
+entry existed are completed by `with_legacy_entries`, so old checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.architectures import by_sweep_param
+from training.architectures import by_sweep_param, get as get_architecture
 
 
 def state_refs(ens: Any) -> dict[str, Tensor]:
@@ -36,6 +36,7 @@ def state_refs(ens: Any) -> dict[str, Tensor]:
     out["option.grad_clip"] = torch.tensor(ens.grad_clip, dtype=torch.float64)
     out["option.architecture"] = architecture_tensor(ens.architecture)
     out.update({f"option.arch.{n}": torch.tensor(v, dtype=torch.float64) for n, v in ens.arch_options.items()})
+    out["option.dead_policy"] = architecture_tensor(ens.dead_policy)
     return out
 
 
@@ -46,6 +47,10 @@ def arch_options(state: dict[str, Tensor]) -> dict[str, Any]:
             if n.startswith(prefix)}
 
 
+TEXT_OPTIONS = ("option.architecture", "option.dead_policy")
+"""Options saved as UTF-8 bytes: their lengths vary (a state may hold another dead policy than the ensemble)."""
+
+
 def check_state(ens: Any, shapes: dict[str, torch.Size]) -> None:
     """ValueError unless `shapes` {name: shape} are `ens`'s state_dict names and shapes (no copies)."""
     mine = state_refs(ens)
@@ -53,7 +58,7 @@ def check_state(ens: Any, shapes: dict[str, torch.Size]) -> None:
         raise ValueError(f"state_dict keys differ: missing {sorted(set(mine) - set(shapes))}, "
                          f"unexpected {sorted(set(shapes) - set(mine))}")
     for name, shape in shapes.items():
-        if shape != mine[name].shape:
+        if shape != mine[name].shape and name not in TEXT_OPTIONS:
             raise ValueError(f"{name}: shape {tuple(shape)} != {tuple(mine[name].shape)}")
 
 
@@ -67,6 +72,7 @@ def load_options(ens: Any, state: dict[str, Tensor]) -> None:
     ens.unit_decoder = bool(state["option.unit_decoder"])
     ens.grad_clip = float(state["option.grad_clip"])
     ens._aux_on = bool(state["dead.aux_on"])
+    ens.dead_policy = architecture_name(state["option.dead_policy"])
     ens._host_step = state["adam.step"].to("cpu", torch.float64, copy=True)
 
 
@@ -95,6 +101,14 @@ def with_aux_flag(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {**state, "dead.aux_on": (state["dead.tokens_since_fired"] >= state["option.dead_window"]).any()}
 
 
+def with_dead_policy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state`, with its architecture's default dead policy added if it predates the policy being saved."""
+    if "option.dead_policy" in state or "option.architecture" not in state:
+        return state
+    policy = get_architecture(architecture_name(state["option.architecture"])).dead_policy
+    return {**state, "option.dead_policy": architecture_tensor(policy)}
+
+
 def with_legacy_entries(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` with the entries older versions did not save (aux-K switch, architecture name) derived."""
-    return with_architecture(with_aux_flag(state))
+    """`state` with the entries older versions did not save (aux-K switch, architecture name, dead policy) derived."""
+    return with_dead_policy(with_architecture(with_aux_flag(state)))

@@ -35,6 +35,7 @@ import training
 from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
+from training.dead_latents import LOSS_POLICIES
 from training.dictionary import unit_norm_params
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
@@ -63,7 +64,8 @@ class SweepConfig:
     architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
     """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept); batchtopk: BatchTopK (k per
     token on average over the batch, swept; one learned threshold at inference); matryoshka: BatchTopK whose nested
-    prefixes each reconstruct (k swept)."""
+    prefixes each reconstruct (k swept); gated: Gated dictionary (Rajamanoharan et al. 2024; its gate's L1 penalty
+    swept by the --l1_* flags)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
     l1_value_min: float = -2.0
@@ -86,6 +88,9 @@ class SweepConfig:
     """Activation rows per step, fed to every member."""
     adam_lr: float = 1e-3
     """Peak Adam learning rate."""
+    lr_values: list[float] | None = None
+    """One peak learning rate per member instead of --adam_lr for all, paired in order with the sweep's values
+    (--l1_values or the --l1_value_* range, --k_values: as many; the members' values must then differ)."""
     lr_warmup_fraction: float = 0.01
     """Fraction of the steps over which the learning rate rises linearly from 0."""
     lr_decay_fraction: float = 0.0
@@ -99,7 +104,8 @@ class SweepConfig:
     encoder bias)."""
     decoder_init_norm: float | None = None
     """Initial norm of the decoder rows, the encoder starting as their transpose (default: 0.1 for l1, 0.5 for topk,
-    the best measured, see the README's ablation; batchtopk and matryoshka take topk's)."""
+    the best measured, see the README's ablation; batchtopk and matryoshka take topk's; 0.1 for gated, SAELens'
+    default)."""
     unit_decoder: bool = False
     """Keep decoder rows at unit norm during training (Bricken et al. 2023) instead of leaving them free with the
     L1 weighted by their norms (Anthropic 2024, SAELens); tied dictionaries always keep unit rows."""
@@ -112,7 +118,11 @@ class SweepConfig:
     dead_window_tokens: int = 1_000_000
     """A feature is dead when it has not fired over this many tokens."""
     resample_every: int = 25000
-    """L1 only: resample dead features every this many steps (0: never), until the learning-rate decay starts."""
+    """Architectures that resample (l1, gated): resample dead features every this many steps (0: never), until the
+    learning-rate decay starts."""
+    ghost_grads: bool = False
+    """L1 only: revive dead features with ghost grads (the mats_sae_training recipe: a loss term through exp of their
+    pre-activations, on while any feature is dead) instead of resampling them."""
     n_repetitions: int = 1
     """Passes over the data."""
     holdout_rows: int = 65536
@@ -193,6 +203,26 @@ def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
     return SWEEP_VALUES[architecture(cfg).sweep_param](cfg)
 
 
+def member_lrs(cfg: SweepConfig) -> list[float]:
+    """Each member's peak learning rate: --lr_values zipped with the member keys (which must then be distinct, as
+    sweep.json keys members by them), else --adam_lr for every member."""
+    keys = member_keys(cfg)
+    if cfg.lr_values is None:
+        return [cfg.adam_lr] * len(keys)
+    flag = "--k_values" if architecture(cfg).sweep_param == "k" else "--l1_values"
+    if len(cfg.lr_values) != len(keys):
+        n = len(cfg.lr_values)
+        raise UserError(f"--lr_values gives {n} learning rate{'' if n == 1 else 's'} for {len(keys)} members: give "
+                        f"one per value of {flag}, in order")
+    bad = [v for v in cfg.lr_values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UserError(f"--lr_values must be positive (got {bad[0]})")
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--lr_values needs distinct {flag} (members are keyed by them; got {keys}): to try several "
+                        "learning rates at one value, nudge the repeats (e.g. 0.1 0.1001) or run one sweep per rate")
+    return [float(v) for v in cfg.lr_values]
+
+
 POSITIVE = ("ratio", "adam_lr")
 """Float flags that must be finite and above 0."""
 NON_NEGATIVE = ("activation_norm", "grad_clip")
@@ -235,7 +265,15 @@ def validate_flags(cfg: SweepConfig) -> None:
     if cfg.tied and not arch.tieable:
         tieable = [a for a in ARCHITECTURES if get_architecture(a).tieable]
         raise UserError(f"--tied applies to the {', '.join(tieable)} architecture only")
-    member_keys(cfg)
+    if dead_policy(cfg) not in (arch.dead_policy, *arch.dead_policies):
+        able = [a for a in ARCHITECTURES if "ghost_grads" in get_architecture(a).dead_policies]
+        raise UserError(f"--ghost_grads applies to the {', '.join(able)} architecture only")
+    member_lrs(cfg)
+
+
+def dead_policy(cfg: SweepConfig) -> str:
+    """How the sweep revives dead latents: "ghost_grads" with --ghost_grads, else the architecture's own policy."""
+    return "ghost_grads" if cfg.ghost_grads else architecture(cfg).dead_policy
 
 
 def validate_paths(cfg: SweepConfig) -> None:
@@ -441,7 +479,8 @@ def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
 
 EVAL_ROWS = 65536
 AUX_REFRESH_STEPS = 100
-"""Architectures with the aux-K dead policy (TopK): steps between refreshes of whether the aux-K loss is on (a host sync each), whatever --log_every is."""
+"""Dead policies that are a loss term (TopK's aux-K, L1's --ghost_grads): steps between refreshes of whether the term
+is on (a host sync each), whatever --log_every is."""
 
 
 @dataclass
@@ -485,7 +524,8 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
     """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
     keys = member_keys(cfg)
     name = architecture(cfg).sweep_param
-    members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
+    lrs = member_lrs(cfg)
+    members = [{name: key, "lr": lrs[i], "frozen": bool(ens.frozen[i]),
                 **({} if metrics is None else metrics[i])} for i, key in enumerate(keys)]
     return {
         "toolkit_version": training.__version__,
@@ -514,7 +554,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
     save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
-    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.scaled_params)
+    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.scaled_params, ens.arch.code_biases)
     digest = write_sweep_weights(out, weights)
     del weights
     write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
@@ -601,14 +641,15 @@ def input_scale(acts: torch.Tensor, target: float) -> float:
 
 
 def raw_space_params(params: dict[str, torch.Tensor], scale: float,
-                     scaled: tuple[str, ...] = ("center", "encoder_bias")) -> dict[str, torch.Tensor]:
+                     scaled: tuple[str, ...] = ("center", "encoder_bias"),
+                     code_biases: tuple[str, ...] = ("encoder_bias",)) -> dict[str, torch.Tensor]:
     """Weights with unit decoder rows that act on raw activations x, for a dictionary trained on s * x.
 
-    First the decoder norms are folded into encoder and bias (`unit_norm_params`, exact); then with center
-    c / s and encoder bias b / s the codes come out as codes(s x) / s and the reconstruction as x_hat(s x) / s,
-    while encoder and decoder rows are unchanged; TopK picks the same features.
+    First the decoder norms are folded into encoder and biases (`unit_norm_params`, exact); then with center
+    c / s and the code biases (`Architecture.code_biases`) b / s the codes come out as codes(s x) / s and the
+    reconstruction as x_hat(s x) / s, while encoder and decoder rows are unchanged; TopK picks the same features.
     """
-    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()})
+    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()}, code_biases)
     for name in scaled:                             # params in activation units (the architecture's scaled_params)
         out[name] /= scale
     return out
@@ -793,11 +834,11 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
                            tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
                            device=device)
-    lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
+    lr = torch.tensor(member_lrs(cfg), dtype=torch.float64)
     hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
                                                          else torch.float64)}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
-                   unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip,
+                   unit_decoder=cfg.unit_decoder, grad_clip=cfg.grad_clip, dead_policy=dead_policy(cfg),
                    arch_options={n: getattr(cfg, n) for n in arch.options})
     if cfg.center_init != "zero":
         ens.init_center(first_chunk.to(device, torch.float32), cfg.center_init)
@@ -960,13 +1001,13 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                                                                           l1_scale(progress.step, total, cfg)))
                     progress.step += 1
                     progress.tokens += cfg.batch_size
-                    if (arch.dead_policy == "resample" and cfg.resample_every
+                    if (ens.dead_policy == "resample" and cfg.resample_every
                             and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
                                           seed=cfg.seed, step=progress.step)
-                    if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
-                        ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
+                    if ens.dead_policy in LOSS_POLICIES and progress.step % AUX_REFRESH_STEPS == 0:
+                        ens.resample_dead(x)  # refreshes whether the dead-latent loss is needed (one host sync)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
                         log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
                         bar.set_postfix(frozen=int(stats["frozen"].sum()))

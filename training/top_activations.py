@@ -30,6 +30,7 @@ The file written is features.json, whose format lives in training.feature_file.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -137,13 +138,15 @@ class Scorer(Protocol):
 
 class SaeScorer:
     """Features of a dictionary (L1: ReLU(W(x - c) + b); TopK: the same kept on the k largest pre-activations;
-    a module with a `threshold` (BatchTopK, Matryoshka): kept where above it)."""
+    a module with a `threshold` (BatchTopK, Matryoshka): kept where above it; a module whose `linear_scoring` is
+    False, e.g. Gated: its own `encode`, on whole rows)."""
 
     all_fire = False
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.n_features = module.decoder.shape[0]
-        self.module = None if getattr(module, "linear_scoring", False) else module.to(device).float()
+        self.module = (None if getattr(module, "linear_scoring", False)
+                       else copy.deepcopy(module).to(device, torch.float32).eval())
         if self.module is not None:  # an encoder of another form (e.g. Gated): the module's own encode
             return
         with torch.no_grad():
@@ -160,7 +163,7 @@ class SaeScorer:
         """[F, b] codes (one matmul; TopK: scatter of the k kept values per row)."""
         if self.module is not None:
             with torch.no_grad():
-                return self.module.encode(x).T
+                return self.module.encode(x).T.contiguous()
         if self.k is None:
             codes = torch.addmm(self.b[:, None], self.w, x.T).relu_()
             return codes if self.threshold is None else codes.mul_(codes > self.threshold[:, None])
@@ -191,9 +194,13 @@ class SaeScorer:
             s0, s1 = int(starts[j]), int(starts[j + 1])
             if s0 == s1:
                 continue
+            r = rows[s0:s1] - r0
+            if self.module is not None:
+                with torch.no_grad():
+                    out[s0:s1] = self.module.encode(x[r0:r0 + block])[r, feats[s0:s1]]
+                continue
             pre = torch.addmm(self.b, x[r0:r0 + block], self.w.T)                # [rows, F]
             kth = pre.topk(self.k, dim=1).values[:, -1]
-            r = rows[s0:s1] - r0
             v = pre[r, feats[s0:s1]]
             out[s0:s1] = torch.where(v >= kth[r], v.relu(), torch.zeros_like(v))
         return out

@@ -27,7 +27,8 @@ gradient sees the stacked `[N, ...]` params):
   - `workspace(batch, chunk_tokens, state) -> (chunk, dense)`: the fused step's buffer layout (tokens per pass,
     whether the [N, C, h] buffers are needed).
   - `activate_(pre: [N, b, h], params, state) -> codes: [N, b, h]`: stacked encoding for evaluation (may reuse pre).
-  - `dead_policy`: "resample" (Anthropic resampling, called by the sweep every --resample_every steps) or "aux_k"
+  - `dead_policy`: "resample" (Anthropic resampling, called by the sweep every --resample_every steps), "ghost_grads"
+    (Jermyn & Templeton's ghost grads, the mats_sae_training recipe: a loss term on dead latents) or "aux_k"
     (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents).
   - `check_keys(keys, d_hidden) -> problem | None`: a one-line complaint about member keys that cannot work at
     this dictionary size (TopK: a k above d_hidden), else None.
@@ -48,6 +49,13 @@ gradient sees the stacked `[N, ...]` params):
     sweep saves dictionaries that take raw activations (e.g. a threshold on pre-activations).
   - `options` (default none): SweepConfig field names passed as keywords to `member_state` (architecture-specific
     settings, e.g. matryoshka_prefixes), saved in the ensemble's state_dict as `option.arch.<name>` (float64).
+  - `dead_policies` (default none): other dead policies the architecture's loss supports, which an ensemble may be
+    given instead of `dead_policy` (`Ensemble(dead_policy=)`, e.g. L1's "ghost_grads"); a policy that is a loss
+    term (`dead_latents.LOSS_POLICIES`) reaches the loss as `state["dead"]` while any member has dead latents;
+  - `code_biases` (default ("encoder_bias",)): the per-latent params [h] in the units of the codes, which folding
+    the decoder norms multiplies by them and the input scale divides (sweep.safetensors acts on raw activations);
+  - `latent_vectors` (default ("encoder_bias",)): every per-latent param [h], set to 0 (with its Adam moments) for a
+    latent the "resample" policy revives.
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
 (`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
 apart by their sweep hparam.
@@ -63,7 +71,7 @@ from torch import Tensor
 
 from training.dictionary import Params
 
-DeadPolicy = Literal["resample", "aux_k"]
+DeadPolicy = Literal["resample", "aux_k", "ghost_grads"]
 LossFn = Callable[[Params, Tensor, dict[str, Tensor], dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
 FusedGradsFn = Callable[..., dict[str, Tensor]]
 
@@ -103,9 +111,12 @@ class Architecture:
     state_params: tuple[str, ...] = ()
     scaled_params: tuple[str, ...] = ("center", "encoder_bias")
     options: tuple[str, ...] = ()
+    dead_policies: tuple[DeadPolicy, ...] = ()
+    code_biases: tuple[str, ...] = ("encoder_bias",)
+    latent_vectors: tuple[str, ...] = ("encoder_bias",)
 
 
-MODULES = ("l1", "topk", "batchtopk", "matryoshka")
+MODULES = ("l1", "topk", "batchtopk", "matryoshka", "gated")
 """The registry: one entry per architecture module training/architectures/<name>.py (each defines ARCHITECTURE)."""
 REGISTRY: dict[str, Architecture] = {}
 
@@ -134,8 +145,8 @@ def names() -> tuple[str, ...]:
 
 def by_sweep_param(hparam_names: set[str] | list[str]) -> Architecture:
     """The first registered architecture whose sweep hyperparameter is among `hparam_names` (how a state_dict saved
-    before the architecture's name was recorded names its own: those come from l1 and topk, registered first)."""
+    before the architecture's name was names its own: those hold l1 or topk, registered first)."""
     found = [a for a in registry().values() if a.sweep_param in hparam_names]
-    if len({a.sweep_param for a in found}) != 1:
+    if not found or len({a.sweep_param for a in found}) != 1:
         raise ValueError(f"cannot tell the architecture from hparams {sorted(hparam_names)}")
     return found[0]

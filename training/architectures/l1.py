@@ -1,13 +1,16 @@
 """The L1 architecture: a ReLU dictionary trained with MSE + l1 * L1 (Cunningham et al. 2023; Bricken et al. 2023),
-swept over the penalty `l1` (warmed up by the sweep), dead latents revived by resampling. Optionally tied.
+swept over the penalty `l1` (warmed up by the sweep), dead latents revived by resampling or, as an option
+(`Ensemble(dead_policy="ghost_grads")`, --ghost_grads), by ghost grads. Optionally tied.
 
 Maths and normalisations: training/dictionary.py. loss = MSE + l1 * L1, L1 = mean over the batch of
-sum_j codes_j * ||decoder_j||.
+sum_j codes_j * ||decoder_j||; with ghost grads + ghost (`ghost_grads_loss`) while the member has a dead latent.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import torch
 from torch import Tensor
@@ -28,12 +31,39 @@ from training.fused import Workspace, accumulate_bmm, encoder_name, per_member, 
 FP32 = 4
 
 
-def l1_loss(params: Params, x: Tensor, l1: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
-    """(MSE + l1 * L1, {"mse", "l1", "codes", "x_hat"}) of an L1 dictionary (L1 weighted by decoder norms)."""
-    codes = pre_activations(params, x).relu()
+def ghost_grads_loss(params: Params, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
+    """The ghost-grads term (Jermyn & Templeton 2024; Joseph Bloom's mats_sae_training / SAELens <= 3 recipe) of one
+    member, 0 when `dead: BoolTensor[h]` is all False.
+
+    r = x - x_hat (no gradient); ghost = exp(pre) on the dead latents only, decoded without center, rescaled (no
+    gradient through the factor) to half the norm of r per token; per element e_bd = (ghost - r)_bd^2 / ||r_b -
+    mean_b r|| (clamped at 1e-12); term = mean_b sum_d e_bd * sg((x_hat - x)_bd^2 / (e_bd + 1e-6)), i.e. each element
+    rescaled so that the term's value is the MSE's (the recipe's MSE is normalised by ||x - mean x|| and averaged over
+    d_in; here it is this toolkit's MSE, summed over d_in), its gradient that of log e through the dead latents.
+    """
+    resid = (x - x_hat).detach()                                                     # [B, d]
+    ghost = pre.masked_fill(~dead, -math.inf).exp() @ params["decoder"]             # [B, d]
+    factor = resid.norm(dim=-1) / (1e-6 + 2 * ghost.norm(dim=-1))
+    ghost = ghost * factor.detach().unsqueeze(-1)
+    spread = (resid - resid.mean(0)).norm(dim=-1, keepdim=True).clamp_min(1e-12)    # [B, 1]
+    ghost_sq = (ghost - resid).square() / spread
+    rescale = ((x_hat - x).square() / (ghost_sq + 1e-6)).detach()
+    return (rescale * ghost_sq).sum(-1).mean() * dead.any().to(pre.dtype)
+
+
+def l1_loss(params: Params, x: Tensor, l1: Tensor | float, dead: Tensor | None = None
+            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(MSE + l1 * L1 [+ ghost], {"mse", "l1", "codes", "x_hat"[, "aux"]}) of an L1 dictionary (L1 weighted by
+    decoder norms); the ghost-grads term ("aux") only with a `dead: BoolTensor[d_hidden]` mask."""
+    pre = pre_activations(params, x)
+    codes = pre.relu()
     x_hat = decode_codes(params, codes)
     mse, l1_term = mse_loss(x, x_hat), l1_penalty(codes, decoder_norms(params))
-    return mse + l1 * l1_term, {"mse": mse, "l1": l1_term, "codes": codes, "x_hat": x_hat}
+    parts = {"mse": mse, "l1": l1_term, "codes": codes, "x_hat": x_hat}
+    if dead is None:
+        return mse + l1 * l1_term, parts
+    parts["aux"] = ghost_grads_loss(params, x, x_hat, pre, dead)
+    return mse + l1 * l1_term + parts["aux"], parts
 
 
 class SparseLinearAutoencoder(Dictionary):
@@ -53,10 +83,11 @@ class SparseLinearAutoencoder(Dictionary):
         """codes: [n, d_hidden] = ReLU((x - center) @ encoder.T + encoder_bias)."""
         return pre_activations(self.params(), x).relu()
 
-    def loss(self, x: Tensor, l1: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """(MSE + l1 * L1, {"mse", "l1"}); see training/dictionary.py for the normalisations."""
-        total, parts = l1_loss(self.params(), x, l1)
-        return total, {"mse": parts["mse"], "l1": parts["l1"]}
+    def loss(self, x: Tensor, l1: float | Tensor, dead: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(MSE + l1 * L1, {"mse", "l1"}); see training/dictionary.py for the normalisations. With a
+        `dead: BoolTensor[d_hidden]` mask, + the ghost-grads term ("aux", `ghost_grads_loss`)."""
+        total, parts = l1_loss(self.params(), x, l1, dead)
+        return total, {n: parts[n] for n in ("mse", "l1", "aux") if n in parts}
 
 
 def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: Params
@@ -130,15 +161,37 @@ def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: 
 
 def _loss(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: dict[str, Any]
           ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One member's MSE + l1 * L1 (the autograd backend's loss; its L1 term is the ensemble's "l1_norm" stat)."""
-    total, parts = l1_loss(params, x, coefficients["l1"])
-    return total, {n: parts[n] for n in ("mse", "codes", "x_hat")}
+    """One member's MSE + l1 * L1 (the autograd backend's loss; its L1 term is the ensemble's "l1_norm" stat), + the
+    ghost-grads term ("aux") while the ensemble hands it `dead` (dead policy "ghost_grads")."""
+    total, parts = l1_loss(params, x, coefficients["l1"], state.get("dead"))
+    return total, {n: parts[n] for n in ("mse", "codes", "x_hat", "aux") if n in parts}
+
+
+def _ghost_term(params: Params, x: Tensor, dead: Tensor) -> tuple[Tensor, Tensor]:
+    """(ghost, ghost) of one member: the ghost-grads term alone (its gradient adds to the fused one's)."""
+    pre = pre_activations(params, x)
+    term = ghost_grads_loss(params, x, decode_codes(params, pre.relu()), pre, dead)
+    return term, term.detach()
+
+
+def ghost_grads_(params: Params, x: Tensor, dead: Tensor, grads: Params) -> Tensor:
+    """Add every member's gradient of its ghost-grads term to `grads` (vmap(grad), stacked `dead: [N, h]`); return
+    the terms [N]."""
+    g, term = torch.func.vmap(torch.func.grad(_ghost_term, has_aux=True), in_dims=(0, None, 0))(params, x, dead)
+    for name, t in g.items():
+        grads[name].add_(t)
+    return term
 
 
 def _fused(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: dict[str, Any], ws: Workspace,
            grads: Params) -> dict[str, Tensor]:
-    """`fused_l1_grads` with the scheduled penalty."""
-    return fused_l1_grads(params, x, coefficients["l1"], ws, grads)
+    """`fused_l1_grads` with the scheduled penalty, + the ghost-grads term's gradient (by autograd: the term is
+    off while no member has a dead latent) while the ensemble hands it `dead`."""
+    stats = fused_l1_grads(params, x, coefficients["l1"], ws, grads)
+    if state.get("dead") is not None:
+        stats["aux"] = ghost_grads_(params, x, state["dead"], grads)
+        stats["loss"] = stats["loss"] + stats["aux"]
+    return stats
 
 
 def _make_member(d_in: int, d_hidden: int, key: float | None, *, tied: bool = False, init_norm: float = INIT_NORM,
@@ -171,7 +224,8 @@ ARCHITECTURE = Architecture(
     loss=_loss, fused_grads=_fused,
     workspace=lambda batch, chunk_tokens, state: (chunk_tokens, True),
     activate_=lambda pre, params, state: pre.relu_(),
-    dead_policy="resample", tieable=True, check_keys=lambda keys, d_hidden: None, default_init_norm=0.1,
+    dead_policy="resample", dead_policies=("ghost_grads",), tieable=True, check_keys=lambda keys, d_hidden: None,
+    default_init_norm=0.1,
     key_symbol="L1", key_column="L1 penalty", key_axis="L1 penalty",
     format_key=lambda key: f"L1 = {key:.3g}", short_key=lambda key: f"{key:.3g}",
     workspace_bytes=_workspace_bytes, transient_bytes=_transient_bytes,
