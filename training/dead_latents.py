@@ -3,7 +3,8 @@ revive them. An architecture names its policy (`Architecture.dead_policy`); `DEA
 `Ensemble.resample_dead` runs:
   - "resample": Anthropic's resampling ("Towards Monosemanticity"), `resample_`;
   - "aux_k": Gao et al.'s aux-K loss revives them during training; `refresh_aux_k` only records whether any member
-    has dead latents (the aux-K term is computed only while some have).
+    has dead latents (the aux-K term is computed only while some have);
+  - "none": nothing (dead latents are only counted), `no_revival`.
 Shapes: `since, dead: [N, d_hidden]`, `x: [n, d_in]`.
 """
 
@@ -101,5 +102,10 @@ def _revive_(ens: Any, i: int, latents: Tensor, directions: Tensor, enc_norm: Te
                 state[name][i, latents] = 0
 
 
-DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k}
+def no_revival(ens: Any, x: Tensor, dead: Tensor, *, seed: int = 0, step: int = 0,
+               member_ids: Sequence[int] | None = None) -> None:
+    """The "none" policy: dead latents stay as they are."""
+
+
+DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k, "none": no_revival}
 """What `Ensemble.resample_dead` runs for each `Architecture.dead_policy`."""

@@ -35,7 +35,7 @@ import training
 from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
-from training.dictionary import unit_norm_params
+from training.dictionary import decoder_norms, unit_norm_params
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
@@ -63,7 +63,8 @@ class SweepConfig:
     architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
     """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept); batchtopk: BatchTopK (k per
     token on average over the batch, swept; one learned threshold at inference); matryoshka: BatchTopK whose nested
-    prefixes each reconstruct (k swept)."""
+    prefixes each reconstruct (k swept); jumprelu: JumpReLU dictionary with learned thresholds and an L0 penalty (its
+    coefficient swept)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
     l1_value_min: float = -2.0
@@ -80,6 +81,9 @@ class SweepConfig:
     matryoshka_prefixes: list[float] = field(default_factory=lambda: [1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0])
     """Nested prefixes of the dictionary that each reconstruct the input (--architecture matryoshka), as rising
     fractions of the dictionary size ending at 1 (default: dictionary_learning's)."""
+    l0_coefficients: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
+    """L0 penalty coefficient (lambda) of each JumpReLU member (--architecture jumprelu); a latent's learned threshold
+    settles near sqrt(lambda) at --activation_norm 1 (dropping a code of size t costs about t^2)."""
     tied: bool = False
     """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
     batch_size: int = 4096
@@ -92,7 +96,8 @@ class SweepConfig:
     """Fraction of the steps at the end over which the learning rate decays linearly to 0 (measured to hurt runs of a
     few thousand steps; try 0.2 for long ones)."""
     l1_warmup_fraction: float = 0.0
-    """Fraction of the steps over which the L1 penalty rises linearly from 0 (measured to hurt short runs)."""
+    """Fraction of the steps over which the L1 penalty (JumpReLU: the L0 coefficient) rises linearly from 0 (measured
+    to hurt short L1 runs)."""
     activation_norm: float = 1.0
     """Train on activations scaled so that E||x||^2 equals this (0: raw activations), so L1 values mean the same
     across models and layers; the saved dictionaries take raw activations (the scale is folded into center and
@@ -177,7 +182,16 @@ def k_values(cfg: SweepConfig) -> list[int]:
     return [int(k) for k in cfg.k_values]
 
 
-SWEEP_VALUES: dict[str, Callable[[SweepConfig], list]] = {"l1": l1_values, "k": k_values}
+def l0_coefficients(cfg: SweepConfig) -> list[float]:
+    """The L0 coefficient of each JumpReLU member, from --l0_coefficients (each finite and at least 0)."""
+    bad = [v for v in cfg.l0_coefficients if not (math.isfinite(v) and v >= 0)]
+    if not cfg.l0_coefficients or bad:
+        raise UserError(f"--l0_coefficients must be finite and not negative (got {bad[0] if bad else 'none'})")
+    return [float(v) for v in cfg.l0_coefficients]
+
+
+SWEEP_VALUES: dict[str, Callable[[SweepConfig], list]] = {"l1": l1_values, "k": k_values,
+                                                          "l0_coefficient": l0_coefficients}
 """The flags that list each sweep parameter's member values (the CLI side of `Architecture.sweep_param`)."""
 
 
@@ -514,7 +528,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
     save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
-    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.scaled_params)
+    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.scaled_params, ens.arch.scale_latents_)
     digest = write_sweep_weights(out, weights)
     del weights
     write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
@@ -601,14 +615,21 @@ def input_scale(acts: torch.Tensor, target: float) -> float:
 
 
 def raw_space_params(params: dict[str, torch.Tensor], scale: float,
-                     scaled: tuple[str, ...] = ("center", "encoder_bias")) -> dict[str, torch.Tensor]:
+                     scaled: tuple[str, ...] = ("center", "encoder_bias"),
+                     scale_latents_: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Weights with unit decoder rows that act on raw activations x, for a dictionary trained on s * x.
 
     First the decoder norms are folded into encoder and bias (`unit_norm_params`, exact); then with center
     c / s and encoder bias b / s the codes come out as codes(s x) / s and the reconstruction as x_hat(s x) / s,
-    while encoder and decoder rows are unchanged; TopK picks the same features.
+    while encoder and decoder rows are unchanged; TopK picks the same features. Params in pre-activation units
+    (a JumpReLU threshold) are rescaled alike by the architecture's `scale_latents_` (by norms / s).
     """
-    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()})
+    host = {n: t.detach().cpu() for n, t in params.items()}
+    out = unit_norm_params(host)
+    if scale_latents_ is not None:          # the architecture's params in pre-activation units, not linear in them
+        norms = decoder_norms(host).clamp_min(1e-12) if "encoder" in host else 1.0     # as unit_norm_params folds
+        scale_latents_(out, torch.ones_like(out["encoder_bias"]) * norms / scale)
     for name in scaled:                             # params in activation units (the architecture's scaled_params)
         out[name] /= scale
     return out
