@@ -157,21 +157,21 @@ def test_nan_member_is_frozen_and_the_others_train_on_unchanged():
         torch.testing.assert_close(t[[0, 2]], pair.params[n], rtol=0, atol=0)
 
 
-def test_best_member_recovers_the_ground_truth_features(monkeypatch):
+def test_best_member_recovers_the_ground_truth_features():
     """G = 32 features in d = 24, 3 active on average, 64 latents, 1500 steps of 256 rows at lr 0.01: mean max
     cosine >= 0.95 for the best lambda (measured 0.97-0.98).
 
     At the paper's bandwidth 0.001 (meant for runs of ~10^5 steps) the log-thresholds move too little in a few
     thousand steps for the codes to become sparse (L0 stays at every latent, mean max cosine ~0.55); this quick check
-    uses SAELens' default bandwidth 0.05."""
-    monkeypatch.setattr(jr, "BANDWIDTH", 0.05)
+    uses SAELens' default bandwidth 0.05 (--jumprelu_bandwidth)."""
     torch.manual_seed(0)
     cfg = ToyConfig(n_features=32, d=24, avg_active=3, seed=0)
     features = make_features(cfg)
     batches = iter_batches(cfg, 256, features)
     x0, _ = next(batches)
     scale = float((1 / x0.square().sum(1).mean()).sqrt())                     # E||x||^2 = 1
-    ens = Ensemble(make_members("jumprelu", 2, 24, 64), {"lr": [1e-2] * 2, "l0_coefficient": [0.03, 0.3]})
+    ens = Ensemble(make_members("jumprelu", 2, 24, 64), {"lr": [1e-2] * 2, "l0_coefficient": [0.03, 0.3]},
+                   arch_options={"jumprelu_bandwidth": 0.05})
     ens.init_center(x0 * scale)
     for step in range(1500):
         x, _ = next(batches)
@@ -254,6 +254,15 @@ def test_defaults_follow_the_paper():
     assert arch.unit_decoder and arch.scheduled == ("l0_coefficient",) and arch.dead_policy == "none"
     assert jr.BANDWIDTH == 0.001 and math.isclose(arch.member_state(torch.tensor([0.1]), sae.decoder)["bandwidth"],
                                                   0.001)
+    assert SweepConfig().jumprelu_bandwidth == jr.BANDWIDTH
+
+
+def test_bandwidth_flag_reaches_the_step_and_the_checkpoint(dataset, tmp_path):
+    run_sweep(_cfg(dataset, tmp_path / "o", jumprelu_bandwidth=0.05))
+    ens = Ensemble.from_state_dict(load_file(str(checkpoint_weights(tmp_path / "o"))))
+    assert ens.member_state["bandwidth"] == 0.05 and ens.arch_options == {"jumprelu_bandwidth": 0.05}
+    with pytest.raises(UserError, match="^--jumprelu_bandwidth: the bandwidth must be positive"):
+        run_sweep(_cfg(dataset, tmp_path / "p", jumprelu_bandwidth=0.0))
 
 
 def test_top_activation_scorer_applies_the_thresholds():

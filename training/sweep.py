@@ -84,6 +84,10 @@ class SweepConfig:
     l0_coefficients: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
     """L0 penalty coefficient (lambda) of each JumpReLU member (--architecture jumprelu); a latent's learned threshold
     settles near sqrt(lambda) at --activation_norm 1 (dropping a code of size t costs about t^2)."""
+    jumprelu_bandwidth: float = 0.001
+    """Width of the rectangle kernel of the JumpReLU threshold gradients, in pre-activation units (--architecture
+    jumprelu; 0.001 at --activation_norm 1, the paper's; runs of a few thousand steps measured to need about 0.05,
+    SAELens' default, for the thresholds to move)."""
     tied: bool = False
     """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
     batch_size: int = 4096

@@ -20,7 +20,11 @@ threshold init 0.001 for inputs normalised to E||x||^2 = 1 (the sweep's --activa
 norm, kept so during training (gradient projected, rows renormalised: `unit_decoder`), so that pre-activations are
 the codes' contributions in input units and eps means the same for every latent; encoder = decoder transpose;
 encoder bias 0; center (b_dec) 0 (the sweep's --center_init sets it). The L0 counts latents, so it is not
-decoder-norm weighted. No dead-latent revival (dead policy "none").
+decoder-norm weighted. No dead-latent revival (dead policy "none"). The bandwidth is the architecture's option
+`jumprelu_bandwidth` (--jumprelu_bandwidth): with log-thresholds, Adam moves each threshold by a factor of at most
+about exp(lr) per step, and at eps = 0.001 few tokens fall in the kernel window, so runs of a few thousand steps
+were measured to leave the thresholds near their init (L0 about that of a ReLU dictionary); eps = 0.05 sparsifies
+them (tests/test_arch_jumprelu.py's learning check).
 """
 
 from __future__ import annotations
@@ -236,6 +240,13 @@ def _loss(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: dic
     return total, {n: parts[n] for n in ("mse", "codes", "x_hat")}
 
 
+def _member_state(keys: Tensor, like: Tensor, jumprelu_bandwidth: float = BANDWIDTH) -> dict[str, Any]:
+    """{"bandwidth": eps} (shared by every member; --jumprelu_bandwidth); a ValueError for one that is not positive."""
+    if not (math.isfinite(jumprelu_bandwidth) and jumprelu_bandwidth > 0):
+        raise ValueError(f"the bandwidth must be positive (got {jumprelu_bandwidth})")
+    return {"bandwidth": float(jumprelu_bandwidth)}
+
+
 def _activate_(pre: Tensor, params: Params, state: dict[str, Any]) -> Tensor:
     """Stacked codes [N, b, h] from `pre: [N, b, h]`, in place: zero where pre <= threshold."""
     return pre.masked_fill_(pre <= params["log_threshold"].exp().unsqueeze(1), 0)
@@ -270,7 +281,7 @@ ARCHITECTURE = Architecture(
     name="jumprelu", title="JumpReLU", module=JumpReLUAutoencoder, make_member=_make_member, member_key=None,
     param_names=("center", "encoder", "encoder_bias", "decoder", "log_threshold"),
     sweep_param="l0_coefficient", sweep_param_integer=False, scheduled=("l0_coefficient",),
-    member_state=lambda keys, like: {"bandwidth": BANDWIDTH},
+    member_state=_member_state, options=("jumprelu_bandwidth",),
     loss=_loss, fused_grads=_fused,
     workspace=lambda batch, chunk_tokens, state: (chunk_tokens, True),
     activate_=_activate_,
