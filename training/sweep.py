@@ -86,8 +86,8 @@ class SweepConfig:
     settles near sqrt(lambda) at --activation_norm 1 (dropping a code of size t costs about t^2)."""
     jumprelu_bandwidth: float = 0.001
     """Width of the rectangle kernel of the JumpReLU threshold gradients, in pre-activation units (--architecture
-    jumprelu; 0.001 at --activation_norm 1, the paper's; runs of a few thousand steps measured to need about 0.05,
-    SAELens' default, for the thresholds to move)."""
+    jumprelu; the paper's 0.001 at --activation_norm 1, for runs of ~10^5 steps: in a few thousand steps the learned
+    thresholds barely move; SAELens defaults to 0.05)."""
     tied: bool = False
     """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
     batch_size: int = 4096
