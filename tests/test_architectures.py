@@ -40,7 +40,7 @@ def test_registry_lists_each_declaration_under_its_name():
     for name in names():
         arch = get(name)
         assert arch.name == name and arch.module.architecture == name
-        assert arch.dead_policy in ("resample", "aux_k") and set(arch.scheduled) <= {arch.sweep_param}
+        assert arch.dead_policy in ("resample", "aux_k", "none") and set(arch.scheduled) <= {arch.sweep_param}
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         get("nope")
 

@@ -4,7 +4,8 @@ revive them. An architecture names its policy (`Architecture.dead_policy`); `DEA
   - "resample": Anthropic's resampling ("Towards Monosemanticity"), `resample_`;
   - "aux_k": Gao et al.'s aux-K loss revives them during training; `refresh_aux_k` only records whether any member
     has dead latents (the aux-K term is computed only while some have);
-  - "ghost_grads" (an option of L1): the ghost-grads loss term revives them during training, switched like aux-K.
+  - "ghost_grads" (an option of L1): the ghost-grads loss term revives them during training, switched like aux-K;
+  - "none": nothing (dead latents are only counted), `no_revival`.
 Shapes: `since, dead: [N, d_hidden]`, `x: [n, d_in]`.
 """
 
@@ -104,8 +105,13 @@ def _revive_(ens: Any, i: int, latents: Tensor, directions: Tensor, enc_norm: Te
                 state[name][i, latents] = 0
 
 
+def no_revival(ens: Any, x: Tensor, dead: Tensor, *, seed: int = 0, step: int = 0,
+               member_ids: Sequence[int] | None = None) -> None:
+    """The "none" policy: dead latents stay as they are."""
+
+
 DEAD_POLICIES: dict[str, Callable[..., None]] = {"resample": resample_, "aux_k": refresh_aux_k,
-                                                  "ghost_grads": refresh_aux_k}
+                                                  "ghost_grads": refresh_aux_k, "none": no_revival}
 """What `Ensemble.resample_dead` runs for each dead policy (`Architecture.dead_policy` or `Ensemble(dead_policy=)`)."""
 LOSS_POLICIES = ("aux_k", "ghost_grads")
 """The dead policies that are a loss term: the ensemble hands the loss `state["dead"]` while any member has a dead

@@ -71,7 +71,7 @@ class Ensemble:
     `topk_decoder` ("sparse": decode only the active rows, for architectures with sparse fused decoding);
     `chunk_tokens`: a chunked fused step processes the batch in chunks of this many tokens (weight
     gradients accumulate), bounding its [N, chunk, d_hidden] buffers; `unit_decoder`: keep decoder rows
-    at unit norm (Bricken et al. 2023; always so for tied members) instead of leaving them free (the
+    at unit norm (Bricken et al. 2023; always so for tied members and architectures declaring `unit_decoder`) instead of leaving them free (the
     default, see training.dictionary); `grad_clip`: scale each member's gradient to global norm at most this
     before Adam (torch.nn.utils.clip_grad_norm_ per member; 0: off). The attribute `whole_stack_update` (default:
     True off the CPU) updates every member at once, in a number of kernels that does not grow with n_models.
@@ -120,7 +120,7 @@ class Ensemble:
         self.dead_window, self.aux_coef = int(dead_window), float(aux_coef)
         self.k_aux = min(self.d_hidden, self.d_in // 2 if k_aux is None else int(k_aux))
         self.backend, self.topk_decoder, self.chunk_tokens = backend, topk_decoder, int(chunk_tokens)
-        self.unit_decoder = bool(unit_decoder) or self.tied
+        self.unit_decoder = bool(unit_decoder) or self.tied or self.arch.unit_decoder
         self.grad_clip = float(grad_clip)
         self.dead_policy: str = dead_policy or self.arch.dead_policy
         if self.dead_policy not in (self.arch.dead_policy, *self.arch.dead_policies):

@@ -66,9 +66,17 @@ def _topk_to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[st
             {"architecture": "topk", "k": int(member["k"]), "rescale_acts_by_decoder_norm": False})
 
 
+def _jumprelu_to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """Our JumpReLU dictionary (unit rows, kept so in training) as SAELens' "jumprelu" SAE: threshold =
+    exp(log_threshold)."""
+    return ({"W_enc": p["encoder"].T, "b_enc": p["encoder_bias"], "W_dec": p["decoder"], "b_dec": p["center"],
+             "threshold": p["log_threshold"].exp()}, {"architecture": "jumprelu"})
+
+
 TO_SAELENS: dict[str, Callable[[Params, dict[str, Any]], tuple[Params, dict[str, Any]]]] = {
     "l1": _standard_to_saelens,
     "topk": _topk_to_saelens,
+    "jumprelu": _jumprelu_to_saelens,
 }
 """Our architecture name -> its SAELens export (to move into the architecture registry)."""
 

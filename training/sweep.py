@@ -36,7 +36,7 @@ from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
 from training.dead_latents import LOSS_POLICIES
-from training.dictionary import unit_norm_params
+from training.dictionary import decoder_norms, unit_norm_params
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
@@ -65,7 +65,8 @@ class SweepConfig:
     """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept); batchtopk: BatchTopK (k per
     token on average over the batch, swept; one learned threshold at inference); matryoshka: BatchTopK whose nested
     prefixes each reconstruct (k swept); gated: Gated dictionary (Rajamanoharan et al. 2024; its gate's L1 penalty
-    swept by the --l1_* flags)."""
+    swept by the --l1_* flags); jumprelu: JumpReLU dictionary with learned thresholds and an L0 penalty (its
+    coefficient swept)."""
     ratio: float = 8.0
     """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
     l1_value_min: float = -2.0
@@ -82,6 +83,13 @@ class SweepConfig:
     matryoshka_prefixes: list[float] = field(default_factory=lambda: [1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0])
     """Nested prefixes of the dictionary that each reconstruct the input (--architecture matryoshka), as rising
     fractions of the dictionary size ending at 1 (default: dictionary_learning's)."""
+    l0_coefficient_values: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
+    """L0 penalty coefficient (lambda) of each JumpReLU member (--architecture jumprelu); a latent's learned threshold
+    settles near sqrt(lambda) at --activation_norm 1 (dropping a code of size t costs about t^2)."""
+    jumprelu_bandwidth: float = 0.001
+    """Width of the rectangle kernel of the JumpReLU threshold gradients, in pre-activation units (--architecture
+    jumprelu; the paper's 0.001 at --activation_norm 1, for runs of ~10^5 steps: in a few thousand steps the learned
+    thresholds barely move; SAELens defaults to 0.05)."""
     tied: bool = False
     """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
     batch_size: int = 4096
@@ -97,7 +105,8 @@ class SweepConfig:
     """Fraction of the steps at the end over which the learning rate decays linearly to 0 (measured to hurt runs of a
     few thousand steps; try 0.2 for long ones)."""
     l1_warmup_fraction: float = 0.0
-    """Fraction of the steps over which the L1 penalty rises linearly from 0 (measured to hurt short runs)."""
+    """Fraction of the steps over which the L1 penalty (JumpReLU: the L0 coefficient) rises linearly from 0 (measured
+    to hurt short L1 runs)."""
     activation_norm: float = 1.0
     """Train on activations scaled so that E||x||^2 equals this (0: raw activations), so L1 values mean the same
     across models and layers; the saved dictionaries take raw activations (the scale is folded into center and
@@ -187,7 +196,16 @@ def k_values(cfg: SweepConfig) -> list[int]:
     return [int(k) for k in cfg.k_values]
 
 
-SWEEP_VALUES: dict[str, Callable[[SweepConfig], list]] = {"l1": l1_values, "k": k_values}
+def l0_coefficient_values(cfg: SweepConfig) -> list[float]:
+    """The L0 coefficient of each JumpReLU member, from --l0_coefficient_values (each finite and at least 0)."""
+    bad = [v for v in cfg.l0_coefficient_values if not (math.isfinite(v) and v >= 0)]
+    if not cfg.l0_coefficient_values or bad:
+        raise UserError(f"--l0_coefficient_values must be finite and not negative (got {bad[0] if bad else 'none'})")
+    return [float(v) for v in cfg.l0_coefficient_values]
+
+
+SWEEP_VALUES: dict[str, Callable[[SweepConfig], list]] = {"l1": l1_values, "k": k_values,
+                                                          "l0_coefficient": l0_coefficient_values}
 """The flags that list each sweep parameter's member values (the CLI side of `Architecture.sweep_param`)."""
 
 
@@ -554,7 +572,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     stored: every random stream derives from (seed, step, member), so a checkpoint resumes on any device.
     """
     save_checkpoint(out, config_to_dict(cfg), dict(vars(progress)), ens.state_dict(device="cpu"))
-    weights = raw_space_params(ens.params, progress.input_scale, ens.arch.scaled_params, ens.arch.code_biases)
+    weights = raw_space_params(ens.params, progress.input_scale, ens.arch)
     digest = write_sweep_weights(out, weights)
     del weights
     write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
@@ -640,16 +658,25 @@ def input_scale(acts: torch.Tensor, target: float) -> float:
     return math.sqrt(target / mean_sq)
 
 
-def raw_space_params(params: dict[str, torch.Tensor], scale: float,
-                     scaled: tuple[str, ...] = ("center", "encoder_bias"),
-                     code_biases: tuple[str, ...] = ("encoder_bias",)) -> dict[str, torch.Tensor]:
-    """Weights with unit decoder rows that act on raw activations x, for a dictionary trained on s * x.
+def raw_space_params(params: dict[str, torch.Tensor], scale: float, arch: Architecture | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Weights with unit decoder rows that act on raw activations x, for a dictionary of architecture `arch` (default
+    L1's parameter set) trained on s * x.
 
-    First the decoder norms are folded into encoder and biases (`unit_norm_params`, exact); then with center
-    c / s and the code biases (`Architecture.code_biases`) b / s the codes come out as codes(s x) / s and the
-    reconstruction as x_hat(s x) / s, while encoder and decoder rows are unchanged; TopK picks the same features.
+    First the decoder norms are folded into encoder and the code biases (`unit_norm_params`, exact); then with the
+    params in activation units (`Architecture.scaled_params`: center, encoder bias, ...) divided by s the codes come
+    out as codes(s x) / s and the reconstruction as x_hat(s x) / s, while encoder and decoder rows are unchanged;
+    TopK picks the same features. Params in pre-activation units that do not scale linearly (a JumpReLU
+    log-threshold) are rescaled alike by the architecture's `scale_latents_` (by norms / s).
     """
-    out = unit_norm_params({n: t.detach().cpu() for n, t in params.items()}, code_biases)
+    scaled = arch.scaled_params if arch else ("center", "encoder_bias")
+    code_biases = arch.code_biases if arch else ("encoder_bias",)
+    scale_latents_ = arch.scale_latents_ if arch else None
+    host = {n: t.detach().cpu() for n, t in params.items()}
+    out = unit_norm_params(host, code_biases)
+    if scale_latents_ is not None:
+        norms = decoder_norms(host).clamp_min(1e-12) if "encoder" in host else 1.0     # as unit_norm_params folds
+        scale_latents_(out, torch.ones_like(out["encoder_bias"]) * norms / scale)
     for name in scaled:                             # params in activation units (the architecture's scaled_params)
         out[name] /= scale
     return out

@@ -364,20 +364,21 @@ def select_member(sweep: str | Path, l1: float | None = None, k: int | None = No
     meta = read_sweep_json(path)
     arch, keys = meta["architecture"], list(meta["keys"])
     name = key_name(arch)
+    own = f"--{name}" if name in ("l1", "k") else "--key"            # the flag that picks its members here
     listing = ", ".join(f"{v:g}" for v in keys)
     given = [(flag, v) for flag, v in (("--l1", l1), ("--k", k), ("--key", key)) if v is not None]
     if len(given) > 1:
         raise UserError(f"give one of {', '.join(f for f, _ in given)}, not several")
     if not given:
         if len(keys) != 1:
-            raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with --{name} (one of {listing})")
+            raise UserError(f"{path} holds {len(keys)} dictionaries: choose one with {own} (one of {listing})")
         chosen = keys[0]
     else:
         flag, value = given[0]
-        if flag != "--key" and flag != f"--{name}":
+        if flag != "--key" and flag != own:
             title = get_architecture(arch).title
             article = "an" if title[0] in "AEFHILMNORSX" else "a"                     # "an L1", "a TopK"
-            raise UserError(f"{path} is {article} {title} sweep: choose its dictionary with --{name} (one of {listing})")
+            raise UserError(f"{path} is {article} {title} sweep: choose its dictionary with {own} (one of {listing})")
         try:
             wanted = float(value)
         except ValueError:

@@ -28,8 +28,9 @@ gradient sees the stacked `[N, ...]` params):
     whether the [N, C, h] buffers are needed).
   - `activate_(pre: [N, b, h], params, state) -> codes: [N, b, h]`: stacked encoding for evaluation (may reuse pre).
   - `dead_policy`: "resample" (Anthropic resampling, called by the sweep every --resample_every steps), "ghost_grads"
-    (Jermyn & Templeton's ghost grads, the mats_sae_training recipe: a loss term on dead latents) or "aux_k"
-    (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents).
+    (Jermyn & Templeton's ghost grads, the mats_sae_training recipe: a loss term on dead latents), "aux_k"
+    (Gao et al.'s auxiliary loss on dead latents; the sweep refreshes whether any member has dead latents) or "none"
+    (dead latents are only counted).
   - `check_keys(keys, d_hidden) -> problem | None`: a one-line complaint about member keys that cannot work at
     this dictionary size (TopK: a k above d_hidden), else None.
   - `key_symbol` ("L1", "k": "its L1 values are ..."), `key_column` (the key's table header: "L1 penalty", "k"),
@@ -56,6 +57,12 @@ gradient sees the stacked `[N, ...]` params):
     the decoder norms multiplies by them and the input scale divides (sweep.safetensors acts on raw activations);
   - `latent_vectors` (default ("encoder_bias",)): every per-latent param [h], set to 0 (with its Adam moments) for a
     latent the "resample" policy revives.
+  - `unit_decoder` (default False): members always keep unit decoder rows (as `Ensemble(unit_decoder=True)`), e.g.
+    where a loss constant such as a bandwidth is in pre-activation units.
+  - `scale_latents_(params, factor: [..., h])` (default None): params beyond encoder, encoder_bias and decoder that
+    are in pre-activation units (e.g. a threshold), rescaled in place after every latent's pre-activation was
+    multiplied by `factor` (> 0) when saved weights fold the decoder norms and the input scale
+    (training.sweep.raw_space_params), so that the codes scale by `factor` too.
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
 (`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
 apart by their sweep hparam.
@@ -71,7 +78,7 @@ from torch import Tensor
 
 from training.dictionary import Params
 
-DeadPolicy = Literal["resample", "aux_k", "ghost_grads"]
+DeadPolicy = Literal["resample", "aux_k", "ghost_grads", "none"]
 LossFn = Callable[[Params, Tensor, dict[str, Tensor], dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
 FusedGradsFn = Callable[..., dict[str, Tensor]]
 
@@ -114,9 +121,11 @@ class Architecture:
     dead_policies: tuple[DeadPolicy, ...] = ()
     code_biases: tuple[str, ...] = ("encoder_bias",)
     latent_vectors: tuple[str, ...] = ("encoder_bias",)
+    unit_decoder: bool = False
+    scale_latents_: Callable[[Params, Tensor], None] | None = None
 
 
-MODULES = ("l1", "topk", "batchtopk", "matryoshka", "gated")
+MODULES = ("l1", "topk", "batchtopk", "matryoshka", "gated", "jumprelu")
 """The registry: one entry per architecture module training/architectures/<name>.py (each defines ARCHITECTURE)."""
 REGISTRY: dict[str, Architecture] = {}
 
