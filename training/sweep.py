@@ -26,7 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +36,7 @@ from training.chunks import HookData, open_hook
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
 from training.dictionary import unit_norm_params
+from training.distributed import Shard, env_world, join_members, member_slices, session, slice_members
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
@@ -469,8 +470,10 @@ def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, 
 
 
 def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-                   metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str) -> dict[str, Any]:
-    """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
+                   metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str,
+                   slices: list[list[int]] | None = None) -> dict[str, Any]:
+    """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors; `slices`: the global members each
+    rank trained, recorded with the world size; default one process)."""
     keys = member_keys(cfg)
     name = architecture(cfg).sweep_param
     members = [{name: key, "lr": cfg.adam_lr, "frozen": bool(ens.frozen[i]),
@@ -490,11 +493,14 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
         "config": config_to_dict(cfg),
         "source_manifest": data.manifest,
         "weights_sha256": weights_sha256,
+        "world_size": len(slices) if slices else 1,
+        "rank_members": slices if slices else [list(range(len(keys)))],
     }
 
 
 def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> str:
+               metrics: list[dict[str, float]] | None = None, finished: bool = False,
+               slices: list[list[int]] | None = None) -> str:
     """Write the full training state (one checkpoint unit), then the dictionaries (sweep.*); return the SHA-256
     of sweep.safetensors.
 
@@ -505,7 +511,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     weights = raw_space_params(ens.params, progress.input_scale)
     digest = write_sweep_weights(out, weights)
     del weights
-    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest, slices))
     return digest
 
 
@@ -768,8 +774,10 @@ def _restores_backend_flags(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
-    """A fresh ensemble, one member per L1 value or k, centers initialised from `first_chunk` [n, d_in]."""
+def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor,
+                   member_ids: Sequence[int] | None = None) -> Any:
+    """A fresh ensemble, one member per L1 value or k (only the global members `member_ids` when given: a rank's
+    share, each initialised as in the whole sweep), centers initialised from `first_chunk` [n, d_in]."""
     from training.ensemble import Ensemble, make_members
     validate_flags(cfg)
     check_dictionary_size(cfg, d_in)
@@ -777,9 +785,14 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     d_hidden = max(1, round(cfg.ratio * d_in))
     arch = architecture(cfg)
     init_norm = arch.default_init_norm if cfg.decoder_init_norm is None else cfg.decoder_init_norm
-    members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
-                           tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
-                           device=device)
+    init_norm = 1.0 if cfg.unit_decoder else init_norm
+    if member_ids is None:
+        members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
+                               tied=cfg.tied, seed=cfg.seed, init_norm=init_norm, device=device)
+    else:                                    # member i is drawn from seed + i whichever rank trains it
+        keys = [keys[i] for i in member_ids]
+        members = [make_members(arch.name, 1, d_in, d_hidden, keys=[keys[j]], tied=cfg.tied, seed=cfg.seed + i,
+                                init_norm=init_norm, device=device)[0] for j, i in enumerate(member_ids)]
     lr = torch.full((len(keys),), cfg.adam_lr, dtype=torch.float64)
     hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
                                                          else torch.float64)}
@@ -882,32 +895,133 @@ def start_wandb(cfg: SweepConfig) -> Any:
     return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
 
 
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder);
+    under torchrun, this rank's share of the members (training/distributed.py), the same sweep as one process."""
+    with session() as shard:
+        return _run_sweep(cfg, shard)
+
+
 @_reports_disk_errors
 @_restores_backend_flags
-def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder)."""
+def _run_sweep(cfg: SweepConfig, shard: Shard) -> SweepResult:
+    """`run_sweep` on this process, the `shard` of the job."""
     validate_config(cfg)                    # flags, data and disk first: a bad input creates nothing
     data = open_dataset(cfg)
-    warn_if_unfinished(data)
+    if shard.is_main:
+        warn_if_unfinished(data)
     total_steps(cfg, data, holdout_size(data, cfg.holdout_rows))
     check_dictionary_size(cfg, data.d)
     check_output_space(cfg, len(member_keys(cfg)), data.d)
-    with folder_lock(cfg.output_dir):
-        return _train_sweep(cfg, data)
+    check_world_size(len(member_keys(cfg)), shard)
+    with shard.main_context(lambda: folder_lock(cfg.output_dir)):     # rank 0 holds the lock for the whole job
+        return _train_sweep(cfg, data, shard)
 
 
-def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
-    """Train (or resume) the checked sweep `cfg` on `data` and write it to `cfg.output_dir`."""
+def check_world_size(n_members: int, shard: Shard) -> None:
+    """A one-line UserError when there are more ranks than members (each rank trains at least one member)."""
+    if shard.world_size > n_members:
+        raise UserError(f"{shard.world_size} ranks for {n_members} members: each rank trains whole members, so "
+                        f"launch at most {n_members} processes (or sweep more values)")
+
+
+def prepare_shard(cfg: SweepConfig, out: Path, shard: Shard, slices: list[list[int]]
+                  ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """`prepare_output` on rank 0 (which alone reads or clears the folder); every rank gets the checkpoint's JSON
+    and the state of its own members `slices[rank]` (the checkpoint may come from any world size)."""
+    if shard.world_size == 1:
+        return prepare_output(cfg, out)
+    full: dict[str, dict[str, torch.Tensor] | None] = {"state": None}
+
+    def prepare() -> dict[str, Any] | None:
+        saved, full["state"] = prepare_output(cfg, out)
+        return saved
+    saved = shard.on_main(prepare)
+    if saved is None:
+        return None, None
+    state = full["state"]
+    n = sum(map(len, slices))
+    pieces = [slice_members(state, s, n) for s in slices] if shard.is_main and state is not None else None
+    del state, full
+    return saved, shard.scatter(pieces)
+
+
+@dataclass
+class GatheredEnsemble:
+    """A whole ensemble's state, gathered on rank 0 from the ranks' members: what saving reads of an Ensemble."""
+
+    state: dict[str, torch.Tensor]
+
+    def state_dict(self, device: Any = None) -> dict[str, torch.Tensor]:
+        """The gathered state (on the host)."""
+        return self.state
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """{name: stacked [N, ...] parameter}."""
+        return {n[len("param."):]: t for n, t in self.state.items() if n.startswith("param.")}
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """BoolTensor[N]: members frozen by a NaN/inf loss."""
+        return self.state["frozen"]
+
+    @property
+    def d_in(self) -> int:
+        """Activation width."""
+        return int(self.state["param.decoder"].shape[2])
+
+    @property
+    def d_hidden(self) -> int:
+        """Dictionary size."""
+        return int(self.state["param.decoder"].shape[1])
+
+
+def gather_ensemble(ens: Any, shard: Shard) -> Any:
+    """The whole ensemble on rank 0 (`ens` itself on one process; a `GatheredEnsemble` of every rank's members with
+    several; None on the other ranks)."""
+    if shard.world_size == 1:
+        return ens
+    states = shard.gather(ens.state_dict(device="cpu"))
+    return GatheredEnsemble(join_members(states)) if states is not None else None
+
+
+def save_shard(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress, shard: Shard,
+               slices: list[list[int]]) -> tuple[str, Any]:
+    """`save_sweep` of the whole ensemble by rank 0 from every rank's members; returns (the SHA-256 of
+    sweep.safetensors, the whole ensemble on rank 0 / None elsewhere) on every rank."""
+    whole = gather_ensemble(ens, shard)
+    digest = shard.on_main(lambda: save_sweep(out, cfg, whole, data, progress, slices=slices))
+    return digest, whole
+
+
+def gather_stats(stats: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor] | None:
+    """Per-member step stats [n_rank, ...] of every rank joined into [N, ...] on rank 0 (None elsewhere)."""
+    if shard.world_size == 1:
+        return stats
+    mine = {k: v.detach().cpu() for k, v in stats.items() if k in LOGGED_STATS}
+    parts = shard.gather(mine)
+    return None if parts is None else {k: torch.cat([p[k] for p in parts]) for k in mine}
+
+
+LOGGED_STATS = ("loss", "mse", "l1_norm", "l0", "explained_variance", "aux", "n_dead", "frozen")
+"""The step stats that metrics.jsonl records (see `log_metrics`)."""
+
+
+def _train_sweep(cfg: SweepConfig, data: HookData, shard: Shard = Shard()) -> SweepResult:
+    """Train (or resume) the checked sweep `cfg` on `data` (this rank's members) and write it to `cfg.output_dir`."""
     keys = member_keys(cfg)
+    slices = member_slices(len(keys), shard.world_size)
+    mine = slices[shard.rank]
     held = holdout_size(data, cfg.holdout_rows)
     total = total_steps(cfg, data, held)
-    device = training_device(cfg.device)
+    device = training_device(shard.device(cfg.device))
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
-    if not cfg.resume:                                 # a --resume without a run creates nothing
+    if not cfg.resume and shard.is_main:               # a --resume without a run creates nothing
         out.mkdir(parents=True, exist_ok=True)
-    saved, state = prepare_output(cfg, out)
+    saved, state = prepare_shard(cfg, out, shard, slices)
 
     if state is not None:
         from training.ensemble import Ensemble
@@ -916,21 +1030,23 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
         del state
         progress = Progress(**saved["progress"])
         check_same_dataset(progress, data)
-        truncate_metrics(out / METRICS, progress.step)
+        if shard.is_main:
+            truncate_metrics(out / METRICS, progress.step)
     else:
         first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0, held)
         progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm),
                             dataset_chunks=len(data.chunks), dataset_digest=dataset_digest(data))
-        ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
+        ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale,
+                             None if shard.world_size == 1 else mine)
         del first
     arch = architecture(cfg)
     key_name = arch.sweep_param
     decay_start = total - round(cfg.lr_decay_fraction * total)
-    wandb_run = start_wandb(cfg)
+    wandb_run = start_wandb(cfg) if shard.is_main else None
     t0, tokens0 = time.perf_counter(), progress.tokens
     staging = staging_for(device)
     bar = tqdm(total=total * cfg.batch_size, initial=progress.tokens, unit="tok/member", unit_scale=True,
-               desc=f"training {len(keys)} members", dynamic_ncols=True)
+               desc=f"training {len(keys)} members", dynamic_ncols=True, disable=not shard.is_main)
     try:
         while progress.repetition < cfg.n_repetitions and progress.step < total:
             for pos, chunk in iter_chunks(data, cfg.seed, progress.repetition, progress.chunk_position, held,
@@ -950,23 +1066,27 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                             and progress.step % cfg.resample_every == 0
                             and progress.step < decay_start):
                         ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
-                                          seed=cfg.seed, step=progress.step)
+                                          seed=cfg.seed, step=progress.step, member_ids=mine)
                     if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
                         ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
+                        if shard.world_size > 1:  # on while any member of the sweep has dead latents
+                            ens._aux_on = shard.any(ens._aux_on)
                     if progress.step % cfg.log_every == 0 or progress.step == total:
-                        log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
-                        bar.set_postfix(frozen=int(stats["frozen"].sum()))
+                        whole = gather_stats(stats, shard)
+                        if whole is not None:
+                            log_metrics(out / METRICS, keys, key_name, progress, whole, ens.d_hidden, wandb_run)
+                            bar.set_postfix(frozen=int(whole["frozen"].sum()))
                     bar.update(cfg.batch_size)
                 progress.chunk_position = pos + 1
                 del chunk
                 if cfg.save_after_every and progress.step < total:
-                    save_sweep(out, cfg, ens, data, progress)
+                    save_shard(out, cfg, ens, data, progress, shard, slices)
                 if progress.step >= total:
                     break
             else:
                 progress.repetition, progress.chunk_position = progress.repetition + 1, 0
                 if progress.step < total:
-                    save_sweep(out, cfg, ens, data, progress)
+                    save_shard(out, cfg, ens, data, progress, shard, slices)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -975,18 +1095,21 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    digest = save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
-    metrics = flag_diverged(evaluate(ens, eval_rows, device, progress.input_scale,
-                                     eval_block_rows(cfg.architecture, cfg.batch_size)))
+    digest, whole = save_shard(out, cfg, ens, data, progress, shard, slices)   # a crash in the evaluation loses nothing
+    metrics = [m for part in shard.all_gather(evaluate(ens, eval_rows, device, progress.input_scale,
+                                                       eval_block_rows(cfg.architecture, cfg.batch_size)))
+               for m in part]
+    metrics = flag_diverged(metrics)
     usable = not all(m["frozen"] for m in metrics)
-    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, usable, digest))
+    shard.on_main(lambda: write_sweep_json(out, sweep_metadata(cfg, whole, data, progress, metrics, usable, digest,
+                                                               slices)))
     if wandb_run is not None:
         wandb_run.finish()
     if not usable:
         raise UserError(f"every member hit a NaN/inf loss and was frozen, so the sweep in {out} is not finished: "
                         f"check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
-    if frozen:
+    if frozen and shard.is_main:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
     return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - tokens0)
 
@@ -1009,5 +1132,9 @@ def sweep_memory_report(cfg: SweepConfig) -> str:
 
 
 def main_sweep(cfg: SweepConfig) -> str:
-    """What basic_l1_sweep.py prints: the memory estimate with --dry_run, else the summary of the trained sweep."""
-    return sweep_memory_report(cfg) if cfg.dry_run else str(run_sweep(cfg))
+    """What basic_l1_sweep.py prints: the memory estimate with --dry_run, else the summary of the trained sweep
+    (under torchrun, on rank 0 only: "" on the others)."""
+    if cfg.dry_run:
+        return sweep_memory_report(cfg)
+    result = run_sweep(cfg)
+    return str(result) if env_world()[0] == 0 else ""
