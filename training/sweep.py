@@ -977,6 +977,22 @@ class GatheredEnsemble:
         return int(self.state["param.decoder"].shape[1])
 
 
+def use_sweep_member_state(ens: Any, keys: list, member_ids: Sequence[int]) -> None:
+    """Give a rank's ensemble (global members `member_ids` of a sweep keyed by `keys`) the member state the whole
+    sweep's ensemble has: its members' rows of the per-member tensors, and the sweep-wide values (e.g. TopK's largest
+    k, which decides the ranking kernel), so that every member computes exactly as in one process. Entries that
+    training changes (`saved_state`) are kept."""
+    like = ens.params["decoder"]
+    host_keys = torch.tensor(keys, dtype=torch.long if ens.arch.sweep_param_integer else torch.float64)
+    whole = ens.arch.member_state(host_keys, like)
+    idx = torch.tensor(list(member_ids), dtype=torch.long, device=like.device)
+    for name, value in whole.items():
+        if name in ens.arch.saved_state:
+            continue
+        per_member = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == len(keys)
+        ens.member_state[name] = value.index_select(0, idx.to(value.device)) if per_member else value
+
+
 def gather_ensemble(ens: Any, shard: Shard) -> Any:
     """The whole ensemble on rank 0 (`ens` itself on one process; a `GatheredEnsemble` of every rank's members with
     several; None on the other ranks)."""
@@ -1039,6 +1055,8 @@ def _train_sweep(cfg: SweepConfig, data: HookData, shard: Shard = Shard()) -> Sw
         ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale,
                              None if shard.world_size == 1 else mine)
         del first
+    if shard.world_size > 1:
+        use_sweep_member_state(ens, keys, mine)
     arch = architecture(cfg)
     key_name = arch.sweep_param
     decay_start = total - round(cfg.lr_decay_fraction * total)

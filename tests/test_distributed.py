@@ -1,0 +1,138 @@
+"""Several ranks (torch.distributed, gloo on the CPU, 2 processes launched as torchrun would): the member-sharded
+sweep equals the single-process one, resumes at another world size, and a killed rank is a clean error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.top_activations import write_synthetic_folder
+from conftest import sweep_killed_at_chunk
+from dist_launch import launch
+from training.distributed import join_members, member_slices, slice_members
+from training.sweep import SweepConfig, run_sweep
+from training.sweep_files import checkpoint_weights
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def hook_dir(tmp_path_factory) -> Path:
+    """A synthetic one-hook dataset: 4 chunks of 1000 rows of width 16."""
+    root = tmp_path_factory.mktemp("dist-data")
+    return write_synthetic_folder(root, 4000, D, "synthetic", 50, chunk_size=1000, context_length=20)
+
+
+def flags(hook_dir: Path, out: Path, **kw) -> dict:
+    """Small sweep flags: 3 members (uneven over 2 ranks), resampling every 3 steps, a save after every chunk."""
+    base = dict(dataset_dir=str(hook_dir), output_dir=str(out), ratio=2.0, l1_values=[1e-3, 1e-2, 3e-1], batch_size=200,
+                log_every=2, device="cpu", center_init="mean", holdout_rows=200, resample_every=3,
+                dead_window_tokens=400, save_after_every=True, n_repetitions=2)
+    base.update(kw)
+    return base
+
+
+def argv(cfg: dict) -> list[str]:
+    """The basic_l1_sweep.py command line of flags `cfg`."""
+    out = ["basic_l1_sweep.py"]
+    for k, v in cfg.items():
+        if isinstance(v, bool):
+            out.append(f"--{k}" if v else f"--no-{k}")
+        elif isinstance(v, list):
+            out += [f"--{k}", *map(str, v)]
+        else:
+            out += [f"--{k}", str(v)]
+    return out
+
+
+def checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
+    """The training state checkpoint.json names."""
+    return load_file(str(checkpoint_weights(out)))
+
+
+def assert_same_sweep(a: Path, b: Path, world_b: int) -> None:
+    """Sweep folders `a` (one process) and `b` (`world_b` ranks) hold the same sweep: weights byte for byte,
+    checkpoint tensors equal, metrics.jsonl equal, sweep.json equal but for the distribution record."""
+    sa, sb = checkpoint_state(a), checkpoint_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), \
+        [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    assert (a / "sweep.safetensors").read_bytes() == (b / "sweep.safetensors").read_bytes()
+    ja, jb = (json.loads((p / "sweep.json").read_text()) for p in (a, b))
+    assert jb.pop("world_size") == world_b and ja.pop("world_size") == 1
+    assert jb.pop("rank_members") == member_slices(len(ja["keys"]), world_b)
+    assert ja.pop("rank_members") == [list(range(len(ja["keys"])))]
+    for j in (ja, jb):
+        for name in ("output_dir", "resume"):
+            j["config"].pop(name)
+    assert ja == jb
+
+
+def test_member_slices_cover_every_member_once():
+    assert member_slices(3, 2) == [[0], [1, 2]]
+    assert member_slices(7, 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    for n in range(1, 9):
+        for w in range(1, n + 1):
+            s = member_slices(n, w)
+            assert sum(s, []) == list(range(n)) and max(map(len, s)) - min(map(len, s)) <= 1
+
+
+def test_slice_and_join_members_round_trip():
+    state = {"param.decoder": torch.randn(5, 3, 2), "adam.step": torch.arange(5.0), "frozen": torch.zeros(5).bool(),
+             "option.adam_betas": torch.tensor([0.9, 0.999]), "dead.aux_on": torch.tensor(False)}
+    parts = [slice_members(state, s, 5) for s in member_slices(5, 2)]
+    assert parts[0]["param.decoder"].shape == (2, 3, 2) and torch.equal(parts[1]["adam.step"], torch.tensor([2., 3, 4]))
+    parts[1]["dead.aux_on"] = torch.tensor(True)
+    joined = join_members(parts)
+    assert all(torch.equal(joined[k], state[k]) for k in state if k != "dead.aux_on") and bool(joined["dead.aux_on"])
+
+
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_member_sharded_sweep_equals_one_process(hook_dir, tmp_path, architecture):
+    extra = dict(architecture="topk", k_values=[2, 4, 8]) if architecture == "topk" else {}
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one", **extra)))
+    ranks = launch(argv(flags(hook_dir, tmp_path / "two", **extra)))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    assert "trained 3 dictionaries" in ranks[0].stdout and ranks[1].stdout == ""   # only rank 0 prints
+    assert_same_sweep(tmp_path / "one", tmp_path / "two", 2)
+
+
+def test_killed_rank_is_a_clean_error_and_resumes_on_one_process(hook_dir, tmp_path):
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one")))
+    cfg = flags(hook_dir, tmp_path / "two")
+    ranks = launch(["tests/dist_launch.py", "1", "12", *argv(cfg)])     # rank 1 dies in the third chunk
+    assert ranks[1].returncode == -9
+    assert ranks[0].returncode == 2, ranks[0].stderr[-2000:]
+    lines = ranks[0].stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "rank" in lines[-1] and "resum" in lines[-1], lines[-1]
+    assert "Traceback" not in ranks[0].stderr
+    assert json.loads((tmp_path / "two" / "checkpoint.json").read_text())["progress"]["step"] == 10
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "two", resume=True)))   # world size 1 now
+    assert_same_sweep(tmp_path / "one", tmp_path / "two", 1)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(hook_dir, tmp_path):
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one")))
+    with sweep_killed_at_chunk(3):
+        run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "two")))
+    ranks = launch(argv(flags(hook_dir, tmp_path / "two", resume=True)))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    assert_same_sweep(tmp_path / "one", tmp_path / "two", 2)
+
+
+def test_refusal_on_rank_0_is_one_line_on_every_rank(hook_dir, tmp_path):
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one", n_repetitions=1, save_after_every=False)))
+    ranks = launch(argv(flags(hook_dir, tmp_path / "one", n_repetitions=1, save_after_every=False)))
+    for r in ranks:
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "already holds a sweep" in r.stderr
+
+
+def test_more_ranks_than_members_is_refused(hook_dir, tmp_path):
+    ranks = launch(argv(flags(hook_dir, tmp_path / "x", l1_values=[1e-2])))
+    for r in ranks:
+        assert r.returncode == 2 and "2 ranks for 1 members" in r.stderr and "Traceback" not in r.stderr
