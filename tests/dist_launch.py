@@ -2,7 +2,8 @@
 CPU), with a timeout on every rank so a bug cannot hang the test run; and a rank killer.
 
 As a script: `python tests/dist_launch.py KILL_RANK KILL_STEP SCRIPT ARGS...` runs SCRIPT's CLI in this process,
-the rank KILL_RANK SIGKILL-ing itself just after training step KILL_STEP (the other ranks run normally).
+the rank KILL_RANK SIGKILL-ing itself just after training step KILL_STEP (raising RuntimeError("injected failure")
+there when KILL_STEP is negative, at step -KILL_STEP); the other ranks run normally.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _run_killed(kill_rank: int, kill_step: int, script: str, args: list[str]) ->
             count[0] += 1
             if count[0] == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if count[0] == -kill_step:
+                raise RuntimeError("injected failure")
             return out
         Ensemble.step = dying_step
     sys.argv = [script, *args]

@@ -115,6 +115,16 @@ def test_killed_rank_is_a_clean_error_and_resumes_on_one_process(hook_dir, tmp_p
     assert_same_sweep(tmp_path / "one", tmp_path / "two", 1)
 
 
+def test_raising_rank_is_named_on_every_rank(hook_dir, tmp_path):
+    ranks = launch(["tests/dist_launch.py", "1", "-12", *argv(flags(hook_dir, tmp_path / "two"))])
+    for r in ranks:
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: rank 1 failed: RuntimeError: injected failure"), last
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "two", resume=True)))     # the last checkpoint resumes
+    assert json.loads((tmp_path / "two" / "sweep.json").read_text())["finished"]
+
+
 def test_one_process_checkpoint_resumes_on_two_ranks(hook_dir, tmp_path):
     run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one")))
     with sweep_killed_at_chunk(3):

@@ -29,6 +29,10 @@ FAILED_KEY = "sae/failed"
 """The store key under which the first rank that fails publishes its error line."""
 
 
+class PeerFailure(UserError):
+    """A collective failed because another rank stopped: the line that rank published, or one naming the loss."""
+
+
 def timeout_s() -> float:
     """The collective timeout in seconds (SAE_DIST_TIMEOUT, default DEFAULT_TIMEOUT_S)."""
     raw = os.environ.get(TIMEOUT_ENV, "")
@@ -169,8 +173,9 @@ def _collective(call: Callable[[], Any]) -> None:
             raise
         published = _published_failure()
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(published or f"another rank stopped or is unreachable ({detail[:200]}): see its error "
-                        "line; the last checkpoint stays resumable") from None
+        detail = detail.split("] ", 1)[-1].split(". ")[0][:160]          # gloo's "[file:line] Read error ..."
+        raise PeerFailure(f"{published}; this rank stopped too" if published else
+                          f"another rank stopped or is unreachable ({detail}): see that rank's error line") from None
 
 
 def _store() -> Any:
@@ -238,6 +243,9 @@ def session() -> Iterator[Shard]:
         return
     try:
         yield shard
+    except PeerFailure as e:
+        text = str(e) if str(e).startswith("rank ") else f"rank {shard.rank}: {e}"
+        raise UserError(f"{text}; the last checkpoint stays resumable") from None
     except BaseException as e:  # noqa: B902 (KeyboardInterrupt too: the peers must learn why)
         line = publish_failure(shard.rank, e)
         if isinstance(e, KeyboardInterrupt):
