@@ -3,7 +3,8 @@ CPU), with a timeout on every rank so a bug cannot hang the test run; and a rank
 
 As a script: `python tests/dist_launch.py KILL_RANK KILL_STEP SCRIPT ARGS...` runs SCRIPT's CLI in this process,
 the rank KILL_RANK SIGKILL-ing itself just after training step KILL_STEP (raising RuntimeError("injected failure")
-there when KILL_STEP is negative, at step -KILL_STEP); the other ranks run normally.
+there when KILL_STEP is negative, at step -KILL_STEP; with KILL_STEP "chunk:N", just after recording its N-th chunk
+of generate_test_data.py); the other ranks run normally.
 """
 
 from __future__ import annotations
@@ -62,11 +63,21 @@ def launch(args: list[str], world_size: int = 2, timeout: float = 120, env: dict
     return results
 
 
-def _run_killed(kill_rank: int, kill_step: int, script: str, args: list[str]) -> None:
+def _run_killed(kill_rank: int, kill_step: int | str, script: str, args: list[str]) -> None:
     """Run `script`'s CLI here; rank `kill_rank` SIGKILLs itself just after training step `kill_step`."""
     import runpy
     from training.ensemble import Ensemble
-    if int(os.environ.get("RANK", "0")) == kill_rank:
+    if int(os.environ.get("RANK", "0")) == kill_rank and str(kill_step).startswith("chunk:"):
+        import training.generate as generate
+        write, written = generate.write_part, [0]
+
+        def dying_write(*a, **kw):
+            write(*a, **kw)
+            written[0] += 1
+            if written[0] == int(str(kill_step)[len("chunk:"):]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        generate.write_part = dying_write
+    elif int(os.environ.get("RANK", "0")) == kill_rank:
         step = Ensemble.step
         count = [0]
 
@@ -84,4 +95,5 @@ def _run_killed(kill_rank: int, kill_step: int, script: str, args: list[str]) ->
 
 
 if __name__ == "__main__":
-    _run_killed(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    step = sys.argv[2]
+    _run_killed(int(sys.argv[1]), step if step.startswith("chunk:") else int(step), sys.argv[3], sys.argv[4:])

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from bench.top_activations import write_synthetic_folder
-from conftest import sweep_killed_at_chunk
+from conftest import folder_bytes, small_generate_cfg, sweep_killed_at_chunk
 from dist_launch import launch
 from training.distributed import join_members, member_slices, slice_members
+from training.cli import config_to_dict
+from training.generate import PARTS, generate
 from training.sweep import SweepConfig, run_sweep
 from training.sweep_files import checkpoint_weights
 
@@ -36,9 +38,9 @@ def flags(hook_dir: Path, out: Path, **kw) -> dict:
     return base
 
 
-def argv(cfg: dict) -> list[str]:
-    """The basic_l1_sweep.py command line of flags `cfg`."""
-    out = ["basic_l1_sweep.py"]
+def argv(cfg: dict, script: str = "basic_l1_sweep.py") -> list[str]:
+    """The command line of `script` with flags `cfg`."""
+    out = [script]
     for k, v in cfg.items():
         if isinstance(v, bool):
             out.append(f"--{k}" if v else f"--no-{k}")
@@ -146,3 +148,61 @@ def test_more_ranks_than_members_is_refused(hook_dir, tmp_path):
     ranks = launch(argv(flags(hook_dir, tmp_path / "x", l1_values=[1e-2])))
     for r in ranks:
         assert r.returncode == 2 and "2 ranks for 1 members" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------- Stage 1
+
+
+def generate_argv(cfg) -> list[str]:
+    """generate_test_data.py's command line for GenerateConfig `cfg` (flags left at their defaults omitted)."""
+    from training.generate import GenerateConfig
+    defaults = config_to_dict(GenerateConfig())
+    return argv({k: v for k, v in config_to_dict(cfg).items() if v != defaults[k]}, "generate_test_data.py")
+
+
+def split_record(folder: Path) -> tuple[dict[str, bytes], dict]:
+    """(the folder's files with its manifest parsed, less the command line and the folder's own path; the manifest's
+    record of the distributed runs, taken out of it)."""
+    files = folder_bytes(folder)
+    manifest = json.loads(files.pop("manifest.json"))
+    record = manifest.pop("distributed", None)
+    manifest.pop("command")
+    manifest["config"].pop("dataset_folder")                  # the two folders' own paths
+    return {**files, "manifest": manifest}, record
+
+
+@pytest.fixture(scope="module")
+def one_process_dataset(tiny_neox_dir, text_file, tmp_path_factory) -> Path:
+    """The dataset folder one process writes with `small_generate_cfg` flags (5 chunks of 300 rows)."""
+    folder = tmp_path_factory.mktemp("gen-one") / "data"
+    generate(small_generate_cfg(tiny_neox_dir, text_file, folder, n_chunks=5, chunk_size=300), argv=["x"])
+    return folder
+
+
+def test_chunk_split_is_byte_identical_to_one_process(tiny_neox_dir, text_file, tmp_path, one_process_dataset):
+    cfg = small_generate_cfg(tiny_neox_dir, text_file, tmp_path / "data", n_chunks=5, chunk_size=300)
+    ranks = launch(generate_argv(cfg))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    assert "wrote" in ranks[0].stdout and ranks[1].stdout == ""
+    files, record = split_record(tmp_path / "data")
+    want, none = split_record(one_process_dataset)
+    assert none is None and files == want
+    assert record == {"runs": [{"world_size": 2, "rank_chunks": [[0, 2, 4], [1, 3]]}]}
+    assert not (tmp_path / "data" / PARTS).exists()
+
+
+def test_chunk_split_killed_rank_resumes_missing_chunks_only(tiny_neox_dir, text_file, tmp_path,
+                                                             one_process_dataset):
+    cfg = small_generate_cfg(tiny_neox_dir, text_file, tmp_path / "data", n_chunks=5, chunk_size=300)
+    ranks = launch(["tests/dist_launch.py", "1", "chunk:1", *generate_argv(cfg)])   # rank 1 dies after chunk 1
+    assert ranks[1].returncode == -9 and ranks[0].returncode == 2, ranks[0].stderr[-2000:]
+    last = ranks[0].stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: another rank stopped") and "Traceback" not in ranks[0].stderr
+    parts = sorted(p.name for p in (tmp_path / "data" / PARTS).glob("*.json"))
+    assert "1.json" in parts and "3.json" not in parts
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("1.safetensors")}
+    generate(cfg, argv=["x"])                                                       # one process finishes it
+    assert {p: p.stat().st_mtime_ns for p in before} == before                      # chunk 1 was not redone
+    files, record = split_record(tmp_path / "data")
+    want, _ = split_record(one_process_dataset)
+    assert files == want and record["runs"][-1]["world_size"] == 1
