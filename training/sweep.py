@@ -1026,110 +1026,203 @@ LOGGED_STATS = ("loss", "mse", "l1_norm", "l0", "explained_variance", "aux", "n_
 
 def _train_sweep(cfg: SweepConfig, data: HookData, shard: Shard = Shard()) -> SweepResult:
     """Train (or resume) the checked sweep `cfg` on `data` (this rank's members) and write it to `cfg.output_dir`."""
+    return _train_hooks([cfg], [data], shard)[0]
+
+
+@dataclass
+class HookRun:
+    """One hook's sweep in a run: its flags (its own --dataset_dir and --output_dir), data, the members each rank
+    trains, its progress and this rank's ensemble of its members (None where this rank trains none of them)."""
+
+    cfg: SweepConfig
+    data: HookData
+    slices: list[list[int]]
+    held: int
+    total: int
+    progress: Progress
+    ens: Any
+    tokens0: int = 0
+    wandb_run: Any = None
+
+    @property
+    def out(self) -> Path:
+        """The sweep folder."""
+        return Path(self.cfg.output_dir)
+
+
+def pair_slices(n_hooks: int, n_members: int, world_size: int) -> list[list[list[int]]]:
+    """[hook][rank] -> the members of that hook the rank trains: the (hook, member) pairs, hook-major, spread evenly
+    over the ranks in contiguous runs (one hook: `member_slices`)."""
+    pairs = [(h, m) for h in range(n_hooks) for m in range(n_members)]
+    out: list[list[list[int]]] = [[[] for _ in range(world_size)] for _ in range(n_hooks)]
+    for rank, share in enumerate(member_slices(len(pairs), world_size)):
+        for i in share:
+            out[pairs[i][0]][rank].append(pairs[i][1])
+    return out
+
+
+def start_hook_run(cfg: SweepConfig, data: HookData, slices: list[list[int]], shard: Shard,
+                   device: torch.device) -> HookRun:
+    """Prepare the folder of one hook's sweep (on rank 0) and this rank's ensemble of its members, new or resumed."""
     keys = member_keys(cfg)
-    slices = member_slices(len(keys), shard.world_size)
     mine = slices[shard.rank]
     held = holdout_size(data, cfg.holdout_rows)
     total = total_steps(cfg, data, held)
-    device = training_device(shard.device(cfg.device))
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
-    autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
     if not cfg.resume and shard.is_main:               # a --resume without a run creates nothing
         out.mkdir(parents=True, exist_ok=True)
     saved, state = prepare_shard(cfg, out, shard, slices)
-
-    if state is not None:
-        from training.ensemble import Ensemble
-        state.pop("rng.resample", None)           # stored by older versions; every stream now derives from the seed
-        ens = Ensemble.from_state_dict(state, backend="fused", device=device)
-        del state
+    ens = None
+    if saved is not None:
         progress = Progress(**saved["progress"])
         check_same_dataset(progress, data)
         if shard.is_main:
             truncate_metrics(out / METRICS, progress.step)
+        if state is not None:
+            from training.ensemble import Ensemble
+            state.pop("rng.resample", None)       # stored by older versions; every stream now derives from the seed
+            ens = Ensemble.from_state_dict(state, backend="fused", device=device)
+            del state
     else:
         first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0, held)
         progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm),
                             dataset_chunks=len(data.chunks), dataset_digest=dataset_digest(data))
-        ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale,
-                             None if shard.world_size == 1 else mine)
+        if mine:
+            ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale,
+                                 None if shard.world_size == 1 else mine)
         del first
-    if shard.world_size > 1:
+    if ens is not None and shard.world_size > 1:
         use_sweep_member_state(ens, keys, mine)
+    return HookRun(cfg, data, slices, held, total, progress, ens, progress.tokens)
+
+
+def chunk_rows(data: HookData, index: int, held: int) -> int:
+    """Training rows of chunk `index` (the held-out tail left out of the last chunk)."""
+    return data.chunks[index].rows - (held if index == len(data.chunks) - 1 else 0)
+
+
+def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard: Shard, device: torch.device,
+                autocast: Callable[[], ContextManager[Any]], bar: Any) -> None:
+    """Train this rank's members of `run` on the batches of one chunk (`chunk` None where the rank has none of
+    them: it only follows the progress and joins the collectives)."""
+    cfg, ens, progress, total = run.cfg, run.ens, run.progress, run.total
     arch = architecture(cfg)
-    key_name = arch.sweep_param
     decay_start = total - round(cfg.lr_decay_fraction * total)
-    wandb_run = start_wandb(cfg) if shard.is_main else None
-    t0, tokens0 = time.perf_counter(), progress.tokens
-    staging = staging_for(device)
-    bar = tqdm(total=total * cfg.batch_size, initial=progress.tokens, unit="tok/member", unit_scale=True,
-               desc=f"training {len(keys)} members", dynamic_ncols=True, disable=not shard.is_main)
-    try:
-        while progress.repetition < cfg.n_repetitions and progress.step < total:
-            for pos, chunk in iter_chunks(data, cfg.seed, progress.repetition, progress.chunk_position, held,
-                                          staging):
-                for b in range(len(chunk) // cfg.batch_size):
-                    if progress.step >= total:
-                        break
-                    x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
-                    x.mul_(progress.input_scale)
-                    with autocast():
-                        stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
-                                         coefficient_scales=dict.fromkeys(arch.scheduled,
-                                                                          l1_scale(progress.step, total, cfg)))
-                    progress.step += 1
-                    progress.tokens += cfg.batch_size
-                    if (arch.dead_policy == "resample" and cfg.resample_every
-                            and progress.step % cfg.resample_every == 0
-                            and progress.step < decay_start):
-                        ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
-                                          seed=cfg.seed, step=progress.step, member_ids=mine)
-                    if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
-                        ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
-                        if shard.world_size > 1:  # on while any member of the sweep has dead latents
-                            ens._aux_on = shard.any(ens._aux_on)
-                    if progress.step % cfg.log_every == 0 or progress.step == total:
-                        whole = gather_stats(stats, shard)
-                        if whole is not None:
-                            log_metrics(out / METRICS, keys, key_name, progress, whole, ens.d_hidden, wandb_run)
-                            bar.set_postfix(frozen=int(whole["frozen"].sum()))
-                    bar.update(cfg.batch_size)
-                progress.chunk_position = pos + 1
-                del chunk
-                if cfg.save_after_every and progress.step < total:
-                    save_shard(out, cfg, ens, data, progress, shard, slices)
-                if progress.step >= total:
-                    break
-            else:
-                progress.repetition, progress.chunk_position = progress.repetition + 1, 0
-                if progress.step < total:
-                    save_shard(out, cfg, ens, data, progress, shard, slices)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    mine = run.slices[shard.rank]
+    for b in range(n_batches):
+        if progress.step >= total:
+            break
+        stats = None
+        if ens is not None:
+            x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
+            x.mul_(progress.input_scale)
+            with autocast():
+                stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
+                                 coefficient_scales=dict.fromkeys(arch.scheduled, l1_scale(progress.step, total, cfg)))
+        progress.step += 1
+        progress.tokens += cfg.batch_size
+        if (ens is not None and arch.dead_policy == "resample" and cfg.resample_every
+                and progress.step % cfg.resample_every == 0 and progress.step < decay_start):
+            ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
+                              seed=cfg.seed, step=progress.step, member_ids=mine)
+        if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
+            if ens is not None:
+                ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
+            if shard.world_size > 1:  # on while any member of the sweep has dead latents
+                aux_on = shard.any(ens is not None and ens._aux_on)
+                if ens is not None:
+                    ens._aux_on = aux_on
+        if progress.step % cfg.log_every == 0 or progress.step == total:
+            whole = gather_stats(stats, shard)
+            if whole is not None:
+                d_hidden = max(1, round(cfg.ratio * run.data.d))
+                log_metrics(run.out / METRICS, member_keys(cfg), arch.sweep_param, progress, whole, d_hidden,
+                            run.wandb_run)
+                bar.set_postfix(frozen=int(whole["frozen"].sum()))
+        bar.update(cfg.batch_size)
+
+
+def train_runs(runs: list[HookRun], shard: Shard, device: torch.device,
+               autocast: Callable[[], ContextManager[Any]], bar: Any) -> None:
+    """Train every hook's sweep, chunk position by chunk position (chunk i of every hook holds the same rows), each
+    from its own progress; saves as the flags ask."""
+    cfg = runs[0].cfg
+    while live := [r for r in runs if r.progress.repetition < cfg.n_repetitions and r.progress.step < r.total]:
+        rep = min(r.progress.repetition for r in live)
+        here = [r for r in live if r.progress.repetition == rep]
+        readers = {id(r): iter_chunks(r.data, cfg.seed, rep, r.progress.chunk_position, r.held,
+                                      staging_for(device)) for r in here if r.ens is not None}
+        order = chunk_order(len(here[0].data.chunks), cfg.seed, rep)
+        try:
+            for pos in range(min(r.progress.chunk_position for r in here), len(order)):
+                for r in here:
+                    if r.progress.chunk_position > pos or r.progress.step >= r.total:
+                        continue
+                    chunk = next(readers[id(r)])[1] if r.ens is not None else None
+                    n_batches = (len(chunk) if chunk is not None else chunk_rows(r.data, order[pos], r.held))
+                    train_chunk(r, chunk, n_batches // cfg.batch_size, shard, device, autocast, bar)
+                    del chunk
+                    r.progress.chunk_position = pos + 1
+                    if cfg.save_after_every and r.progress.step < r.total:
+                        save_shard(r.out, r.cfg, r.ens, r.data, r.progress, shard, r.slices)
+        finally:
+            for reader in readers.values():
+                reader.close()
+        for r in here:
+            if r.progress.step < r.total:
+                r.progress.repetition, r.progress.chunk_position = r.progress.repetition + 1, 0
+                save_shard(r.out, r.cfg, r.ens, r.data, r.progress, shard, r.slices)
+
+
+def finish_run(run: HookRun, shard: Shard, device: torch.device, seconds: float) -> SweepResult:
+    """Save one hook's trained sweep, score it on its evaluation rows and write its sweep.json."""
+    cfg, data, progress, held, out = run.cfg, run.data, run.progress, run.held, run.out
+    keys = member_keys(cfg)
     if held:
         eval_rows, progress.eval_rows = heldout_rows(data, held), f"{held:,} held-out rows (tail of the last chunk)"
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    digest, whole = save_shard(out, cfg, ens, data, progress, shard, slices)   # a crash in the evaluation loses nothing
-    metrics = [m for part in shard.all_gather(evaluate(ens, eval_rows, device, progress.input_scale,
-                                                       eval_block_rows(cfg.architecture, cfg.batch_size)))
-               for m in part]
-    metrics = flag_diverged(metrics)
+    digest, whole = save_shard(out, cfg, run.ens, data, progress, shard, run.slices)  # an evaluation crash loses nothing
+    mine = [] if run.ens is None else evaluate(run.ens, eval_rows, device, progress.input_scale,
+                                                eval_block_rows(cfg.architecture, cfg.batch_size))
+    metrics = flag_diverged([m for part in shard.all_gather(mine) for m in part])
     usable = not all(m["frozen"] for m in metrics)
     shard.on_main(lambda: write_sweep_json(out, sweep_metadata(cfg, whole, data, progress, metrics, usable, digest,
-                                                               slices)))
-    if wandb_run is not None:
-        wandb_run.finish()
+                                                               run.slices)))
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
     if not usable:
         raise UserError(f"every member hit a NaN/inf loss and was frozen, so the sweep in {out} is not finished: "
                         f"check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
     if frozen and shard.is_main:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
-    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - tokens0)
+    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - run.tokens0)
+
+
+def _train_hooks(cfgs: list[SweepConfig], datas: list[HookData], shard: Shard) -> list[SweepResult]:
+    """Train (or resume) the checked sweeps `cfgs` (one per hook, same flags but their folders) on `datas`, this
+    rank's share of the (hook, member) pairs, and write each to its --output_dir."""
+    device = training_device(shard.device(cfgs[0].device))
+    cfgs = [dataclasses.replace(c, precision=resolve_precision(c.precision, device)) for c in cfgs]
+    autocast = set_precision(cfgs[0], device)
+    slices = pair_slices(len(cfgs), len(member_keys(cfgs[0])), shard.world_size)
+    runs = [start_hook_run(c, d, s, shard, device) for c, d, s in zip(cfgs, datas, slices)]
+    if shard.is_main and len(runs) == 1:
+        runs[0].wandb_run = start_wandb(cfgs[0])
+    t0 = time.perf_counter()
+    n_members = len(member_keys(cfgs[0])) * len(runs)
+    bar = tqdm(total=sum(r.total for r in runs) * cfgs[0].batch_size,
+               initial=sum(r.progress.tokens for r in runs), unit="tok/member", unit_scale=True,
+               desc=f"training {n_members} members" + (f" of {len(runs)} hooks" if len(runs) > 1 else ""),
+               dynamic_ncols=True, disable=not shard.is_main)
+    try:
+        train_runs(runs, shard, device, autocast, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return [finish_run(r, shard, device, seconds) for r in runs]
 
 
 def sweep_memory_report(cfg: SweepConfig) -> str:
