@@ -14,9 +14,9 @@ from bench.top_activations import write_synthetic_folder
 from conftest import folder_bytes, small_generate_cfg, sweep_killed_at_chunk
 from dist_launch import launch
 from training.distributed import join_members, member_slices, slice_members
-from training.cli import config_to_dict
+from training.cli import UserError, config_to_dict
 from training.generate import PARTS, generate
-from training.sweep import SweepConfig, run_sweep
+from training.sweep import SweepConfig, pair_slices, run_sweep, run_sweeps
 from training.sweep_files import checkpoint_weights
 
 D = 16
@@ -56,9 +56,10 @@ def checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint_weights(out)))
 
 
-def assert_same_sweep(a: Path, b: Path, world_b: int) -> None:
-    """Sweep folders `a` (one process) and `b` (`world_b` ranks) hold the same sweep: weights byte for byte,
-    checkpoint tensors equal, metrics.jsonl equal, sweep.json equal but for the distribution record."""
+def assert_same_sweep(a: Path, b: Path, world_b: int, rank_members: list[list[int]] | None = None) -> None:
+    """Sweep folders `a` (one process) and `b` (`world_b` ranks, which trained `rank_members`, by default
+    `member_slices`) hold the same sweep: weights byte for byte, checkpoint tensors equal, metrics.jsonl equal,
+    sweep.json equal but for the distribution record."""
     sa, sb = checkpoint_state(a), checkpoint_state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), \
         [k for k in sa if not torch.equal(sa[k], sb[k])]
@@ -66,7 +67,7 @@ def assert_same_sweep(a: Path, b: Path, world_b: int) -> None:
     assert (a / "sweep.safetensors").read_bytes() == (b / "sweep.safetensors").read_bytes()
     ja, jb = (json.loads((p / "sweep.json").read_text()) for p in (a, b))
     assert jb.pop("world_size") == world_b and ja.pop("world_size") == 1
-    assert jb.pop("rank_members") == member_slices(len(ja["keys"]), world_b)
+    assert jb.pop("rank_members") == (rank_members or member_slices(len(ja["keys"]), world_b))
     assert ja.pop("rank_members") == [list(range(len(ja["keys"])))]
     for j in (ja, jb):
         for name in ("output_dir", "resume"):
@@ -101,6 +102,48 @@ def test_member_sharded_sweep_equals_one_process(hook_dir, tmp_path, architectur
     assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
     assert "trained 3 dictionaries" in ranks[0].stdout and ranks[1].stdout == ""   # only rank 0 prints
     assert_same_sweep(tmp_path / "one", tmp_path / "two", 2)
+
+
+def two_hook_folder(root: Path) -> Path:
+    """A dataset folder with hooks "a" and "b" of the same rows (4 chunks of 1000), different activations."""
+    write_synthetic_folder(root, 4000, D, "synthetic", 50, chunk_size=1000, context_length=20, hook="a")
+    write_synthetic_folder(root / "tmp", 4000, D, "synthetic", 50, chunk_size=1000, context_length=20, hook="b",
+                           acts=2 * torch.randn(4000, D, generator=torch.Generator().manual_seed(5)) + 1)
+    (root / "tmp" / "b").rename(root / "b")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["hooks"]["b"] = json.loads((root / "tmp" / "manifest.json").read_text())["hooks"]["b"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_pair_slices_spread_hook_member_pairs_evenly():
+    assert pair_slices(1, 3, 2) == [member_slices(3, 2)]
+    assert pair_slices(2, 3, 2) == [[[0, 1, 2], []], [[], [0, 1, 2]]]
+    s = pair_slices(3, 3, 4)
+    assert [sum(len(s[h][r]) for h in range(3)) for r in range(4)] == [2, 2, 2, 3]
+    assert all(sorted(sum((s[h][r] for r in range(4)), [])) == [0, 1, 2] for h in range(3))
+
+
+def test_multi_hook_sweep_equals_one_sweep_per_hook(tmp_path):
+    root = two_hook_folder(tmp_path / "data")
+    for hook in ("a", "b"):
+        run_sweep(SweepConfig(**flags(root / hook, tmp_path / "one" / hook)))
+    results = run_sweeps(SweepConfig(**flags(root, tmp_path / "multi")))        # one process, both hooks
+    assert [r.output_dir.name for r in results] == ["a", "b"]
+    ranks = launch(argv(flags(root, tmp_path / "two")))                          # two ranks, one hook each
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    assert ranks[0].stdout.count("trained 3 dictionaries") == 2
+    for hook, members in (("a", [[0, 1, 2], []]), ("b", [[], [0, 1, 2]])):
+        assert_same_sweep(tmp_path / "one" / hook, tmp_path / "multi" / hook, 1)
+        assert_same_sweep(tmp_path / "one" / hook, tmp_path / "two" / hook, 2, members)
+
+
+def test_hooks_flag_picks_hooks(tmp_path):
+    root = two_hook_folder(tmp_path / "data")
+    results = run_sweeps(SweepConfig(**flags(root, tmp_path / "out", hooks=["b"], n_repetitions=1)))
+    assert [r.output_dir for r in results] == [tmp_path / "out" / "b"] and not (tmp_path / "out" / "a").exists()
+    with pytest.raises(UserError, match="--hooks c: not in"):
+        run_sweeps(SweepConfig(**flags(root, tmp_path / "out", hooks=["c"])))
 
 
 def test_killed_rank_is_a_clean_error_and_resumes_on_one_process(hook_dir, tmp_path):

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import HookData, open_hook
+from training.chunks import MANIFEST, HookData, open_hook, read_manifest
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
 from training.dictionary import unit_norm_params
@@ -58,7 +58,11 @@ class SweepConfig:
     """Everything that decides what a sweep trains (saved in sweep.json and checkpoint.json)."""
 
     dataset_dir: str = "activation_data"
-    """Chunks to train on: a hook folder written by generate_test_data.py, or its dataset folder if it has one hook."""
+    """Chunks to train on: a hook folder written by generate_test_data.py, or its dataset folder (with several hooks:
+    one sweep per hook, see --hooks)."""
+    hooks: list[str] | None = None
+    """With --dataset_dir a dataset folder: the hooks to train (default: every hook when it has several), one sweep
+    per hook in --output_dir/<hook>, all trained in one run on the same rows (each chunk read once)."""
     output_dir: str = "outputs/sweep"
     """Where the sweep, its checkpoints and its metrics go."""
     architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
@@ -898,31 +902,86 @@ def start_wandb(cfg: SweepConfig) -> Any:
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder);
     under torchrun, this rank's share of the members (training/distributed.py), the same sweep as one process."""
+    if sweep_hooks(cfg) is not None:
+        raise UserError(f"--dataset_dir {cfg.dataset_dir} holds several hooks (or --hooks is given): train them with "
+                        "run_sweeps, one sweep per hook")
     with session() as shard:
-        return _run_sweep(cfg, shard)
+        return _run_hooks([cfg], shard)[0]
+
+
+def run_sweeps(cfg: SweepConfig) -> list[SweepResult]:
+    """`run_sweep`, or with several hooks (`sweep_hooks`) one sweep per hook trained in one run on the same rows,
+    into --output_dir/<hook>; under torchrun the (hook, member) pairs are shared out evenly over the ranks."""
+    hooks = sweep_hooks(cfg)
+    if hooks is None:
+        return [run_sweep(cfg)]
+    if cfg.wandb_project and len(hooks) > 1:
+        raise UserError("--wandb_project logs one sweep: train one hook per run to log to wandb")
+    with session() as shard:
+        return _run_hooks(hook_configs(cfg, hooks), shard)
+
+
+def sweep_hooks(cfg: SweepConfig) -> list[str] | None:
+    """The hooks of a multi-hook run: --hooks, or every hook of a --dataset_dir dataset folder that holds several;
+    None for a sweep of one hook folder."""
+    root = Path(cfg.dataset_dir)
+    if not (root / MANIFEST).is_file():
+        if cfg.hooks:
+            raise UserError(f"--hooks needs --dataset_dir to be a dataset folder (holding {MANIFEST}), not "
+                            f"{cfg.dataset_dir}")
+        return None
+    found = list(read_manifest(root).get("hooks", {}))
+    unknown = [h for h in cfg.hooks or [] if h not in found]
+    if unknown:
+        raise UserError(f"--hooks {' '.join(unknown)}: not in {root}; it has: {', '.join(found)}")
+    if cfg.hooks:
+        return list(dict.fromkeys(cfg.hooks))
+    return found if len(found) > 1 else None
+
+
+def hook_configs(cfg: SweepConfig, hooks: list[str]) -> list[SweepConfig]:
+    """One sweep's flags per hook: its hook folder as --dataset_dir and --output_dir/<hook> as its folder (so each
+    folder is the sweep one would train on that hook alone)."""
+    return [dataclasses.replace(cfg, dataset_dir=str(Path(cfg.dataset_dir) / h),
+                                output_dir=str(Path(cfg.output_dir) / h), hooks=None) for h in hooks]
 
 
 @_reports_disk_errors
 @_restores_backend_flags
-def _run_sweep(cfg: SweepConfig, shard: Shard) -> SweepResult:
-    """`run_sweep` on this process, the `shard` of the job."""
-    validate_config(cfg)                    # flags, data and disk first: a bad input creates nothing
-    data = open_dataset(cfg)
-    if shard.is_main:
-        warn_if_unfinished(data)
-    total_steps(cfg, data, holdout_size(data, cfg.holdout_rows))
-    check_dictionary_size(cfg, data.d)
-    check_output_space(cfg, len(member_keys(cfg)), data.d)
-    check_world_size(len(member_keys(cfg)), shard)
-    with shard.main_context(lambda: folder_lock(cfg.output_dir)):     # rank 0 holds the lock for the whole job
-        return _train_sweep(cfg, data, shard)
+def _run_hooks(cfgs: list[SweepConfig], shard: Shard) -> list[SweepResult]:
+    """`run_sweeps` of the sweeps `cfgs` (one per hook) on this process, the `shard` of the job."""
+    datas = []
+    for cfg in cfgs:
+        validate_config(cfg)                    # flags, data and disk first: a bad input creates nothing
+        data = open_dataset(cfg)
+        if shard.is_main:
+            warn_if_unfinished(data)
+        total_steps(cfg, data, holdout_size(data, cfg.holdout_rows))
+        check_dictionary_size(cfg, data.d)
+        check_output_space(cfg, len(member_keys(cfg)), data.d)
+        datas.append(data)
+    check_same_rows(datas)
+    check_world_size(len(member_keys(cfgs[0])) * len(cfgs), shard)
+    with contextlib.ExitStack() as locks:
+        for cfg in cfgs:                        # rank 0 holds the locks for the whole job
+            locks.enter_context(shard.main_context(functools.partial(folder_lock, cfg.output_dir)))
+        return _train_hooks(cfgs, datas, shard)
 
 
-def check_world_size(n_members: int, shard: Shard) -> None:
-    """A one-line UserError when there are more ranks than members (each rank trains at least one member)."""
-    if shard.world_size > n_members:
-        raise UserError(f"{shard.world_size} ranks for {n_members} members: each rank trains whole members, so "
-                        f"launch at most {n_members} processes (or sweep more values)")
+def check_same_rows(datas: list[HookData]) -> None:
+    """A one-line UserError unless every hook has the same chunks (same rows), as one Stage 1 run writes them."""
+    rows = [[c.rows for c in d.chunks] for d in datas]
+    for d, r in zip(datas[1:], rows[1:]):
+        if r != rows[0]:
+            raise UserError(f"{d.root / d.hook} has chunks of {r} rows but {datas[0].root / datas[0].hook} has "
+                            f"{rows[0]}: hooks trained together need the chunks of one generate_test_data.py run")
+
+
+def check_world_size(n_pairs: int, shard: Shard) -> None:
+    """A one-line UserError when there are more ranks than (hook, member) pairs (each rank trains at least one)."""
+    if shard.world_size > n_pairs:
+        raise UserError(f"{shard.world_size} ranks for {n_pairs} members: each rank trains whole members, so "
+                        f"launch at most {n_pairs} processes (or sweep more values)")
 
 
 def prepare_shard(cfg: SweepConfig, out: Path, shard: Shard, slices: list[list[int]]
@@ -941,7 +1000,8 @@ def prepare_shard(cfg: SweepConfig, out: Path, shard: Shard, slices: list[list[i
         return None, None
     state = full["state"]
     n = sum(map(len, slices))
-    pieces = [slice_members(state, s, n) for s in slices] if shard.is_main and state is not None else None
+    pieces = ([slice_members(state, s, n) if s else None for s in slices] if shard.is_main and state is not None
+              else None)
     del state, full
     return saved, shard.scatter(pieces)
 
@@ -998,8 +1058,8 @@ def gather_ensemble(ens: Any, shard: Shard) -> Any:
     several; None on the other ranks)."""
     if shard.world_size == 1:
         return ens
-    states = shard.gather(ens.state_dict(device="cpu"))
-    return GatheredEnsemble(join_members(states)) if states is not None else None
+    states = shard.gather(None if ens is None else ens.state_dict(device="cpu"))
+    return None if states is None else GatheredEnsemble(join_members([s for s in states if s is not None]))
 
 
 def save_shard(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress, shard: Shard,
@@ -1011,13 +1071,17 @@ def save_shard(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     return digest, whole
 
 
-def gather_stats(stats: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor] | None:
-    """Per-member step stats [n_rank, ...] of every rank joined into [N, ...] on rank 0 (None elsewhere)."""
+def gather_stats(stats: dict[str, torch.Tensor] | None, shard: Shard) -> dict[str, torch.Tensor] | None:
+    """Per-member step stats [n_rank, ...] of every rank (None: a rank with no member) joined into [N, ...] on
+    rank 0 (None elsewhere)."""
     if shard.world_size == 1:
         return stats
-    mine = {k: v.detach().cpu() for k, v in stats.items() if k in LOGGED_STATS}
-    parts = shard.gather(mine)
-    return None if parts is None else {k: torch.cat([p[k] for p in parts]) for k in mine}
+    mine = None if stats is None else {k: v.detach().cpu() for k, v in stats.items() if k in LOGGED_STATS}
+    parts = shard.gather(mine)                              # None from a rank that trains none of the members
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 LOGGED_STATS = ("loss", "mse", "l1_norm", "l0", "explained_variance", "aux", "n_dead", "frozen")
@@ -1247,5 +1311,5 @@ def main_sweep(cfg: SweepConfig) -> str:
     (under torchrun, on rank 0 only: "" on the others)."""
     if cfg.dry_run:
         return sweep_memory_report(cfg)
-    result = run_sweep(cfg)
-    return str(result) if env_world()[0] == 0 else ""
+    results = run_sweeps(cfg)
+    return "\n\n".join(map(str, results)) if env_world()[0] == 0 else ""
