@@ -568,16 +568,19 @@ def in_folder(path: Path, folder: Path) -> bool:
 
 
 def _reports_disk_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap `run_sweep` so that a disk-full or read-only error while it writes into --output_dir is one line (its
-    stale .tmp files removed), not a traceback; other OSErrors (e.g. reading a chunk) pass through."""
+    """Wrap `run_sweep` (of one config or a list, one per hook) so that a disk-full or read-only error while it
+    writes into an --output_dir is one line (its stale .tmp files removed), not a traceback; other OSErrors (e.g.
+    reading a chunk) pass through."""
     @functools.wraps(fn)
-    def wrapper(cfg: SweepConfig, *args: Any, **kwargs: Any) -> T:
+    def wrapper(cfg: SweepConfig | list[SweepConfig], *args: Any, **kwargs: Any) -> T:
         try:
             return fn(cfg, *args, **kwargs)
         except OSError as e:
-            out = Path(cfg.output_dir)
-            if e.errno not in DISK_ERRNOS or (e.filename is not None and not in_folder(Path(e.filename), out)):
+            outs = [Path(c.output_dir) for c in (cfg if isinstance(cfg, list) else [cfg])]
+            hit = [o for o in outs if e.filename is None or in_folder(Path(e.filename), o)]
+            if e.errno not in DISK_ERRNOS or not hit:
                 raise
+            out = hit[0]
             for tmp in out.glob("*.tmp") if out.is_dir() else ():
                 tmp.unlink(missing_ok=True)
             raise UserError(f"writing {e.filename or out}: {DISK_ERRNOS[e.errno]}: free space (or fix the folder) and "
@@ -900,11 +903,11 @@ def start_wandb(cfg: SweepConfig) -> Any:
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder);
-    under torchrun, this rank's share of the members (training/distributed.py), the same sweep as one process."""
-    if sweep_hooks(cfg) is not None:
-        raise UserError(f"--dataset_dir {cfg.dataset_dir} holds several hooks (or --hooks is given): train them with "
-                        "run_sweeps, one sweep per hook")
+    """Train (or resume) the sweep of one hook described by `cfg`, holding the lock on `cfg.output_dir` (one writer
+    per folder); under torchrun, this rank's share of the members (training/distributed.py), the same sweep as one
+    process."""
+    if cfg.hooks:
+        raise UserError("--hooks trains one sweep per hook: use run_sweeps")
     with session() as shard:
         return _run_hooks([cfg], shard)[0]
 
