@@ -187,10 +187,36 @@ def test_refusal_on_rank_0_is_one_line_on_every_rank(hook_dir, tmp_path):
         assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "already holds a sweep" in r.stderr
 
 
-def test_more_ranks_than_members_is_refused(hook_dir, tmp_path):
-    ranks = launch(argv(flags(hook_dir, tmp_path / "x", l1_values=[1e-2])))
+@pytest.mark.parametrize("architecture", ["l1", "topk"])
+def test_data_parallel_with_fewer_members_than_ranks_matches_one_process(hook_dir, tmp_path, architecture):
+    extra = dict(architecture="topk", k_values=[4]) if architecture == "topk" else dict(l1_values=[1e-2])
+    kw = dict(resample_every=0, batch_size=201, **extra)     # odd batch: shares of 100 and 101 rows
+    run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one", **kw)))
+    ranks = launch(argv(flags(hook_dir, tmp_path / "two", **kw)))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    sa, sb = checkpoint_state(tmp_path / "one"), checkpoint_state(tmp_path / "two")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if sa[k].is_floating_point():
+            assert torch.allclose(sa[k], sb[k], rtol=DP_RTOL, atol=DP_ATOL), (k, (sa[k] - sb[k]).abs().max())
+        else:
+            assert torch.equal(sa[k], sb[k]), k
+    meta = json.loads((tmp_path / "two" / "sweep.json").read_text())
+    assert meta["world_size"] == 2 and meta["rank_members"] == [[0], [0]]
+    one = json.loads((tmp_path / "one" / "sweep.json").read_text())["members"][0]
+    assert meta["members"][0]["mse"] == pytest.approx(one["mse"], rel=1e-4)
+
+
+DP_RTOL, DP_ATOL = 1e-4, 1e-6
+"""Data parallel against one process: the gradients are the same sums in another order (float32 rounding), after
+38 Adam steps; measured: at most 2.2e-8 absolute on parameters of size 0.1-0.4 (L1 and TopK, CPU)."""
+
+
+def test_more_ranks_than_pairs_of_several_hooks_is_refused(tmp_path):
+    root = two_hook_folder(tmp_path / "data")
+    ranks = launch(argv(flags(root, tmp_path / "x", l1_values=[1e-2])), world_size=3)
     for r in ranks:
-        assert r.returncode == 2 and "2 ranks for 1 members" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and "3 ranks for 2 members of 2 hooks" in r.stderr and "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------- Stage 1

@@ -214,6 +214,44 @@ def publish_failure(rank: int, error: BaseException) -> str:
     return line
 
 
+MEAN_STATS = ("loss", "mse", "l1_norm", "l0", "aux")
+"""Step stats that are means over the batch's rows (the rest: "sq_err_sum" a sum, "fired" an any)."""
+
+
+def batch_share(batch: int, shard: Shard) -> slice:
+    """The rows of a batch of `batch` rows that this rank takes in data-parallel training (contiguous, sizes differing
+    by at most one)."""
+    return slice(batch * shard.rank // shard.world_size, batch * (shard.rank + 1) // shard.world_size)
+
+
+def data_parallel_reduce(shard: Shard, batch: int) -> Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                                torch.Tensor], tuple[int, torch.Tensor]]:
+    """The `reduce` of `Ensemble.step` for data parallelism over the ranks of `shard`, each holding `batch_share`
+    of a `batch`-row batch: gradients and mean stats become the row-weighted means over the whole batch (one
+    all-reduce of one flat buffer, on the ensemble's device: NCCL on GPUs, gloo on CPUs), "sq_err_sum" its sum,
+    "fired" true where any rank's rows fired."""
+    def reduce(grads: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], x: torch.Tensor
+               ) -> tuple[int, torch.Tensor]:
+        weight = x.shape[0] / batch
+        means = [n for n in MEAN_STATS if n in stats]
+        x64 = x.double()
+        parts = [g.mul(weight) for g in grads.values()] + [stats[n].mul(weight) for n in means] + [
+            stats["sq_err_sum"], x64.sum(0), x64.square().sum().reshape(1)]
+        flat = torch.cat([p.reshape(-1).double() for p in parts])
+        fired = stats["fired"].to(torch.uint8)
+        _collective(lambda: torch.distributed.all_reduce(flat))
+        _collective(lambda: torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX))
+        at = 0
+        for t in [*grads.values(), *(stats[n] for n in means), stats["sq_err_sum"]]:
+            t.copy_(flat[at:at + t.numel()].view_as(t))
+            at += t.numel()
+        total, total_sq = flat[at:at + x.shape[1]], flat[at + x.shape[1]]
+        stats["fired"] = fired.bool()
+        variance = (total_sq - total.square().sum() / batch).to(x.dtype)
+        return batch, variance
+    return reduce
+
+
 def init() -> Shard:
     """This process's `Shard`, joining the process group (gloo; NCCL as well where CUDA is present, for device
     collectives) on the first call when WORLD_SIZE > 1."""

@@ -36,7 +36,8 @@ from training.chunks import MANIFEST, HookData, open_hook, read_manifest
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
 from training.dictionary import unit_norm_params
-from training.distributed import Shard, env_world, join_members, member_slices, session, slice_members
+from training.distributed import (Shard, batch_share, data_parallel_reduce, env_world, join_members, member_slices,
+                                  session, slice_members)
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
@@ -964,7 +965,7 @@ def _run_hooks(cfgs: list[SweepConfig], shard: Shard) -> list[SweepResult]:
         check_output_space(cfg, len(member_keys(cfg)), data.d)
         datas.append(data)
     check_same_rows(datas)
-    check_world_size(len(member_keys(cfgs[0])) * len(cfgs), shard)
+    check_world_size(len(member_keys(cfgs[0])), len(cfgs), shard)
     with contextlib.ExitStack() as locks:
         for cfg in cfgs:                        # rank 0 holds the locks for the whole job
             locks.enter_context(shard.main_context(functools.partial(folder_lock, cfg.output_dir)))
@@ -980,11 +981,18 @@ def check_same_rows(datas: list[HookData]) -> None:
                             f"{rows[0]}: hooks trained together need the chunks of one generate_test_data.py run")
 
 
-def check_world_size(n_pairs: int, shard: Shard) -> None:
-    """A one-line UserError when there are more ranks than (hook, member) pairs (each rank trains at least one)."""
-    if shard.world_size > n_pairs:
-        raise UserError(f"{shard.world_size} ranks for {n_pairs} members: each rank trains whole members, so "
-                        f"launch at most {n_pairs} processes (or sweep more values)")
+def check_world_size(n_members: int, n_hooks: int, shard: Shard) -> None:
+    """A one-line UserError when there are more ranks than (hook, member) pairs of several hooks (one hook's sweep
+    then trains data parallel, see `data_parallel`)."""
+    if shard.world_size > n_members * n_hooks and n_hooks > 1:
+        raise UserError(f"{shard.world_size} ranks for {n_members * n_hooks} members of {n_hooks} hooks: launch at "
+                        f"most {n_members * n_hooks} processes, or train one hook at a time (data parallel)")
+
+
+def data_parallel(n_members: int, n_hooks: int, shard: Shard) -> bool:
+    """Whether the ranks split each batch (all-reducing the gradients) instead of the members: when one hook's
+    sweep has fewer members than there are ranks (e.g. one wide dictionary)."""
+    return n_hooks == 1 and n_members < shard.world_size
 
 
 def prepare_shard(cfg: SweepConfig, out: Path, shard: Shard, slices: list[list[int]]
@@ -1056,29 +1064,31 @@ def use_sweep_member_state(ens: Any, keys: list, member_ids: Sequence[int]) -> N
         ens.member_state[name] = value.index_select(0, idx.to(value.device)) if per_member else value
 
 
-def gather_ensemble(ens: Any, shard: Shard) -> Any:
-    """The whole ensemble on rank 0 (`ens` itself on one process; a `GatheredEnsemble` of every rank's members with
-    several; None on the other ranks)."""
-    if shard.world_size == 1:
-        return ens
+def gather_ensemble(ens: Any, shard: Shard, data_parallel: bool = False) -> Any:
+    """The whole ensemble on rank 0 (`ens` itself on one process or data parallel; a `GatheredEnsemble` of every
+    rank's members with several; None on the other ranks)."""
+    if shard.world_size == 1 or data_parallel:
+        return ens if shard.is_main else None
     states = shard.gather(None if ens is None else ens.state_dict(device="cpu"))
     return None if states is None else GatheredEnsemble(join_members([s for s in states if s is not None]))
 
 
 def save_shard(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress, shard: Shard,
                slices: list[list[int]]) -> tuple[str, Any]:
-    """`save_sweep` of the whole ensemble by rank 0 from every rank's members; returns (the SHA-256 of
-    sweep.safetensors, the whole ensemble on rank 0 / None elsewhere) on every rank."""
-    whole = gather_ensemble(ens, shard)
+    """`save_sweep` of the whole ensemble by rank 0 from every rank's members (data parallel, every rank listing
+    every member: rank 0's); returns (the SHA-256 of sweep.safetensors, the whole ensemble on rank 0 / None
+    elsewhere) on every rank."""
+    whole = gather_ensemble(ens, shard, len(slices) > 1 and len(set(map(tuple, slices))) == 1)
     digest = shard.on_main(lambda: save_sweep(out, cfg, whole, data, progress, slices=slices))
     return digest, whole
 
 
-def gather_stats(stats: dict[str, torch.Tensor] | None, shard: Shard) -> dict[str, torch.Tensor] | None:
+def gather_stats(stats: dict[str, torch.Tensor] | None, shard: Shard, data_parallel: bool = False
+                 ) -> dict[str, torch.Tensor] | None:
     """Per-member step stats [n_rank, ...] of every rank (None: a rank with no member) joined into [N, ...] on
-    rank 0 (None elsewhere)."""
-    if shard.world_size == 1:
-        return stats
+    rank 0 (None elsewhere; data parallel: rank 0's, already those of every member on the whole batch)."""
+    if shard.world_size == 1 or data_parallel:
+        return stats if shard.is_main else None
     mine = None if stats is None else {k: v.detach().cpu() for k, v in stats.items() if k in LOGGED_STATS}
     parts = shard.gather(mine)                              # None from a rank that trains none of the members
     if parts is None:
@@ -1110,6 +1120,8 @@ class HookRun:
     ens: Any
     tokens0: int = 0
     wandb_run: Any = None
+    data_parallel: bool = False
+    """Every rank holds every member and trains on its share of each batch (gradients all-reduced)."""
 
     @property
     def out(self) -> Path:
@@ -1176,16 +1188,20 @@ def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard:
     arch = architecture(cfg)
     decay_start = total - round(cfg.lr_decay_fraction * total)
     mine = run.slices[shard.rank]
+    share = batch_share(cfg.batch_size, shard) if run.data_parallel else slice(0, cfg.batch_size)
+    reduce = data_parallel_reduce(shard, cfg.batch_size) if run.data_parallel else None
     for b in range(n_batches):
         if progress.step >= total:
             break
         stats = None
         if ens is not None:
-            x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
+            rows = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size][share]     # data parallel: this rank's share
+            x = rows.to(device, torch.float32, non_blocking=True)
             x.mul_(progress.input_scale)
             with autocast():
                 stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
-                                 coefficient_scales=dict.fromkeys(arch.scheduled, l1_scale(progress.step, total, cfg)))
+                                 coefficient_scales=dict.fromkeys(arch.scheduled, l1_scale(progress.step, total, cfg)),
+                                 reduce=reduce)
         progress.step += 1
         progress.tokens += cfg.batch_size
         if (ens is not None and arch.dead_policy == "resample" and cfg.resample_every
@@ -1200,7 +1216,7 @@ def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard:
                 if ens is not None:
                     ens._aux_on = aux_on
         if progress.step % cfg.log_every == 0 or progress.step == total:
-            whole = gather_stats(stats, shard)
+            whole = gather_stats(stats, shard, run.data_parallel)
             if whole is not None:
                 d_hidden = max(1, round(cfg.ratio * run.data.d))
                 log_metrics(run.out / METRICS, member_keys(cfg), arch.sweep_param, progress, whole, d_hidden,
@@ -1253,7 +1269,7 @@ def finish_run(run: HookRun, shard: Shard, device: torch.device, seconds: float)
     digest, whole = save_shard(out, cfg, run.ens, data, progress, shard, run.slices)  # an evaluation crash loses nothing
     mine = [] if run.ens is None else evaluate(run.ens, eval_rows, device, progress.input_scale,
                                                 eval_block_rows(cfg.architecture, cfg.batch_size))
-    metrics = flag_diverged([m for part in shard.all_gather(mine) for m in part])
+    metrics = flag_diverged(mine if run.data_parallel else [m for part in shard.all_gather(mine) for m in part])
     usable = not all(m["frozen"] for m in metrics)
     shard.on_main(lambda: write_sweep_json(out, sweep_metadata(cfg, whole, data, progress, metrics, usable, digest,
                                                                run.slices)))
@@ -1274,8 +1290,12 @@ def _train_hooks(cfgs: list[SweepConfig], datas: list[HookData], shard: Shard) -
     device = training_device(shard.device(cfgs[0].device))
     cfgs = [dataclasses.replace(c, precision=resolve_precision(c.precision, device)) for c in cfgs]
     autocast = set_precision(cfgs[0], device)
-    slices = pair_slices(len(cfgs), len(member_keys(cfgs[0])), shard.world_size)
+    n = len(member_keys(cfgs[0]))
+    parallel = data_parallel(n, len(cfgs), shard)
+    slices = [[list(range(n))] * shard.world_size] if parallel else pair_slices(len(cfgs), n, shard.world_size)
     runs = [start_hook_run(c, d, s, shard, device) for c, d, s in zip(cfgs, datas, slices)]
+    for r in runs:
+        r.data_parallel = parallel
     if shard.is_main and len(runs) == 1:
         runs[0].wandb_run = start_wandb(cfgs[0])
     t0 = time.perf_counter()
