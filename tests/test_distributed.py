@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.multi_hook import write_multi_hook_folder
 from bench.top_activations import write_synthetic_folder
 from conftest import folder_bytes, small_generate_cfg, sweep_killed_at_chunk
 from dist_launch import launch
@@ -106,14 +107,7 @@ def test_member_sharded_sweep_equals_one_process(hook_dir, tmp_path, architectur
 
 def two_hook_folder(root: Path) -> Path:
     """A dataset folder with hooks "a" and "b" of the same rows (4 chunks of 1000), different activations."""
-    write_synthetic_folder(root, 4000, D, "synthetic", 50, chunk_size=1000, context_length=20, hook="a")
-    write_synthetic_folder(root / "tmp", 4000, D, "synthetic", 50, chunk_size=1000, context_length=20, hook="b",
-                           acts=2 * torch.randn(4000, D, generator=torch.Generator().manual_seed(5)) + 1)
-    (root / "tmp" / "b").rename(root / "b")
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["hooks"]["b"] = json.loads((root / "tmp" / "manifest.json").read_text())["hooks"]["b"]
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return write_multi_hook_folder(root, ["a", "b"], 4000, D, 1000)
 
 
 def test_pair_slices_spread_hook_member_pairs_evenly():
@@ -136,6 +130,21 @@ def test_multi_hook_sweep_equals_one_sweep_per_hook(tmp_path):
     for hook, members in (("a", [[0, 1, 2], []]), ("b", [[], [0, 1, 2]])):
         assert_same_sweep(tmp_path / "one" / hook, tmp_path / "multi" / hook, 1)
         assert_same_sweep(tmp_path / "one" / hook, tmp_path / "two" / hook, 2, members)
+
+
+def test_multi_hook_sweep_killed_between_hooks_resumes_on_two_ranks(tmp_path):
+    root = two_hook_folder(tmp_path / "data")
+    for hook in ("a", "b"):
+        run_sweep(SweepConfig(**flags(root / hook, tmp_path / "one" / hook)))
+    with sweep_killed_at_chunk(4):          # hook a has trained 2 chunks, hook b 1: their checkpoints differ
+        run_sweeps(SweepConfig(**flags(root, tmp_path / "multi")))
+    steps = [json.loads((tmp_path / "multi" / h / "checkpoint.json").read_text())["progress"]["chunk_position"]
+             for h in ("a", "b")]
+    assert steps == [2, 1]
+    ranks = launch(argv(flags(root, tmp_path / "multi", resume=True)))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    for hook, members in (("a", [[0, 1, 2], []]), ("b", [[], [0, 1, 2]])):
+        assert_same_sweep(tmp_path / "one" / hook, tmp_path / "multi" / hook, 2, members)
 
 
 def test_hooks_flag_picks_hooks(tmp_path):
