@@ -322,7 +322,6 @@ class ChunkWriter(threading.Thread):
         """Write one chunk for every hook, its contexts file, then the manifest (in that order)."""
         index = len(self.manifest["chunks"])
         n = len(item["token_ids"])
-        partial = n < self.manifest["config"]["chunk_size"]
         digests, size = write_chunk_files(self.root, index, item, self.manifest["config"]["chunk_size"])
         self.bytes_written += size
         record_chunk(self.manifest, n, digests, item["sums"], item["norm_sums"], item["resume"])
@@ -870,7 +869,7 @@ def write_dataset_split(cfg: GenerateConfig, root: Path, model: Any, hooks: list
     mine = [p for p in todo if p.index in set(shares[shard.rank])]
     special = torch.tensor(manifest["special_token_ids"], dtype=torch.long) if cfg.skip_special_tokens else None
     stream = TokenStream(token_batches(cfg, model.tokenizer))
-    bar = tqdm(total=sum(p.rows for p in todo), unit="tok", unit_scale=True, dynamic_ncols=True,
+    bar = tqdm(total=sum(p.rows for p in mine), unit="tok", unit_scale=True, dynamic_ncols=True,
                desc=f"generating ({shard.world_size} ranks; rank 0's share)", disable=not shard.is_main)
     written = 0
     try:

@@ -1013,7 +1013,8 @@ def prepare_shard(cfg: SweepConfig, out: Path, shard: Shard, slices: list[list[i
     n = sum(map(len, slices))
     pieces = ([slice_members(state, s, n) if s else None for s in slices] if shard.is_main and state is not None
               else None)
-    del state, full
+    del state
+    full.clear()
     return saved, shard.scatter(pieces)
 
 
@@ -1266,7 +1267,8 @@ def finish_run(run: HookRun, shard: Shard, device: torch.device, seconds: float)
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    digest, whole = save_shard(out, cfg, run.ens, data, progress, shard, run.slices)  # an evaluation crash loses nothing
+    # saved before the evaluation: a crash there loses nothing
+    digest, whole = save_shard(out, cfg, run.ens, data, progress, shard, run.slices)
     mine = [] if run.ens is None else evaluate(run.ens, eval_rows, device, progress.input_scale,
                                                 eval_block_rows(cfg.architecture, cfg.batch_size))
     metrics = flag_diverged(mine if run.data_parallel else [m for part in shard.all_gather(mine) for m in part])
