@@ -1034,6 +1034,17 @@ class GatheredEnsemble:
         return {n[len("param."):]: t for n, t in self.state.items() if n.startswith("param.")}
 
     @property
+    def arch(self) -> Architecture:
+        """The members' architecture (its declaration), named in the state."""
+        from training.ensemble_state import architecture_name
+        return get_architecture(architecture_name(self.state["option.architecture"]))
+
+    @property
+    def n_models(self) -> int:
+        """Members."""
+        return int(self.state["param.decoder"].shape[0])
+
+    @property
     def frozen(self) -> torch.Tensor:
         """BoolTensor[N]: members frozen by a NaN/inf loss."""
         return self.state["frozen"]
