@@ -15,6 +15,7 @@ from bench.top_activations import write_synthetic_folder
 from conftest import folder_bytes, small_generate_cfg, sweep_killed_at_chunk
 from dist_launch import launch
 from training.distributed import join_members, member_slices, slice_members
+from training.architectures import get as get_architecture, names as architecture_names
 from training.cli import UserError, config_to_dict
 from training.generate import PARTS, generate
 from training.sweep import SweepConfig, pair_slices, run_sweep, run_sweeps
@@ -95,9 +96,11 @@ def test_slice_and_join_members_round_trip():
     assert all(torch.equal(joined[k], state[k]) for k in state if k != "dead.aux_on") and bool(joined["dead.aux_on"])
 
 
-@pytest.mark.parametrize("architecture", ["l1", "topk"])
+@pytest.mark.parametrize("architecture", architecture_names())
 def test_member_sharded_sweep_equals_one_process(hook_dir, tmp_path, architecture):
-    extra = dict(architecture="topk", k_values=[2, 4, 8]) if architecture == "topk" else {}
+    extra = dict(architecture=architecture)
+    if get_architecture(architecture).sweep_param == "k":
+        extra["k_values"] = [2, 4, 8]
     run_sweep(SweepConfig(**flags(hook_dir, tmp_path / "one", **extra)))
     ranks = launch(argv(flags(hook_dir, tmp_path / "two", **extra)))
     assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
