@@ -272,6 +272,17 @@ def test_chunk_split_is_byte_identical_to_one_process(tiny_neox_dir, text_file, 
     assert not (tmp_path / "data" / PARTS).exists()
 
 
+def test_chunk_split_of_a_text_that_runs_out_is_byte_identical(tiny_neox_dir, text_file, tmp_path):
+    kw = dict(n_chunks=1000, chunk_size=2000, layers=[0], locations=["residual"])     # more than the text holds
+    generate(small_generate_cfg(tiny_neox_dir, text_file, tmp_path / "one", **kw), argv=["x"])
+    ranks = launch(generate_argv(small_generate_cfg(tiny_neox_dir, text_file, tmp_path / "two", **kw)))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    files, record = split_record(tmp_path / "two")
+    want, _ = split_record(tmp_path / "one")
+    assert files == want and files["manifest"]["exhausted"] and files["manifest"]["chunks"][-1]["partial"]
+    assert record["runs"][0]["world_size"] == 2
+
+
 def test_chunk_split_killed_rank_resumes_missing_chunks_only(tiny_neox_dir, text_file, tmp_path,
                                                              one_process_dataset):
     cfg = small_generate_cfg(tiny_neox_dir, text_file, tmp_path / "data", n_chunks=5, chunk_size=300)
