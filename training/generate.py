@@ -839,7 +839,8 @@ def finish_split(root: Path, manifest: dict[str, Any], plans: list[ChunkPlan], s
     merge_parts(root, manifest, parts)
     if len(manifest["chunks"]) != len(plans):
         raise UserError(f"{root}: chunks {sorted(set(range(len(plans))) - set(range(len(manifest['chunks']))))} "
-                        "are missing after every rank finished: rerun the same command to complete them")
+                        "are missing after every rank finished (is --dataset_folder on a filesystem that every node "
+                        "shares?): rerun the same command to complete them")
     manifest["finished"] = True
     manifest["exhausted"] = sum(p.rows for p in plans) < manifest["config"]["n_chunks"] * manifest["config"][
         "chunk_size"]
