@@ -7,7 +7,9 @@ from training.sweep import SweepConfig, main_sweep
 
 def main(cfg: SweepConfig) -> None:
     """Train (or resume) the sweep and print its summary table (or, with --dry_run, its memory estimate)."""
-    print(main_sweep(cfg))
+    text = main_sweep(cfg)
+    if text:                 # under torchrun only rank 0 prints the summary
+        print(text)
 
 
 if __name__ == "__main__":

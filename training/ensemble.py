@@ -183,8 +183,8 @@ class Ensemble:
 
     # ------------------------------------------------------------------ training
 
-    def step(self, x: Tensor, *, lr_scale: float = 1.0, coefficient_scales: dict[str, float] | None = None
-             ) -> dict[str, Tensor]:
+    def step(self, x: Tensor, *, lr_scale: float = 1.0, coefficient_scales: dict[str, float] | None = None,
+             reduce: Any = None) -> dict[str, Tensor]:
         """One Adam step of every member on `x: [batch, d_in]`; per-member stats, no host sync.
 
         `coefficient_scales`: {name: factor} for the architecture's scheduled coefficients (`arch.scheduled`,
@@ -193,6 +193,9 @@ class Ensemble:
         (the loss's extra terms, e.g. "aux"): [N],
         "fired": BoolTensor[N, d_hidden] (fired in this batch), "n_dead": [N], "frozen": BoolTensor[N]}.
         A member whose loss is NaN/inf is frozen from this step on.
+        `reduce` (data parallel, `x` being this process's share of the batch): called as reduce(grads, stats, x) on
+        the gradients and stats of the share, it turns them into those of the whole batch in place and returns (the
+        batch's rows, the batch's summed squared deviation from its mean).
         """
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected x: [batch, {self.d_in}], got {tuple(x.shape)}")
@@ -202,14 +205,16 @@ class Ensemble:
         x = x.to(self.params["decoder"].dtype)
         with torch.no_grad():
             stats = self._gradients(x, scales)
+            n_tokens, variance = (x.shape[0], None) if reduce is None else reduce(self._grads, stats, x)
             loss = stats["loss"]
             self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
             self._update_(active, lr_scale)
-            track_dead_(self.tokens_since_fired, stats["fired"], active, x.shape[0])
+            track_dead_(self.tokens_since_fired, stats["fired"], active, n_tokens)
             if self.arch.update_state_ is not None:
                 self.arch.update_state_(self.member_state, stats, active)
-            variance = (x - x.mean(0)).square().sum()
+            if variance is None:
+                variance = (x - x.mean(0)).square().sum()
             stats["explained_variance"] = 1 - stats.pop("sq_err_sum") / variance
             stats["n_dead"] = self.dead_mask().sum(-1)
             stats["frozen"] = self.frozen.clone()

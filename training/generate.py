@@ -22,6 +22,7 @@ import training
 from training.chunks import (CONTEXTS, FORMAT_VERSION, MANIFEST, atomic_write_json, has_tokens, read_manifest,
                              remove_dataset, save_tensors)
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
+from training.distributed import session
 from training.hooks import LOCATIONS, flatten_heads, resolve_hooks, stop_at_layer
 from training.locks import folder_lock
 from training.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_device
@@ -321,20 +322,27 @@ class ChunkWriter(threading.Thread):
         """Write one chunk for every hook, its contexts file, then the manifest (in that order)."""
         index = len(self.manifest["chunks"])
         n = len(item["token_ids"])
-        partial = n < self.manifest["config"]["chunk_size"]
         digests, size = write_chunk_files(self.root, index, item, self.manifest["config"]["chunk_size"])
         self.bytes_written += size
-        for hook, digest in digests.items():
-            path = self.root / hook / f"{index}.safetensors"
-            entry = self.manifest["hooks"][hook]
-            rows = sum(c["rows"] for c in entry["chunks"])
-            mean = torch.tensor(entry["mean"], dtype=torch.float64)
-            entry["mean"] = ((mean * rows + item["sums"][hook]) / (rows + n)).tolist()
-            entry["mean_norm"] = (entry["mean_norm"] * rows + item["norm_sums"][hook]) / (rows + n)
-            entry["chunks"].append({"file": path.name, "rows": n, "sha256": digest, "partial": partial})
-        self.manifest["chunks"].append({"rows": n, "partial": partial, "resume_at": item["resume"]})
-        self.manifest["total_tokens"] += n
+        record_chunk(self.manifest, n, digests, item["sums"], item["norm_sums"], item["resume"])
         atomic_write_json(self.root / MANIFEST, self.manifest)
+
+
+def record_chunk(manifest: dict[str, Any], n: int, digests: dict[str, str], sums: dict[str, torch.Tensor],
+                 norm_sums: dict[str, float], resume: Sequence[int] | None) -> None:
+    """Add the next chunk (n rows; each hook's file SHA-256, column sums [d] float64 and norm sum) to `manifest`,
+    updating each hook's running mean and mean norm (in memory)."""
+    index = len(manifest["chunks"])
+    partial = n < manifest["config"]["chunk_size"]
+    for hook, digest in digests.items():
+        entry = manifest["hooks"][hook]
+        rows = sum(c["rows"] for c in entry["chunks"])
+        mean = torch.tensor(entry["mean"], dtype=torch.float64)
+        entry["mean"] = ((mean * rows + sums[hook]) / (rows + n)).tolist()
+        entry["mean_norm"] = (entry["mean_norm"] * rows + norm_sums[hook]) / (rows + n)
+        entry["chunks"].append({"file": f"{index}.safetensors", "rows": n, "sha256": digest, "partial": partial})
+    manifest["chunks"].append({"rows": n, "partial": partial, "resume_at": resume})
+    manifest["total_tokens"] += n
 
 
 def write_chunk_files(root: Path, index: int, item: dict[str, Any], chunk_size: int) -> tuple[dict[str, str], int]:
@@ -498,12 +506,17 @@ def generate(cfg: GenerateConfig, argv: Sequence[str] | None = None) -> Summary:
             raise UserError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     argv = list(sys.argv if argv is None else argv)
     root = Path(cfg.dataset_folder)
-    device = resolve_device(cfg.device)
-    model = load_model(cfg.model, device, cfg.dtype)
-    hooks, stop, widths = check_model(cfg, model, device)
-    check_dataset(cfg)
-    with folder_lock(root):  # one writer per dataset folder; nothing is written before the inputs are checked
-        return write_dataset(cfg, root, model, hooks, stop, widths, device, argv)
+    with session() as shard:          # under torchrun: this rank's share of the chunks (write_dataset_split)
+        device = resolve_device(shard.device(cfg.device))
+        model = load_model(cfg.model, device, cfg.dtype)
+        hooks, stop, widths = check_model(cfg, model, device)
+        check_dataset(cfg)
+        # one writer per dataset folder (rank 0 holds the lock for the whole job); nothing is written before the
+        # inputs are checked
+        with shard.main_context(lambda: folder_lock(root)):
+            if shard.world_size == 1 and not (root / PARTS).is_dir():
+                return write_dataset(cfg, root, model, hooks, stop, widths, device, argv)
+            return write_dataset_split(cfg, root, model, hooks, stop, widths, device, argv, shard)
 
 
 def check_model(cfg: GenerateConfig, model: Any, device: torch.device) -> tuple[list[str], int | None, dict[str, int]]:
@@ -634,3 +647,241 @@ def extend_dataset(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str]
     atomic_write_json(root / MANIFEST, manifest)
     return Summary(root, hooks, len(manifest["chunks"]), manifest["total_tokens"] - written_before,
                    writer.bytes_written, time.perf_counter() - t0, repaired)
+
+
+# ------------------------------------------------------------------------------------- several ranks (torchrun)
+
+PARTS = ".parts"
+"""Folder of a dataset where the ranks of a distributed run record each chunk they wrote (`<index>.json`); rank 0
+merges the records into the manifest, in chunk order, and removes the folder when the run ends."""
+
+
+@dataclass
+class ChunkPlan:
+    """Where chunk `index` lies in the token stream, from the tokenisation alone (no model run)."""
+
+    index: int
+    start: tuple[int, int]
+    """(batch, kept rows of that batch to skip) where the chunk begins."""
+    before: int
+    """Rows of the dataset before the chunk."""
+    rows: int
+    resume: tuple[int, int] | None
+    """Where the next chunk begins (None after a short last chunk), as the manifest records it."""
+
+
+def plan_chunks(cfg: GenerateConfig, model: Any, manifest: dict[str, Any]) -> list[ChunkPlan]:
+    """Every chunk of the dataset `cfg` describes (at most --n_chunks), from one pass of the tokeniser: the kept rows
+    of each batch decide which rows make up each chunk, exactly as one process fills them."""
+    size, target = cfg.chunk_size, cfg.n_chunks * cfg.chunk_size
+    special = torch.tensor(manifest["special_token_ids"], dtype=torch.long) if cfg.skip_special_tokens else None
+    plans: list[ChunkPlan] = []
+    produced, start = 0, (0, 0)
+    for b, tokens in enumerate(token_batches(cfg, model.tokenizer)):
+        kept = int((~torch.isin(tokens, special)).sum()) if special is not None else tokens.numel()
+        taken = 0
+        while taken < kept and produced < target:
+            take = min(kept - taken, size - produced % size, target - produced)
+            taken, produced = taken + take, produced + take
+            if produced % size == 0:
+                plans.append(ChunkPlan(len(plans), start, produced - size, size, (b, taken)))
+                start = (b, taken)
+        if produced >= target:
+            break
+    if produced % size:
+        plans.append(ChunkPlan(len(plans), start, produced - produced % size, produced % size, None))
+    return plans
+
+
+class TokenStream:
+    """The dataset's token batches read once, in order, by chunks that each start at some batch (the last batch
+    handed out is kept, since the next chunk may begin inside it)."""
+
+    def __init__(self, batches: Iterable[torch.Tensor]):
+        self._it = iter(batches)
+        self._next = 0
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def starting_at(self, b: int) -> Iterator[torch.Tensor]:
+        """Batches b, b + 1, ... (b at least the last batch handed out)."""
+        if self._last is not None and self._last[0] == b:
+            yield self._last[1]
+        else:
+            if self._next > b:
+                raise ValueError(f"batch {b} was passed already")
+            while self._next < b:
+                if next(self._it, None) is None:
+                    return
+                self._next += 1
+        for tokens in self._it:
+            self._last = (self._next, tokens)
+            self._next += 1
+            yield tokens
+
+
+def compute_chunk(cfg: GenerateConfig, model: Any, plan: ChunkPlan, stream: TokenStream,
+                  special: torch.Tensor | None, hooks: Sequence[str], stop: int | None, device: torch.device,
+                  widths: dict[str, int], landed: Callable[[int], None]) -> dict[str, Any]:
+    """Run the model over the batches of chunk `plan` alone: the chunk's item as `ChunkFiller` emits it."""
+    items: list[dict[str, Any]] = []
+    filler = ChunkFiller(widths, cfg.chunk_size, PRECISIONS[cfg.precision], items.append, cfg.seed, plan.index)
+    plans = plan_batches(stream.starting_at(plan.start[0]), plan.start[0], plan.start[1], cfg.batch_size, special,
+                         plan.before, plan.before + plan.rows)
+    run_batches(model, plans, filler, hooks, stop, device, cfg, landed)
+    filler.flush(None)
+    item = items[0]
+    got = None if item["resume"] is None else tuple(item["resume"])
+    if len(item["token_ids"]) != plan.rows or got != plan.resume:
+        raise RuntimeError(f"chunk {plan.index} came out with {len(item['token_ids'])} rows ending at {got}, planned "
+                           f"{plan.rows} ending at {plan.resume}")
+    return item
+
+
+def write_part(root: Path, index: int, rank: int, digests: dict[str, str], item: dict[str, Any], size: int) -> None:
+    """Record chunk `index`, just written by `rank`, in PARTS/<index>.json (atomically)."""
+    atomic_write_json(root / PARTS / f"{index}.json", {
+        "index": index, "rank": rank, "rows": len(item["token_ids"]), "resume_at": item["resume"],
+        "sha256": digests, "sums": {h: t.tolist() for h, t in item["sums"].items()},
+        "norm_sums": item["norm_sums"], "bytes": size})
+
+
+def read_parts(root: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """{index: record} of the chunks in PARTS beyond the manifest whose files are on disk with their checksums (a
+    record of a chunk that a killed rank did not finish is dropped: the chunk is computed again)."""
+    from training.chunks import file_sha256
+    found: dict[int, dict[str, Any]] = {}
+    done = len(manifest["chunks"])
+    for path in sorted((root / PARTS).glob("*.json")) if (root / PARTS).is_dir() else ():
+        try:
+            part = json.loads(path.read_text())
+            index = int(part["index"])
+            ok = index >= done and set(part["sha256"]) == set(manifest["hooks"]) and all(
+                (root / h / f"{index}.safetensors").is_file()
+                and file_sha256(root / h / f"{index}.safetensors") == d for h, d in part["sha256"].items())
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            found[index] = part
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def merge_parts(root: Path, manifest: dict[str, Any], parts: dict[int, dict[str, Any]]) -> None:
+    """Move the records that continue the manifest's chunks, in chunk order, from `parts` into `manifest` (in
+    memory), removing their files from PARTS."""
+    while (index := len(manifest["chunks"])) in parts:
+        part = parts.pop(index)
+        sums = {h: torch.tensor(v, dtype=torch.float64) for h, v in part["sums"].items()}
+        resume = None if part["resume_at"] is None else tuple(part["resume_at"])
+        record_chunk(manifest, part["rows"], part["sha256"], sums, part["norm_sums"], resume)
+        (root / PARTS / f"{index}.json").unlink(missing_ok=True)
+
+
+def take_in_parts(root: Path) -> None:
+    """Merge into the manifest of `root` the chunks that a killed distributed run recorded in PARTS and that continue
+    its chunks (before the manifest is checked, so that a run killed before its first merge keeps its chunks)."""
+    if not (root / PARTS).is_dir() or not (root / MANIFEST).is_file():
+        return
+    try:
+        manifest = read_manifest(root)
+        parts = read_parts(root, manifest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return                                             # prepare_folder reports a damaged manifest
+    if len(manifest["chunks"]) in parts:
+        merge_parts(root, manifest, parts)
+        atomic_write_json(root / MANIFEST, manifest)
+
+
+@dataclass
+class SplitStart:
+    """What rank 0 hands every rank before the chunks are shared out."""
+
+    manifest: dict[str, Any]
+    parts: list[int]
+    """Chunks beyond the manifest already written (by a killed distributed run)."""
+    repaired: int
+    complete: bool
+
+
+def start_split(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str], stop: int | None,
+                widths: dict[str, int], device: torch.device, argv: Sequence[str]) -> SplitStart:
+    """Rank 0's share of the start: check and repair the chunks already in the locked `root`, take in what a killed
+    distributed run recorded, and publish the manifest of the run."""
+    remove_stale_tmp(root, hooks)
+    take_in_parts(root)
+    manifest = prepare_folder(cfg, root)
+    repaired = 0 if manifest is None else repair(cfg, root, manifest, model, hooks, stop, device, widths)
+    if manifest is None:
+        shutil.rmtree(root / PARTS, ignore_errors=True)
+        manifest = new_manifest(cfg, model, widths, argv)
+    manifest["config"]["n_chunks"] = cfg.n_chunks
+    parts = read_parts(root, manifest)
+    merge_parts(root, manifest, parts)
+    done = len(manifest["chunks"])
+    if done >= cfg.n_chunks or manifest.get("exhausted"):
+        shutil.rmtree(root / PARTS, ignore_errors=True)
+        return SplitStart(manifest, [], repaired, True)
+    check_disk_space(root, cfg, widths, cfg.n_chunks - done - len(parts))
+    for h in hooks:
+        (root / h).mkdir(exist_ok=True)
+    (root / CONTEXTS).mkdir(exist_ok=True)
+    (root / PARTS).mkdir(exist_ok=True)
+    manifest["finished"] = False
+    atomic_write_json(root / MANIFEST, manifest)
+    return SplitStart(manifest, sorted(parts), repaired, False)
+
+
+def finish_split(root: Path, manifest: dict[str, Any], plans: list[ChunkPlan], shares: list[list[int]]) -> None:
+    """Rank 0's share of the end: merge every rank's records into the manifest, mark it finished (and exhausted when
+    the text ran out), record how the work was split, publish it and remove PARTS."""
+    parts = read_parts(root, manifest)
+    merge_parts(root, manifest, parts)
+    if len(manifest["chunks"]) != len(plans):
+        raise UserError(f"{root}: chunks {sorted(set(range(len(plans))) - set(range(len(manifest['chunks']))))} "
+                        "are missing after every rank finished (is --dataset_folder on a filesystem that every node "
+                        "shares?): rerun the same command to complete them")
+    manifest["finished"] = True
+    manifest["exhausted"] = sum(p.rows for p in plans) < manifest["config"]["n_chunks"] * manifest["config"][
+        "chunk_size"]
+    runs = manifest.setdefault("distributed", {"runs": []})["runs"]
+    runs.append({"world_size": len(shares), "rank_chunks": shares})
+    atomic_write_json(root / MANIFEST, manifest)
+    shutil.rmtree(root / PARTS, ignore_errors=True)
+
+
+def write_dataset_split(cfg: GenerateConfig, root: Path, model: Any, hooks: list[str], stop: int | None,
+                        widths: dict[str, int], device: torch.device, argv: Sequence[str], shard: Any) -> Summary:
+    """Write the missing chunks of `root` with the work split by chunk across the ranks of `shard`: every rank plans
+    the chunks from the tokeniser, runs the model for its share only and records each chunk it writes; rank 0 (which
+    holds the folder's lock) merges the records into one manifest. The folder is the one a single process writes."""
+    start: SplitStart = shard.on_main(start_split, cfg, root, model, hooks, stop, widths, device, argv)
+    manifest = start.manifest
+    if start.complete:
+        return Summary(root, hooks, len(manifest["chunks"]), 0, 0, 0.0, start.repaired, already_complete=True)
+    t0 = time.perf_counter()
+    plans = plan_chunks(cfg, model, manifest)
+    if not plans:
+        raise UserError(f"dataset {cfg.dataset!r} (split {cfg.dataset_split!r}) gives no token to store (shorter "
+                        f"than --context_length {cfg.context_length}, or only special tokens): give a dataset with "
+                        "more text")
+    todo = [p for p in plans[len(manifest["chunks"]):] if p.index not in start.parts]
+    shares = [[p.index for p in todo[r::shard.world_size]] for r in range(shard.world_size)]
+    mine = [p for p in todo if p.index in set(shares[shard.rank])]
+    special = torch.tensor(manifest["special_token_ids"], dtype=torch.long) if cfg.skip_special_tokens else None
+    stream = TokenStream(token_batches(cfg, model.tokenizer))
+    bar = tqdm(total=sum(p.rows for p in mine), unit="tok", unit_scale=True, dynamic_ncols=True,
+               desc=f"generating ({shard.world_size} ranks; rank 0's share)", disable=not shard.is_main)
+    written = 0
+    try:
+        for plan in mine:
+            item = compute_chunk(cfg, model, plan, stream, special, hooks, stop, device, widths, bar.update)
+            digests, size = write_chunk_files(root, plan.index, item, cfg.chunk_size)
+            write_part(root, plan.index, shard.rank, digests, item, size)
+            written += size
+    finally:
+        bar.close()
+    written = sum(shard.all_gather(written))
+    shard.on_main(finish_split, root, manifest, plans, shares)
+    return Summary(root, hooks, len(plans), sum(p.rows for p in todo), written, time.perf_counter() - t0,
+                   start.repaired)

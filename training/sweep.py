@@ -26,17 +26,19 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import HookData, open_hook
+from training.chunks import MANIFEST, HookData, open_hook, read_manifest
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
 from training.dead_latents import LOSS_POLICIES
 from training.dictionary import decoder_norms, unit_norm_params
+from training.distributed import (Shard, batch_share, data_parallel_reduce, env_world, join_members, member_slices,
+                                  session, slice_members)
 from training.locks import folder_lock
 from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
                              param_bytes)
@@ -58,7 +60,11 @@ class SweepConfig:
     """Everything that decides what a sweep trains (saved in sweep.json and checkpoint.json)."""
 
     dataset_dir: str = "activation_data"
-    """Chunks to train on: a hook folder written by generate_test_data.py, or its dataset folder if it has one hook."""
+    """Chunks to train on: a hook folder written by generate_test_data.py, or its dataset folder (with several hooks:
+    one sweep per hook, see --hooks)."""
+    hooks: list[str] | None = None
+    """With --dataset_dir a dataset folder: the hooks to train (default: every hook when it has several), one sweep
+    per hook in --output_dir/<hook>, all trained in one run on the same rows (each chunk read once)."""
     output_dir: str = "outputs/sweep"
     """Where the sweep, its checkpoints and its metrics go."""
     architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
@@ -227,7 +233,7 @@ def member_lrs(cfg: SweepConfig) -> list[float]:
     keys = member_keys(cfg)
     if cfg.lr_values is None:
         return [cfg.adam_lr] * len(keys)
-    flag = "--k_values" if architecture(cfg).sweep_param == "k" else "--l1_values"
+    flag = f"--{architecture(cfg).sweep_param}_values"
     if len(cfg.lr_values) != len(keys):
         n = len(cfg.lr_values)
         raise UserError(f"--lr_values gives {n} learning rate{'' if n == 1 else 's'} for {len(keys)} members: give "
@@ -538,8 +544,10 @@ def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, 
 
 
 def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-                   metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str) -> dict[str, Any]:
-    """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors)."""
+                   metrics: list[dict[str, float]] | None, finished: bool, weights_sha256: str,
+                   slices: list[list[int]] | None = None) -> dict[str, Any]:
+    """The contents of sweep.json (`weights_sha256`: that of sweep.safetensors; `slices`: the global members each
+    rank trained, recorded with the world size; default one process)."""
     keys = member_keys(cfg)
     name = architecture(cfg).sweep_param
     lrs = member_lrs(cfg)
@@ -560,11 +568,14 @@ def sweep_metadata(cfg: SweepConfig, ens: Any, data: HookData, progress: Progres
         "config": config_to_dict(cfg),
         "source_manifest": data.manifest,
         "weights_sha256": weights_sha256,
+        "world_size": len(slices) if slices else 1,
+        "rank_members": slices if slices else [list(range(len(keys)))],
     }
 
 
 def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress,
-               metrics: list[dict[str, float]] | None = None, finished: bool = False) -> str:
+               metrics: list[dict[str, float]] | None = None, finished: bool = False,
+               slices: list[list[int]] | None = None) -> str:
     """Write the full training state (one checkpoint unit), then the dictionaries (sweep.*); return the SHA-256
     of sweep.safetensors.
 
@@ -575,7 +586,7 @@ def save_sweep(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: 
     weights = raw_space_params(ens.params, progress.input_scale, ens.arch)
     digest = write_sweep_weights(out, weights)
     del weights
-    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest))
+    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, finished, digest, slices))
     return digest
 
 
@@ -628,16 +639,19 @@ def in_folder(path: Path, folder: Path) -> bool:
 
 
 def _reports_disk_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap `run_sweep` so that a disk-full or read-only error while it writes into --output_dir is one line (its
-    stale .tmp files removed), not a traceback; other OSErrors (e.g. reading a chunk) pass through."""
+    """Wrap `run_sweep` (of one config or a list, one per hook) so that a disk-full or read-only error while it
+    writes into an --output_dir is one line (its stale .tmp files removed), not a traceback; other OSErrors (e.g.
+    reading a chunk) pass through."""
     @functools.wraps(fn)
-    def wrapper(cfg: SweepConfig, *args: Any, **kwargs: Any) -> T:
+    def wrapper(cfg: SweepConfig | list[SweepConfig], *args: Any, **kwargs: Any) -> T:
         try:
             return fn(cfg, *args, **kwargs)
         except OSError as e:
-            out = Path(cfg.output_dir)
-            if e.errno not in DISK_ERRNOS or (e.filename is not None and not in_folder(Path(e.filename), out)):
+            outs = [Path(c.output_dir) for c in (cfg if isinstance(cfg, list) else [cfg])]
+            hit = [o for o in outs if e.filename is None or in_folder(Path(e.filename), o)]
+            if e.errno not in DISK_ERRNOS or not hit:
                 raise
+            out = hit[0]
             for tmp in out.glob("*.tmp") if out.is_dir() else ():
                 tmp.unlink(missing_ok=True)
             raise UserError(f"writing {e.filename or out}: {DISK_ERRNOS[e.errno]}: free space (or fix the folder) and "
@@ -849,8 +863,10 @@ def _restores_backend_flags(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor) -> Any:
-    """A fresh ensemble, one member per L1 value or k, centers initialised from `first_chunk` [n, d_in]."""
+def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor,
+                   member_ids: Sequence[int] | None = None) -> Any:
+    """A fresh ensemble, one member per L1 value or k (only the global members `member_ids` when given: a rank's
+    share, each initialised as in the whole sweep), centers initialised from `first_chunk` [n, d_in]."""
     from training.ensemble import Ensemble, make_members
     validate_flags(cfg)
     check_dictionary_size(cfg, d_in)
@@ -858,10 +874,16 @@ def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chun
     d_hidden = max(1, round(cfg.ratio * d_in))
     arch = architecture(cfg)
     init_norm = arch.default_init_norm if cfg.decoder_init_norm is None else cfg.decoder_init_norm
-    members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
-                           tied=cfg.tied, seed=cfg.seed, init_norm=1.0 if cfg.unit_decoder else init_norm,
-                           device=device)
-    lr = torch.tensor(member_lrs(cfg), dtype=torch.float64)
+    init_norm = 1.0 if cfg.unit_decoder else init_norm
+    lrs = member_lrs(cfg)
+    if member_ids is None:
+        members = make_members(arch.name, len(keys), d_in, d_hidden, keys=keys,
+                               tied=cfg.tied, seed=cfg.seed, init_norm=init_norm, device=device)
+    else:                                    # member i is drawn from seed + i whichever rank trains it
+        keys, lrs = [keys[i] for i in member_ids], [lrs[i] for i in member_ids]
+        members = [make_members(arch.name, 1, d_in, d_hidden, keys=[keys[j]], tied=cfg.tied, seed=cfg.seed + i,
+                                init_norm=init_norm, device=device)[0] for j, i in enumerate(member_ids)]
+    lr = torch.tensor(lrs, dtype=torch.float64)
     hparams = {"lr": lr, arch.sweep_param: torch.tensor(keys, dtype=torch.long if arch.sweep_param_integer
                                                          else torch.float64)}
     ens = Ensemble(members, hparams, dead_window=cfg.dead_window_tokens, backend="fused",
@@ -964,113 +986,426 @@ def start_wandb(cfg: SweepConfig) -> Any:
     return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
 
 
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Train (or resume) the sweep of one hook described by `cfg`, holding the lock on `cfg.output_dir` (one writer
+    per folder); under torchrun, this rank's share of the members (training/distributed.py), the same sweep as one
+    process."""
+    if cfg.hooks:
+        raise UserError("--hooks trains one sweep per hook: use run_sweeps")
+    with session() as shard:
+        return _run_hooks([cfg], shard)[0]
+
+
+def run_sweeps(cfg: SweepConfig) -> list[SweepResult]:
+    """`run_sweep`, or with several hooks (`sweep_hooks`) one sweep per hook trained in one run on the same rows,
+    into --output_dir/<hook>; under torchrun the (hook, member) pairs are shared out evenly over the ranks."""
+    hooks = sweep_hooks(cfg)
+    if hooks is None:
+        return [run_sweep(cfg)]
+    if cfg.wandb_project and len(hooks) > 1:
+        raise UserError("--wandb_project logs one sweep: train one hook per run to log to wandb")
+    with session() as shard:
+        return _run_hooks(hook_configs(cfg, hooks), shard)
+
+
+def sweep_hooks(cfg: SweepConfig) -> list[str] | None:
+    """The hooks of a multi-hook run: --hooks, or every hook of a --dataset_dir dataset folder that holds several;
+    None for a sweep of one hook folder."""
+    root = Path(cfg.dataset_dir)
+    if not (root / MANIFEST).is_file():
+        if cfg.hooks:
+            raise UserError(f"--hooks needs --dataset_dir to be a dataset folder (holding {MANIFEST}), not "
+                            f"{cfg.dataset_dir}")
+        return None
+    found = list(read_manifest(root).get("hooks", {}))
+    unknown = [h for h in cfg.hooks or [] if h not in found]
+    if unknown:
+        raise UserError(f"--hooks {' '.join(unknown)}: not in {root}; it has: {', '.join(found)}")
+    if cfg.hooks:
+        return list(dict.fromkeys(cfg.hooks))
+    return found if len(found) > 1 else None
+
+
+def hook_configs(cfg: SweepConfig, hooks: list[str]) -> list[SweepConfig]:
+    """One sweep's flags per hook: its hook folder as --dataset_dir and --output_dir/<hook> as its folder (so each
+    folder is the sweep one would train on that hook alone)."""
+    return [dataclasses.replace(cfg, dataset_dir=str(Path(cfg.dataset_dir) / h),
+                                output_dir=str(Path(cfg.output_dir) / h), hooks=None) for h in hooks]
+
+
 @_reports_disk_errors
 @_restores_backend_flags
-def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Train (or resume) the sweep described by `cfg`, holding the lock on `cfg.output_dir` (one writer per folder)."""
-    validate_config(cfg)                    # flags, data and disk first: a bad input creates nothing
-    data = open_dataset(cfg)
-    warn_if_unfinished(data)
-    total_steps(cfg, data, holdout_size(data, cfg.holdout_rows))
-    check_dictionary_size(cfg, data.d)
-    check_output_space(cfg, len(member_keys(cfg)), data.d)
-    with folder_lock(cfg.output_dir):
-        return _train_sweep(cfg, data)
+def _run_hooks(cfgs: list[SweepConfig], shard: Shard) -> list[SweepResult]:
+    """`run_sweeps` of the sweeps `cfgs` (one per hook) on this process, the `shard` of the job."""
+    datas = []
+    for cfg in cfgs:
+        validate_config(cfg)                    # flags, data and disk first: a bad input creates nothing
+        data = open_dataset(cfg)
+        if shard.is_main:
+            warn_if_unfinished(data)
+        total_steps(cfg, data, holdout_size(data, cfg.holdout_rows))
+        check_dictionary_size(cfg, data.d)
+        check_output_space(cfg, len(member_keys(cfg)), data.d)
+        datas.append(data)
+    check_same_rows(datas)
+    check_world_size(len(member_keys(cfgs[0])), len(cfgs), shard)
+    with contextlib.ExitStack() as locks:
+        for cfg in cfgs:                        # rank 0 holds the locks for the whole job
+            locks.enter_context(shard.main_context(functools.partial(folder_lock, cfg.output_dir)))
+        return _train_hooks(cfgs, datas, shard)
 
 
-def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
-    """Train (or resume) the checked sweep `cfg` on `data` and write it to `cfg.output_dir`."""
+def check_same_rows(datas: list[HookData]) -> None:
+    """A one-line UserError unless every hook has the same chunks (same rows), as one Stage 1 run writes them."""
+    rows = [[c.rows for c in d.chunks] for d in datas]
+    for d, r in zip(datas[1:], rows[1:]):
+        if r != rows[0]:
+            raise UserError(f"{d.root / d.hook} has chunks of {r} rows but {datas[0].root / datas[0].hook} has "
+                            f"{rows[0]}: hooks trained together need the chunks of one generate_test_data.py run")
+
+
+def check_world_size(n_members: int, n_hooks: int, shard: Shard) -> None:
+    """A one-line UserError when there are more ranks than (hook, member) pairs of several hooks (one hook's sweep
+    then trains data parallel, see `data_parallel`)."""
+    if shard.world_size > n_members * n_hooks and n_hooks > 1:
+        raise UserError(f"{shard.world_size} ranks for {n_members * n_hooks} members of {n_hooks} hooks: launch at "
+                        f"most {n_members * n_hooks} processes, or train one hook at a time (data parallel)")
+
+
+def data_parallel(n_members: int, n_hooks: int, shard: Shard) -> bool:
+    """Whether the ranks split each batch (all-reducing the gradients) instead of the members: when one hook's
+    sweep has fewer members than there are ranks (e.g. one wide dictionary)."""
+    return n_hooks == 1 and n_members < shard.world_size
+
+
+def prepare_shard(cfg: SweepConfig, out: Path, shard: Shard, slices: list[list[int]]
+                  ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """`prepare_output` on rank 0 (which alone reads or clears the folder); every rank gets the checkpoint's JSON
+    and the state of its own members `slices[rank]` (the checkpoint may come from any world size)."""
+    if shard.world_size == 1:
+        return prepare_output(cfg, out)
+    full: dict[str, dict[str, torch.Tensor] | None] = {"state": None}
+
+    def prepare() -> dict[str, Any] | None:
+        saved, full["state"] = prepare_output(cfg, out)
+        return saved
+    saved = shard.on_main(prepare)
+    if saved is None:
+        return None, None
+    state = full["state"]
+    n = sum(map(len, slices))
+    pieces = ([slice_members(state, s, n) if s else None for s in slices] if shard.is_main and state is not None
+              else None)
+    del state
+    full.clear()
+    return saved, shard.scatter(pieces)
+
+
+@dataclass
+class GatheredEnsemble:
+    """A whole ensemble's state, gathered on rank 0 from the ranks' members: what saving reads of an Ensemble."""
+
+    state: dict[str, torch.Tensor]
+
+    def state_dict(self, device: Any = None) -> dict[str, torch.Tensor]:
+        """The gathered state (on the host)."""
+        return self.state
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """{name: stacked [N, ...] parameter}."""
+        return {n[len("param."):]: t for n, t in self.state.items() if n.startswith("param.")}
+
+    @property
+    def arch(self) -> Architecture:
+        """The members' architecture (its declaration), named in the state."""
+        from training.ensemble_state import architecture_name
+        return get_architecture(architecture_name(self.state["option.architecture"]))
+
+    @property
+    def n_models(self) -> int:
+        """Members."""
+        return int(self.state["param.decoder"].shape[0])
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """BoolTensor[N]: members frozen by a NaN/inf loss."""
+        return self.state["frozen"]
+
+    @property
+    def d_in(self) -> int:
+        """Activation width."""
+        return int(self.state["param.decoder"].shape[2])
+
+    @property
+    def d_hidden(self) -> int:
+        """Dictionary size."""
+        return int(self.state["param.decoder"].shape[1])
+
+
+def use_sweep_member_state(ens: Any, keys: list, member_ids: Sequence[int]) -> None:
+    """Give a rank's ensemble (global members `member_ids` of a sweep keyed by `keys`) the member state the whole
+    sweep's ensemble has: its members' rows of the per-member tensors, and the sweep-wide values (e.g. TopK's largest
+    k, which decides the ranking kernel), so that every member computes exactly as in one process. Entries that
+    training changes (`saved_state`) are kept."""
+    like = ens.params["decoder"]
+    host_keys = torch.tensor(keys, dtype=torch.long if ens.arch.sweep_param_integer else torch.float64)
+    whole = ens.arch.member_state(host_keys, like, **ens.arch_options)
+    idx = torch.tensor(list(member_ids), dtype=torch.long, device=like.device)
+    for name, value in whole.items():
+        if name in ens.arch.saved_state:
+            continue
+        per_member = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == len(keys)
+        ens.member_state[name] = value.index_select(0, idx.to(value.device)) if per_member else value
+
+
+def gather_ensemble(ens: Any, shard: Shard, data_parallel: bool = False) -> Any:
+    """The whole ensemble on rank 0 (`ens` itself on one process or data parallel; a `GatheredEnsemble` of every
+    rank's members with several; None on the other ranks)."""
+    if shard.world_size == 1 or data_parallel:
+        return ens if shard.is_main else None
+    states = shard.gather(None if ens is None else ens.state_dict(device="cpu"))
+    return None if states is None else GatheredEnsemble(join_members([s for s in states if s is not None]))
+
+
+def save_shard(out: Path, cfg: SweepConfig, ens: Any, data: HookData, progress: Progress, shard: Shard,
+               slices: list[list[int]]) -> tuple[str, Any]:
+    """`save_sweep` of the whole ensemble by rank 0 from every rank's members (data parallel, every rank listing
+    every member: rank 0's); returns (the SHA-256 of sweep.safetensors, the whole ensemble on rank 0 / None
+    elsewhere) on every rank."""
+    whole = gather_ensemble(ens, shard, len(slices) > 1 and len(set(map(tuple, slices))) == 1)
+    digest = shard.on_main(lambda: save_sweep(out, cfg, whole, data, progress, slices=slices))
+    return digest, whole
+
+
+def gather_stats(stats: dict[str, torch.Tensor] | None, shard: Shard, data_parallel: bool = False
+                 ) -> dict[str, torch.Tensor] | None:
+    """Per-member step stats [n_rank, ...] of every rank (None: a rank with no member) joined into [N, ...] on
+    rank 0 (None elsewhere; data parallel: rank 0's, already those of every member on the whole batch)."""
+    if shard.world_size == 1 or data_parallel:
+        return stats if shard.is_main else None
+    mine = None if stats is None else {k: v.detach().cpu() for k, v in stats.items() if k in LOGGED_STATS}
+    parts = shard.gather(mine)                              # None from a rank that trains none of the members
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+LOGGED_STATS = ("loss", "mse", "l1_norm", "l0", "explained_variance", "aux", "n_dead", "frozen")
+"""The step stats that metrics.jsonl records (see `log_metrics`)."""
+
+
+def _train_sweep(cfg: SweepConfig, data: HookData, shard: Shard = Shard()) -> SweepResult:
+    """Train (or resume) the checked sweep `cfg` on `data` (this rank's members) and write it to `cfg.output_dir`."""
+    return _train_hooks([cfg], [data], shard)[0]
+
+
+@dataclass
+class HookRun:
+    """One hook's sweep in a run: its flags (its own --dataset_dir and --output_dir), data, the members each rank
+    trains, its progress and this rank's ensemble of its members (None where this rank trains none of them)."""
+
+    cfg: SweepConfig
+    data: HookData
+    slices: list[list[int]]
+    held: int
+    total: int
+    progress: Progress
+    ens: Any
+    tokens0: int = 0
+    wandb_run: Any = None
+    data_parallel: bool = False
+    """Every rank holds every member and trains on its share of each batch (gradients all-reduced)."""
+
+    @property
+    def out(self) -> Path:
+        """The sweep folder."""
+        return Path(self.cfg.output_dir)
+
+
+def pair_slices(n_hooks: int, n_members: int, world_size: int) -> list[list[list[int]]]:
+    """[hook][rank] -> the members of that hook the rank trains: the (hook, member) pairs, hook-major, spread evenly
+    over the ranks in contiguous runs (one hook: `member_slices`)."""
+    pairs = [(h, m) for h in range(n_hooks) for m in range(n_members)]
+    out: list[list[list[int]]] = [[[] for _ in range(world_size)] for _ in range(n_hooks)]
+    for rank, share in enumerate(member_slices(len(pairs), world_size)):
+        for i in share:
+            out[pairs[i][0]][rank].append(pairs[i][1])
+    return out
+
+
+def start_hook_run(cfg: SweepConfig, data: HookData, slices: list[list[int]], shard: Shard,
+                   device: torch.device) -> HookRun:
+    """Prepare the folder of one hook's sweep (on rank 0) and this rank's ensemble of its members, new or resumed."""
     keys = member_keys(cfg)
+    mine = slices[shard.rank]
     held = holdout_size(data, cfg.holdout_rows)
     total = total_steps(cfg, data, held)
-    device = training_device(cfg.device)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
-    autocast = set_precision(cfg, device)
     out = Path(cfg.output_dir)
-    if not cfg.resume:                                 # a --resume without a run creates nothing
+    if not cfg.resume and shard.is_main:               # a --resume without a run creates nothing
         out.mkdir(parents=True, exist_ok=True)
-    saved, state = prepare_output(cfg, out)
-
-    if state is not None:
-        from training.ensemble import Ensemble
-        state.pop("rng.resample", None)           # stored by older versions; every stream now derives from the seed
-        ens = Ensemble.from_state_dict(state, backend="fused", device=device)
-        del state
+    saved, state = prepare_shard(cfg, out, shard, slices)
+    ens = None
+    if saved is not None:
         progress = Progress(**saved["progress"])
         check_same_dataset(progress, data)
-        truncate_metrics(out / METRICS, progress.step)
+        if shard.is_main:
+            truncate_metrics(out / METRICS, progress.step)
+        if state is not None:
+            from training.ensemble import Ensemble
+            state.pop("rng.resample", None)       # stored by older versions; every stream now derives from the seed
+            ens = Ensemble.from_state_dict(state, backend="fused", device=device)
+            del state
     else:
         first = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0, held)
         progress = Progress(input_scale=input_scale(first[:EVAL_ROWS], cfg.activation_norm),
                             dataset_chunks=len(data.chunks), dataset_digest=dataset_digest(data))
-        ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale)
+        if mine:
+            ens = build_ensemble(cfg, data.d, device, first[:16384].float() * progress.input_scale,
+                                 None if shard.world_size == 1 else mine)
         del first
-    arch = architecture(cfg)
-    key_name = arch.sweep_param
+    if ens is not None and shard.world_size > 1:
+        use_sweep_member_state(ens, keys, mine)
+    return HookRun(cfg, data, slices, held, total, progress, ens, progress.tokens)
+
+
+def chunk_rows(data: HookData, index: int, held: int) -> int:
+    """Training rows of chunk `index` (the held-out tail left out of the last chunk)."""
+    return data.chunks[index].rows - (held if index == len(data.chunks) - 1 else 0)
+
+
+def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard: Shard, device: torch.device,
+                autocast: Callable[[], ContextManager[Any]], bar: Any) -> None:
+    """Train this rank's members of `run` on the batches of one chunk (`chunk` None where the rank has none of
+    them: it only follows the progress and joins the collectives)."""
+    cfg, ens, progress, total = run.cfg, run.ens, run.progress, run.total
+    arch, policy = architecture(cfg), dead_policy(cfg)
     decay_start = total - round(cfg.lr_decay_fraction * total)
-    wandb_run = start_wandb(cfg)
-    t0, tokens0 = time.perf_counter(), progress.tokens
-    staging = staging_for(device)
-    bar = tqdm(total=total * cfg.batch_size, initial=progress.tokens, unit="tok/member", unit_scale=True,
-               desc=f"training {len(keys)} members", dynamic_ncols=True)
-    try:
-        while progress.repetition < cfg.n_repetitions and progress.step < total:
-            for pos, chunk in iter_chunks(data, cfg.seed, progress.repetition, progress.chunk_position, held,
-                                          staging):
-                for b in range(len(chunk) // cfg.batch_size):
-                    if progress.step >= total:
-                        break
-                    x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
-                    x.mul_(progress.input_scale)
-                    with autocast():
-                        stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
-                                         coefficient_scales=dict.fromkeys(arch.scheduled,
-                                                                          l1_scale(progress.step, total, cfg)))
-                    progress.step += 1
-                    progress.tokens += cfg.batch_size
-                    if (ens.dead_policy == "resample" and cfg.resample_every
-                            and progress.step % cfg.resample_every == 0
-                            and progress.step < decay_start):
-                        ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
-                                          seed=cfg.seed, step=progress.step)
-                    if ens.dead_policy in LOSS_POLICIES and progress.step % AUX_REFRESH_STEPS == 0:
-                        ens.resample_dead(x)  # refreshes whether the dead-latent loss is needed (one host sync)
-                    if progress.step % cfg.log_every == 0 or progress.step == total:
-                        log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
-                        bar.set_postfix(frozen=int(stats["frozen"].sum()))
-                    bar.update(cfg.batch_size)
-                progress.chunk_position = pos + 1
-                del chunk
-                if cfg.save_after_every and progress.step < total:
-                    save_sweep(out, cfg, ens, data, progress)
-                if progress.step >= total:
-                    break
-            else:
-                progress.repetition, progress.chunk_position = progress.repetition + 1, 0
-                if progress.step < total:
-                    save_sweep(out, cfg, ens, data, progress)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    mine = run.slices[shard.rank]
+    share = batch_share(cfg.batch_size, shard) if run.data_parallel else slice(0, cfg.batch_size)
+    reduce = data_parallel_reduce(shard, cfg.batch_size) if run.data_parallel else None
+    for b in range(n_batches):
+        if progress.step >= total:
+            break
+        stats = None
+        if ens is not None:
+            rows = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size][share]     # data parallel: this rank's share
+            x = rows.to(device, torch.float32, non_blocking=True)
+            x.mul_(progress.input_scale)
+            with autocast():
+                stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
+                                 coefficient_scales=dict.fromkeys(arch.scheduled, l1_scale(progress.step, total, cfg)),
+                                 reduce=reduce)
+        progress.step += 1
+        progress.tokens += cfg.batch_size
+        if (ens is not None and policy == "resample" and cfg.resample_every
+                and progress.step % cfg.resample_every == 0 and progress.step < decay_start):
+            ens.resample_dead(chunk[:EVAL_ROWS].to(device, torch.float32) * progress.input_scale,
+                              seed=cfg.seed, step=progress.step, member_ids=mine)
+        if policy in LOSS_POLICIES and progress.step % AUX_REFRESH_STEPS == 0:
+            if ens is not None:
+                ens.resample_dead(x)  # refreshes whether the dead-latent loss is needed (one host sync)
+            if shard.world_size > 1:  # on while any member of the sweep has dead latents
+                aux_on = shard.any(ens is not None and ens._aux_on)
+                if ens is not None:
+                    ens._aux_on = aux_on
+        if progress.step % cfg.log_every == 0 or progress.step == total:
+            whole = gather_stats(stats, shard, run.data_parallel)
+            if whole is not None:
+                d_hidden = max(1, round(cfg.ratio * run.data.d))
+                log_metrics(run.out / METRICS, member_keys(cfg), arch.sweep_param, progress, whole, d_hidden,
+                            run.wandb_run)
+                bar.set_postfix(frozen=int(whole["frozen"].sum()))
+        bar.update(cfg.batch_size)
+
+
+def train_runs(runs: list[HookRun], shard: Shard, device: torch.device,
+               autocast: Callable[[], ContextManager[Any]], bar: Any) -> None:
+    """Train every hook's sweep, chunk position by chunk position (chunk i of every hook holds the same rows), each
+    from its own progress; saves as the flags ask."""
+    cfg = runs[0].cfg
+    while live := [r for r in runs if r.progress.repetition < cfg.n_repetitions and r.progress.step < r.total]:
+        rep = min(r.progress.repetition for r in live)
+        here = [r for r in live if r.progress.repetition == rep]
+        readers = {id(r): iter_chunks(r.data, cfg.seed, rep, r.progress.chunk_position, r.held,
+                                      staging_for(device)) for r in here if r.ens is not None}
+        order = chunk_order(len(here[0].data.chunks), cfg.seed, rep)
+        try:
+            for pos in range(min(r.progress.chunk_position for r in here), len(order)):
+                for r in here:
+                    if r.progress.chunk_position > pos or r.progress.step >= r.total:
+                        continue
+                    chunk = next(readers[id(r)])[1] if r.ens is not None else None
+                    n_batches = (len(chunk) if chunk is not None else chunk_rows(r.data, order[pos], r.held))
+                    train_chunk(r, chunk, n_batches // cfg.batch_size, shard, device, autocast, bar)
+                    del chunk
+                    r.progress.chunk_position = pos + 1
+                    if cfg.save_after_every and r.progress.step < r.total:
+                        save_shard(r.out, r.cfg, r.ens, r.data, r.progress, shard, r.slices)
+        finally:
+            for reader in readers.values():
+                reader.close()
+        for r in here:
+            if r.progress.step < r.total:
+                r.progress.repetition, r.progress.chunk_position = r.progress.repetition + 1, 0
+                save_shard(r.out, r.cfg, r.ens, r.data, r.progress, shard, r.slices)
+
+
+def finish_run(run: HookRun, shard: Shard, device: torch.device, seconds: float) -> SweepResult:
+    """Save one hook's trained sweep, score it on its evaluation rows and write its sweep.json."""
+    cfg, data, progress, held, out = run.cfg, run.data, run.progress, run.held, run.out
+    keys = member_keys(cfg)
     if held:
         eval_rows, progress.eval_rows = heldout_rows(data, held), f"{held:,} held-out rows (tail of the last chunk)"
     else:
         eval_rows = load_chunk(data, chunk_order(len(data.chunks), cfg.seed, 0)[0], cfg.seed, 0)[:EVAL_ROWS]
         progress.eval_rows = f"{len(eval_rows):,} training rows (--holdout_rows 0)"
-    digest = save_sweep(out, cfg, ens, data, progress)          # a crash in the evaluation loses nothing
-    metrics = flag_diverged(evaluate(ens, eval_rows, device, progress.input_scale,
-                                     eval_block_rows(cfg.architecture, cfg.batch_size)))
+    # saved before the evaluation: a crash there loses nothing
+    digest, whole = save_shard(out, cfg, run.ens, data, progress, shard, run.slices)
+    mine = [] if run.ens is None else evaluate(run.ens, eval_rows, device, progress.input_scale,
+                                                eval_block_rows(cfg.architecture, cfg.batch_size))
+    metrics = flag_diverged(mine if run.data_parallel else [m for part in shard.all_gather(mine) for m in part])
     usable = not all(m["frozen"] for m in metrics)
-    write_sweep_json(out, sweep_metadata(cfg, ens, data, progress, metrics, usable, digest))
-    if wandb_run is not None:
-        wandb_run.finish()
+    shard.on_main(lambda: write_sweep_json(out, sweep_metadata(cfg, whole, data, progress, metrics, usable, digest,
+                                                               run.slices)))
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
     if not usable:
         raise UserError(f"every member hit a NaN/inf loss and was frozen, so the sweep in {out} is not finished: "
                         f"check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
-    if frozen:
+    if frozen and shard.is_main:
         print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
-    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - tokens0)
+    return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - run.tokens0)
+
+
+def _train_hooks(cfgs: list[SweepConfig], datas: list[HookData], shard: Shard) -> list[SweepResult]:
+    """Train (or resume) the checked sweeps `cfgs` (one per hook, same flags but their folders) on `datas`, this
+    rank's share of the (hook, member) pairs, and write each to its --output_dir."""
+    device = training_device(shard.device(cfgs[0].device))
+    cfgs = [dataclasses.replace(c, precision=resolve_precision(c.precision, device)) for c in cfgs]
+    autocast = set_precision(cfgs[0], device)
+    n = len(member_keys(cfgs[0]))
+    parallel = data_parallel(n, len(cfgs), shard)
+    slices = [[list(range(n))] * shard.world_size] if parallel else pair_slices(len(cfgs), n, shard.world_size)
+    runs = [start_hook_run(c, d, s, shard, device) for c, d, s in zip(cfgs, datas, slices)]
+    for r in runs:
+        r.data_parallel = parallel
+    if shard.is_main and len(runs) == 1:
+        runs[0].wandb_run = start_wandb(cfgs[0])
+    t0 = time.perf_counter()
+    n_members = len(member_keys(cfgs[0])) * len(runs)
+    bar = tqdm(total=sum(r.total for r in runs) * cfgs[0].batch_size,
+               initial=sum(r.progress.tokens for r in runs), unit="tok/member", unit_scale=True,
+               desc=f"training {n_members} members" + (f" of {len(runs)} hooks" if len(runs) > 1 else ""),
+               dynamic_ncols=True, disable=not shard.is_main)
+    try:
+        train_runs(runs, shard, device, autocast, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return [finish_run(r, shard, device, seconds) for r in runs]
 
 
 def sweep_memory_report(cfg: SweepConfig) -> str:
@@ -1091,5 +1426,9 @@ def sweep_memory_report(cfg: SweepConfig) -> str:
 
 
 def main_sweep(cfg: SweepConfig) -> str:
-    """What basic_l1_sweep.py prints: the memory estimate with --dry_run, else the summary of the trained sweep."""
-    return sweep_memory_report(cfg) if cfg.dry_run else str(run_sweep(cfg))
+    """What basic_l1_sweep.py prints: the memory estimate with --dry_run, else the summary of the trained sweep
+    (under torchrun, on rank 0 only: "" on the others)."""
+    if cfg.dry_run:
+        return sweep_memory_report(cfg)
+    results = run_sweeps(cfg)
+    return "\n\n".join(map(str, results)) if env_world()[0] == 0 else ""
