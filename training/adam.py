@@ -40,14 +40,12 @@ def clip_grads_(grads: Params, n_models: int, max_norm: float) -> None:
     torch._foreach_mul_(gs, [per_member(scale, g) for g in gs])
 
 
-def adam_factors(betas: tuple[float, float], host_step: Tensor, host_lr: Tensor, lr_scale: float, active: Tensor,
-                 dtype: torch.dtype) -> dict[str, Tensor]:
-    """Per-member Adam factors ([N], `dtype`, on `active`'s device) at the (already advanced) host step counts.
+def adam_host_factors(betas: tuple[float, float], host_step: Tensor, host_lr: Tensor, lr_scale: float
+                      ) -> Tensor:
+    """[2, 4, N] float64 on the host: each member's Adam factors (weight1, beta2, bias_correction2_sqrt,
+    neg_step_size) at the (already advanced) host step counts if active ([0]) and if frozen ([1]: leave it as it is).
 
-    The factors of every member as if active are computed on the host in float64 from `host_step` and `host_lr`
-    ([N] float64 CPU copies) and sent in one copy; one `where` on the device gives frozen members factors that leave
-    them as they are.
-    """
+    Computed in float64 from `host_step` and `host_lr` ([N] float64 CPU copies)."""
     beta1, beta2 = betas
     step = host_step.clamp_min(1)
     zero, one = torch.zeros_like(step), torch.ones_like(step)                          # float64 [N], host
@@ -55,10 +53,26 @@ def adam_factors(betas: tuple[float, float], host_step: Tensor, host_lr: Tensor,
     on = torch.stack([one * (1 - beta1), one * beta2, bias_correction2_sqrt,
                       -(host_lr * lr_scale) / (1 - beta1 ** step)])
     off = torch.stack([zero, one, bias_correction2_sqrt, zero])                        # 0: m unchanged, 1: v unchanged
-    both = to_device(torch.stack([on, off]).to(dtype), active.device)                  # [2, 4, N]
+    return torch.stack([on, off])
+
+
+def select_adam_factors(both: Tensor, active: Tensor, frozen: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-member Adam factors ([N] each) from `adam_host_factors` output `both: [2, 4, N]` already on `active`'s
+    device, in its dtype: one `where`. `frozen`: ~active where the caller has it (saves a kernel)."""
     weight1, beta2_, bc2, neg_step = torch.where(active, both[0], both[1]).unbind()    # [N] each
-    return {"frozen": ~active, "weight1": weight1, "beta2": beta2_, "bias_correction2_sqrt": bc2,
-            "neg_step_size": neg_step}
+    return {"frozen": ~active if frozen is None else frozen, "weight1": weight1, "beta2": beta2_,
+            "bias_correction2_sqrt": bc2, "neg_step_size": neg_step}
+
+
+def adam_factors(betas: tuple[float, float], host_step: Tensor, host_lr: Tensor, lr_scale: float, active: Tensor,
+                 dtype: torch.dtype, frozen: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-member Adam factors ([N], `dtype`, on `active`'s device) at the (already advanced) host step counts.
+
+    The factors of every member as if active are computed on the host (`adam_host_factors`) and sent in one copy;
+    one `where` on the device gives frozen members factors that leave them as they are (`select_adam_factors`).
+    """
+    both = to_device(adam_host_factors(betas, host_step, host_lr, lr_scale).to(dtype), active.device)  # [2, 4, N]
+    return select_adam_factors(both, active, frozen)
 
 
 def adam_members_(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Params, scratch: Params,
@@ -98,5 +112,4 @@ def adam_stacked_(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Pa
     torch._foreach_add_(gs, eps)                                                       # denom
     torch._foreach_copy_(tmps, ms)
     torch._foreach_mul_(tmps, factor("neg_step_size"))
-    torch._foreach_div_(tmps, gs)
-    torch._foreach_add_(ps, tmps)
+    torch._foreach_addcdiv_(ps, tmps, gs)                                              # p + 1 * (step / denom)
