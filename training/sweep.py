@@ -954,10 +954,12 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                         break
                     x = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device, torch.float32, non_blocking=True)
                     x.mul_(progress.input_scale)
+                    logs = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == total
                     with autocast():
                         stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
                                          coefficient_scales=dict.fromkeys(arch.scheduled,
-                                                                          l1_scale(progress.step, total, cfg)))
+                                                                          l1_scale(progress.step, total, cfg)),
+                                         stats=logs)                # the logging reductions only when logged
                     progress.step += 1
                     progress.tokens += cfg.batch_size
                     if (arch.dead_policy == "resample" and cfg.resample_every
@@ -967,7 +969,7 @@ def _train_sweep(cfg: SweepConfig, data: HookData) -> SweepResult:
                                           seed=cfg.seed, step=progress.step)
                     if arch.dead_policy == "aux_k" and progress.step % AUX_REFRESH_STEPS == 0:
                         ens.resample_dead(x)  # refreshes whether the aux-K loss is needed (one host sync)
-                    if progress.step % cfg.log_every == 0 or progress.step == total:
+                    if logs:
                         log_metrics(out / METRICS, keys, key_name, progress, stats, ens.d_hidden, wandb_run)
                         bar.set_postfix(frozen=int(stats["frozen"].sum()))
                     bar.update(cfg.batch_size)
