@@ -9,11 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from training.dictionary import (SparseLinearAutoencoder, TopKAutoencoder, decode_codes, pre_activations,
                                  unit_norm_params)
+from bench.step_ops import DeviceOps
 from training.ensemble import Ensemble, make_members
 
 F64 = torch.float64
@@ -501,25 +500,6 @@ def test_l1_trajectory_is_bit_identical_to_the_pinned_commit(case, whole_stack):
 
 # ----------------------------------------------------------------------------- launch count at real sizes
 
-class _DeviceOps(TorchDispatchMode):
-    """Records the ops that touch a tensor on `device_type` and do work there: views and bare allocations
-    (which launch no kernel) and host-side ops are left out."""
-
-    FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "_unsafe_view"}
-
-    def __init__(self, device_type: str):
-        super().__init__()
-        self.device_type, self.ops = device_type, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        if (any(t.device.type == self.device_type for t in tensors) and not func.is_view
-                and func._schema.name.split("::")[-1] not in self.FREE):
-            self.ops.append(str(func))
-        return out
-
-
 def _real_size_ensemble(n: int, unit_decoder: bool, grad_clip: float) -> Ensemble:
     """n L1 members of d_in 2048 x ratio 32 on the meta device (no memory; the off-CPU code path)."""
     ens = Ensemble(make_members("l1", n, 2048, 32 * 2048, device="meta"), {"lr": [1e-3] * n, "l1": [0.1] * n},
@@ -535,17 +515,17 @@ def test_l1_step_launches_a_constant_small_number_of_kernels_at_real_sizes(unit_
     for n in (8, 16):
         ens = _real_size_ensemble(n, unit_decoder, grad_clip=0.01)
         ens.step(x)                                         # allocates the workspace
-        with _DeviceOps("meta") as whole:                   # a step whose stats nobody reads (the sweep's usual one)
+        with DeviceOps("meta") as whole:                   # a step whose stats nobody reads (the sweep's usual one)
             ens.step(x, stats=False)
-        with _DeviceOps("meta") as logged:                  # a step that logs
+        with DeviceOps("meta") as logged:                  # a step that logs
             ens.step(x)
         ens.grad_clip = 0.0
-        with _DeviceOps("meta") as unclipped:
+        with DeviceOps("meta") as unclipped:
             ens.step(x, stats=False)
-        with _DeviceOps("meta") as grad:
+        with DeviceOps("meta") as grad:
             ens._gradients(x, {})
         active = ~ens.frozen
-        with _DeviceOps("meta") as adam:                     # Adam (and the projection, the renormalisation)
+        with DeviceOps("meta") as adam:                     # Adam (and the projection, the renormalisation)
             ens._update_(active, 1.0)
         counts[n] = len(whole.ops), len(logged.ops), len(unclipped.ops), len(grad.ops), len(adam.ops)
     print(f"kernels per L1 step, unit_decoder {unit_decoder}: {counts}")

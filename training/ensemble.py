@@ -225,10 +225,9 @@ class Ensemble:
         return state
 
     def _step_factors(self, x: Tensor, scales: dict[str, float], lr_scale: float) -> tuple[dict[str, Tensor], Tensor]:
-        """Advance the host step counts; return this step's scheduled coefficients ({name: [N]}) and Adam factors
-        (`adam_host_factors`, [2, 4, N]), computed on the host and sent to x's device in x's dtype in one copy."""
-        self._host_step += 1
-        host = [adam_host_factors(self.adam_betas, self._host_step, self._host_hparams["lr"], lr_scale)
+        """This step's scheduled coefficients ({name: [N]}) and Adam factors (`adam_host_factors` at the host step
+        counts + 1, [2, 4, N]), computed on the host and sent to x's device in x's dtype in one copy."""
+        host = [adam_host_factors(self.adam_betas, self._host_step + 1, self._host_hparams["lr"], lr_scale)
                 .to(x.dtype).view(8, self.n_models)]
         host += [(self._host_hparams[n] * scales.get(n, 1.0)).to(x.dtype).unsqueeze(0) for n in self.arch.scheduled]
         rows = to_device(torch.cat(host), x.device)                                     # [8 + n_scheduled, N]
@@ -310,12 +309,12 @@ class Ensemble:
     def _adam_coefficients(self, active: Tensor, lr_scale: float, frozen: Tensor | None = None,
                            factors: Tensor | None = None) -> dict[str, Tensor]:
         """Advance the step counts of active members (the host counts of every member: a frozen member's runs on,
-        unused; already advanced where `factors`, this step's [2, 4, N] from `_step_factors`, are given); their
-        per-member Adam factors ([N], params dtype)."""
+        unused); their per-member Adam factors ([N], params dtype): from `factors`, this step's [2, 4, N] from
+        `_step_factors`, where given."""
         self.adam_step += active
+        self._host_step += 1
         if factors is not None:
             return select_adam_factors(factors, active, frozen)
-        self._host_step += 1
         return adam_factors(self.adam_betas, self._host_step, self._host_hparams["lr"], lr_scale, active,
                             self.params["decoder"].dtype, frozen)
 
