@@ -28,7 +28,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_stacked_, clip_grads_, member_groups,
+from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_stacked_, clip_grads_, gradient_buffers,
+                           member_groups,
                            project_rows_, select_adam_factors)
 from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
@@ -139,7 +140,8 @@ class Ensemble:
         self.adam_step = torch.zeros(self.n_models, dtype=torch.float64, device=like.device)
         self.frozen = torch.zeros(self.n_models, dtype=torch.bool, device=like.device)
         self.tokens_since_fired = torch.zeros(self.n_models, self.d_hidden, dtype=torch.long, device=like.device)
-        self._grads: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self._grads, *rows = gradient_buffers(self.params)             # views of one buffer (see adam_stacked_)
+        self._grad_rows: tuple[Tensor, Tensor] | None = None if rows[0] is None else (rows[0], rows[1])
         self._scratch: Params = {n: torch.empty_like(p) for n, p in self.params.items()}
         self._ws: Workspace | None = None
         self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead; saved)
@@ -302,9 +304,12 @@ class Ensemble:
 
     def _adam_members(self, members: slice, coefs: dict[str, Tensor]) -> None:
         """Adam on `members` with factors `coefs`: all parameters at once off the CPU, one at a time on it."""
-        adam_ = adam_stacked_ if self.whole_stack_update else adam_members_
-        adam_(self.params, self._grads, self.exp_avg, self.exp_avg_sq, self._scratch, members, coefs,
-              self.adam_betas[1], self.adam_eps)
+        args = (self.params, self._grads, self.exp_avg, self.exp_avg_sq, self._scratch, members, coefs,
+                self.adam_betas[1], self.adam_eps)
+        if not self.whole_stack_update:
+            adam_members_(*args)
+        else:
+            adam_stacked_(*args, grad_rows=self._grad_rows if members == slice(None) else None)
 
     def _adam_coefficients(self, active: Tensor, lr_scale: float, frozen: Tensor | None = None,
                            factors: Tensor | None = None) -> dict[str, Tensor]:
