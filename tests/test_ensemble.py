@@ -594,10 +594,11 @@ def test_whole_stack_update_matches_the_cpu_path_for_topk(unit_decoder):
             assert torch.equal(ens[1].params[name], p), name
 
 
-def test_one_masked_fill_zeroes_frozen_gradients_like_one_per_parameter():
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_masked_fill_zeroes_frozen_gradients_like_one_per_parameter(tied):
     """Off the CPU the frozen members' gradients (NaN here) are zeroed in one masked_fill over the one gradient
     buffer's rows; the same bits as zeroing each parameter's gradient, and frozen members stay as they are."""
-    members = make_members("l1", 3, 64, 128, seed=4)
+    members = make_members("l1", 3, 64, 128, seed=4, tied=tied)
     ens = [Ensemble(copy.deepcopy(members), {"lr": [1e-2, 2e-2, 3e-2], "l1": [0.1, 1.0, 3.0]}, grad_clip=0.05)
            for _ in range(2)]
     assert ens[0]._grad_rows is not None and ens[0]._grad_rows[0].shape[1] == 64
@@ -607,7 +608,7 @@ def test_one_masked_fill_zeroes_frozen_gradients_like_one_per_parameter():
         e.whole_stack_update = True
         for i, x in enumerate(xs):
             if i == 2:
-                e.params["encoder"][1, 0, 0] = float("inf")   # member 1: NaN gradients from here on
+                e.params["encoder_bias"][1, 0] = float("inf")   # member 1: NaN gradients from here on
                 before = {n: p[1].clone() for n, p in e.params.items()}
             e.step(x, stats=False)
         assert e.frozen.tolist() == [False, True, False]
