@@ -29,8 +29,7 @@ import torch
 from torch import Tensor
 
 from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_stacked_, clip_grads_, gradient_buffers,
-                           member_groups,
-                           project_rows_, select_adam_factors)
+                           member_groups, project_rows_, select_adam_factors)
 from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
 from training.dead_latents import DEAD_POLICIES, member_generator, track_dead_  # noqa: F401 (re-exported)
