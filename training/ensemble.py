@@ -28,7 +28,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-from training.adam import adam_factors, adam_members_, adam_stacked_, clip_grads_, member_groups, project_rows_
+from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_stacked_, clip_grads_, gradient_buffers,
+                           member_groups, project_rows_, select_adam_factors)
 from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
 from training.dead_latents import DEAD_POLICIES, LOSS_POLICIES, member_generator, track_dead_  # noqa: F401
@@ -144,7 +145,8 @@ class Ensemble:
         self.adam_step = torch.zeros(self.n_models, dtype=torch.float64, device=like.device)
         self.frozen = torch.zeros(self.n_models, dtype=torch.bool, device=like.device)
         self.tokens_since_fired = torch.zeros(self.n_models, self.d_hidden, dtype=torch.long, device=like.device)
-        self._grads: Params = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self._grads, *rows = gradient_buffers(self.params)             # views of one buffer (see adam_stacked_)
+        self._grad_rows: tuple[Tensor, Tensor] | None = None if rows[0] is None else (rows[0], rows[1])
         self._scratch: Params = {n: torch.empty_like(p) for n, p in self.params.items()}
         self._ws: Workspace | None = None
         self._aux_on = False   # host-side: does any member have dead latents (refreshed by resample_dead; saved)
@@ -184,7 +186,7 @@ class Ensemble:
     # ------------------------------------------------------------------ training
 
     def step(self, x: Tensor, *, lr_scale: float = 1.0, coefficient_scales: dict[str, float] | None = None,
-             reduce: Any = None) -> dict[str, Tensor]:
+             reduce: Any = None, stats: bool = True) -> dict[str, Tensor]:
         """One Adam step of every member on `x: [batch, d_in]`; per-member stats, no host sync.
 
         `coefficient_scales`: {name: factor} for the architecture's scheduled coefficients (`arch.scheduled`,
@@ -192,6 +194,8 @@ class Ensemble:
         Returns {"loss", "mse", "l1_norm" (the decoder-norm-weighted L1 of the codes), "l0", "explained_variance",
         (the loss's extra terms, e.g. "aux"): [N],
         "fired": BoolTensor[N, d_hidden] (fired in this batch), "n_dead": [N], "frozen": BoolTensor[N]}.
+        `stats=False` (steps whose stats nobody reads): only what the step computes anyway ("loss", "fired", and
+        what the architecture's loss yields on the way), without the reductions kept for logging; the same update.
         A member whose loss is NaN/inf is frozen from this step on.
         `reduce` (data parallel, `x` being this process's share of the batch): called as reduce(grads, stats, x) on
         the gradients and stats of the share, it turns them into those of the whole batch in place and returns (the
@@ -204,21 +208,25 @@ class Ensemble:
             raise ValueError(f"{self.architecture} schedules {list(self.arch.scheduled)}, not {sorted(scales)}")
         x = x.to(self.params["decoder"].dtype)
         with torch.no_grad():
-            stats = self._gradients(x, scales)
-            n_tokens, variance = (x.shape[0], None) if reduce is None else reduce(self._grads, stats, x)
-            loss = stats["loss"]
+            stats = stats or reduce is not None              # data parallel: the reduction sums every stat
+            coefficients, factors = self._step_factors(x, scales, lr_scale)
+            out = self._gradients(x, scales, stats=stats, coefficients=coefficients)
+            n_tokens, variance = (x.shape[0], None) if reduce is None else reduce(self._grads, out, x)
+            loss = out["loss"]
             self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
-            self._update_(active, lr_scale)
-            track_dead_(self.tokens_since_fired, stats["fired"], active, n_tokens)
+            self._update_(active, lr_scale, frozen=self.frozen, factors=factors)
+            track_dead_(self.tokens_since_fired, out["fired"], active, n_tokens)
             if self.arch.update_state_ is not None:
-                self.arch.update_state_(self.member_state, stats, active)
-            if variance is None:
-                variance = (x - x.mean(0)).square().sum()
-            stats["explained_variance"] = 1 - stats.pop("sq_err_sum") / variance
-            stats["n_dead"] = self.dead_mask().sum(-1)
-            stats["frozen"] = self.frozen.clone()
-        return stats
+                self.arch.update_state_(self.member_state, out, active)
+            sq_err_sum = out.pop("sq_err_sum", None)
+            if stats:
+                if variance is None:
+                    variance = (x - x.mean(0)).square().sum()
+                out["explained_variance"] = 1 - sq_err_sum / variance
+                out["n_dead"] = self.dead_mask().sum(-1)
+                out["frozen"] = self.frozen.clone()
+        return out
 
     def _step_state(self) -> dict[str, Any]:
         """The architecture's member state plus this ensemble's options and, under a dead policy that is a loss term
@@ -229,11 +237,24 @@ class Ensemble:
             state["dead"] = self.dead_mask()
         return state
 
-    def _gradients(self, x: Tensor, scales: dict[str, float]) -> dict[str, Tensor]:
-        """Fill self._grads with every member's gradient; return the stats of `step`."""
-        coefficients = {n: to_device((self._host_hparams[n] * scales.get(n, 1.0)).to(x.dtype), x.device)
-                        for n in self.arch.scheduled}                           # [N] each, computed on the host
-        state = self._step_state()
+    def _step_factors(self, x: Tensor, scales: dict[str, float], lr_scale: float) -> tuple[dict[str, Tensor], Tensor]:
+        """This step's scheduled coefficients ({name: [N]}) and Adam factors (`adam_host_factors` at the host step
+        counts + 1, [2, 4, N]), computed on the host and sent to x's device in x's dtype in one copy."""
+        host = [adam_host_factors(self.adam_betas, self._host_step + 1, self._host_hparams["lr"], lr_scale)
+                .to(x.dtype).view(8, self.n_models)]
+        host += [(self._host_hparams[n] * scales.get(n, 1.0)).to(x.dtype).unsqueeze(0) for n in self.arch.scheduled]
+        rows = to_device(torch.cat(host), x.device)                                     # [8 + n_scheduled, N]
+        return {n: rows[8 + i] for i, n in enumerate(self.arch.scheduled)}, rows[:8].view(2, 4, self.n_models)
+
+    def _gradients(self, x: Tensor, scales: dict[str, float], stats: bool = True,
+                   coefficients: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Fill self._grads with every member's gradient; return the stats of `step` (`stats=False`: may leave out
+        those only logging reads, see `step`). `coefficients`: the scheduled ones on x's device, where the caller
+        has them (else computed from `scales`)."""
+        if coefficients is None:
+            coefficients = {n: to_device((self._host_hparams[n] * scales.get(n, 1.0)).to(x.dtype), x.device)
+                            for n in self.arch.scheduled}                       # [N] each, computed on the host
+        state = {**self._step_state(), "stats": stats}
         if self.backend == "autograd" or self.arch.fused_grads is None:
             return self._autograd_gradients(x, coefficients, state)
         return self.arch.fused_grads(self.params, x, coefficients, state, self._workspace(x, state), self._grads)
@@ -270,12 +291,14 @@ class Ensemble:
             self._grads[name].copy_(g)
         return stats
 
-    def _update_(self, active: Tensor, lr_scale: float) -> None:
+    def _update_(self, active: Tensor, lr_scale: float, frozen: Tensor | None = None,
+                 factors: Tensor | None = None) -> None:
         """Gradient clipping, then Adam (with `unit_decoder`: decoder-gradient projection, Adam, decoder
         renormalisation) in place, frozen members untouched (training/adam.py). Off the CPU every member at once on
         the whole stacked tensors (foreach ops, no [N, h, d] temporary: a constant number of kernels per step); on the
-        CPU one parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache)."""
-        coefs = self._adam_coefficients(active, lr_scale)
+        CPU one parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache).
+        `frozen`: ~active, `factors`: this step's `_step_factors`, where the caller has them."""
+        coefs = self._adam_coefficients(active, lr_scale, frozen, factors)
         if self.grad_clip > 0:
             clip_grads_(self._grads, self.n_models, self.grad_clip)
         for members in member_groups(self.params["decoder"], self.whole_stack_update, self.unit_decoder):
@@ -292,17 +315,24 @@ class Ensemble:
 
     def _adam_members(self, members: slice, coefs: dict[str, Tensor]) -> None:
         """Adam on `members` with factors `coefs`: all parameters at once off the CPU, one at a time on it."""
-        adam_ = adam_stacked_ if self.whole_stack_update else adam_members_
-        adam_(self.params, self._grads, self.exp_avg, self.exp_avg_sq, self._scratch, members, coefs,
-              self.adam_betas[1], self.adam_eps)
+        args = (self.params, self._grads, self.exp_avg, self.exp_avg_sq, self._scratch, members, coefs,
+                self.adam_betas[1], self.adam_eps)
+        if not self.whole_stack_update:
+            adam_members_(*args)
+        else:
+            adam_stacked_(*args, grad_rows=self._grad_rows if members == slice(None) else None)
 
-    def _adam_coefficients(self, active: Tensor, lr_scale: float) -> dict[str, Tensor]:
+    def _adam_coefficients(self, active: Tensor, lr_scale: float, frozen: Tensor | None = None,
+                           factors: Tensor | None = None) -> dict[str, Tensor]:
         """Advance the step counts of active members (the host counts of every member: a frozen member's runs on,
-        unused); their per-member Adam factors ([N], params dtype)."""
+        unused); their per-member Adam factors ([N], params dtype): from `factors`, this step's [2, 4, N] from
+        `_step_factors`, where given."""
         self.adam_step += active
         self._host_step += 1
+        if factors is not None:
+            return select_adam_factors(factors, active, frozen)
         return adam_factors(self.adam_betas, self._host_step, self._host_hparams["lr"], lr_scale, active,
-                            self.params["decoder"].dtype)
+                            self.params["decoder"].dtype, frozen)
 
     def dead_mask(self) -> Tensor:
         """BoolTensor[N, d_hidden]: latents that have not fired for `dead_window` tokens."""

@@ -1289,6 +1289,7 @@ def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard:
         if progress.step >= total:
             break
         stats = None
+        logs = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == total
         if ens is not None:
             rows = chunk[b * cfg.batch_size:(b + 1) * cfg.batch_size][share]     # data parallel: this rank's share
             x = rows.to(device, torch.float32, non_blocking=True)
@@ -1296,7 +1297,7 @@ def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard:
             with autocast():
                 stats = ens.step(x, lr_scale=lr_scale(progress.step, total, cfg),
                                  coefficient_scales=dict.fromkeys(arch.scheduled, l1_scale(progress.step, total, cfg)),
-                                 reduce=reduce)
+                                 reduce=reduce, stats=logs)      # the logging reductions only when logged
         progress.step += 1
         progress.tokens += cfg.batch_size
         if (ens is not None and policy == "resample" and cfg.resample_every
@@ -1310,7 +1311,7 @@ def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard:
                 aux_on = shard.any(ens is not None and ens._aux_on)
                 if ens is not None:
                     ens._aux_on = aux_on
-        if progress.step % cfg.log_every == 0 or progress.step == total:
+        if logs:
             whole = gather_stats(stats, shard, run.data_parallel)
             if whole is not None:
                 d_hidden = max(1, round(cfg.ratio * run.data.d))

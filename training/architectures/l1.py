@@ -90,9 +90,10 @@ class SparseLinearAutoencoder(Dictionary):
         return total, {n: parts[n] for n in ("mse", "l1", "aux") if n in parts}
 
 
-def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: Params
+def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: Params, stats: bool = True
                    ) -> dict[str, Tensor]:
-    """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats.
+    """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats ("loss", "mse",
+    "l1_norm", "fired"; with `stats` also "l0" and "sq_err_sum", which only logging reads).
 
     loss_i = MSE_i + l1_i * L1_i (L1 weighted by decoder-row norms). Five batched matmuls per token
     chunk (2 forward, 3 backward; weight gradients accumulate over chunks of `ws.chunk` tokens), the
@@ -114,7 +115,8 @@ def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: 
         dec_c = enc_c if tied else ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
         bias_c = bias.to(cd)
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
-    code_sum, fired_count = x.new_empty(n, h), x.new_empty(n, h)                     # written by the first chunk
+    code_sum = x.new_empty(n, h)                                                     # written by the first chunk
+    fired_count = x.new_empty(n, h) if stats else None
     norms = decoder_norms(params)                                                    # [N, h]
     l1_per_token = per_member(l1 / batch, norms)                                    # [N, 1]
     l1_grad = (l1_per_token * norms).unsqueeze(1).to(cd)                             # d (l1 L1) / d codes: [N, 1, h]
@@ -145,7 +147,8 @@ def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: 
         gpre = ws.big_b[:, :m]
         torch.baddbmm(l1_grad, g_c, dec_c.transpose(1, 2), out=gpre)
         relu_mask_(gpre, codes)                                                     # d loss / d pre
-        sum_tokens_(fired_count, codes.sign_(), first)
+        if fired_count is not None:
+            sum_tokens_(fired_count, codes.sign_(), first)
         accumulate_bmm(grads["decoder" if tied else "encoder"], gpre.transpose(1, 2), xc, first and not tied, ws)
         sum_tokens_(grads["encoder_bias"], gpre, first)
     grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
@@ -154,8 +157,11 @@ def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: 
 
     mse = sq_err.mean(-1)
     l1_term = (code_sum * norms).sum(-1) / batch
-    return {"loss": mse + l1 * l1_term, "mse": mse, "l1_norm": l1_term, "sq_err_sum": sq_err.sum(-1),
-            "l0": fired_count.sum(-1) / batch, "fired": fired_count > 0}
+    out = {"loss": mse + l1 * l1_term, "mse": mse, "l1_norm": l1_term,
+           "fired": code_sum > 0}                      # codes >= 0: a positive sum iff one fired (NaN: frozen anyway)
+    if fired_count is not None:
+        out.update(sq_err_sum=sq_err.sum(-1), l0=fired_count.sum(-1) / batch)
+    return out
 
 
 
@@ -187,7 +193,7 @@ def _fused(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: di
            grads: Params) -> dict[str, Tensor]:
     """`fused_l1_grads` with the scheduled penalty, + the ghost-grads term's gradient (by autograd: the term is
     off while no member has a dead latent) while the ensemble hands it `dead`."""
-    stats = fused_l1_grads(params, x, coefficients["l1"], ws, grads)
+    stats = fused_l1_grads(params, x, coefficients["l1"], ws, grads, state.get("stats", True))
     if state.get("dead") is not None:
         stats["aux"] = ghost_grads_(params, x, state["dead"], grads)
         stats["loss"] = stats["loss"] + stats["aux"]
