@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interop.ours import HOOK, MODEL, fake_sweep
+from interop.ours import HOOK, MODEL, fake_sweep, sweeps
 from training import load_dictionary, load_sweep
 from training.cli import UserError
 from training.dictionary import SparseLinearAutoencoder, TopKAutoencoder
 from training.pretrained import load_dictionary as load_hub
-from training.inference_dictionaries import GatedDictionary, JumpReLUDictionary
+from training.architectures.gated import GatedAutoencoder
+from training.architectures.jumprelu import JumpReLUAutoencoder
 from training.saelens import ExportConfig, export_sweep
 from training.sweep_files import load_member, select_member
 
@@ -91,6 +92,40 @@ def test_saelens_export_layout_and_round_trip(tmp_path, arch, keys, tied):
             close(back.module.encode(X), ours.encode(X))
 
 
+def saelens_encode(t: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor) -> torch.Tensor:
+    """SAELens 6's encode of an exported folder, written out from its documented maths (x - b_dec first)."""
+    xc = x - t["b_dec"]
+    if cfg["architecture"] == "gated":
+        gate = xc @ t["W_enc"] + t["b_gate"]
+        magnitude = xc @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]
+        return magnitude.relu() * (gate > 0)
+    pre = xc @ t["W_enc"] + t["b_enc"]
+    if cfg["architecture"] == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    if cfg["architecture"] == "jumprelu":
+        return pre.relu() * (pre > t["threshold"])
+    assert cfg["architecture"] == "standard"
+    return pre.relu()
+
+
+@pytest.mark.parametrize("sweep_name", list(sweeps()))
+def test_every_architecture_exports_to_saelens_and_reads_back(tmp_path, sweep_name):
+    arch, keys, tied = sweeps()[sweep_name]
+    sweep = fake_sweep(tmp_path / "s", arch, keys, tied=tied)
+    folders = export_sweep(ExportConfig(sweep=str(sweep), all=True, out=str(tmp_path / "out")))
+    assert len(folders) == len(keys)
+    for folder, (key, ours) in zip(folders, load_sweep(sweep).items()):
+        cfg = json.loads((folder / "cfg.json").read_text())
+        t = load_file(str(folder / "sae_weights.safetensors"))
+        with torch.no_grad():
+            codes = ours.encode(X)
+            assert codes.abs().sum() > 0 and (codes == 0).any()                    # some codes on, some off
+            close(saelens_encode(t, cfg, X), codes)
+            close(saelens_encode(t, cfg, X) @ t["W_dec"] + t["b_dec"], ours.decode(codes))
+            close(load_dictionary(folder).module.encode(X), codes)
+
+
 def test_export_needs_one_member_choice(tmp_path):
     sweep = fake_sweep(tmp_path / "s", "l1", [1e-3, 1e-2])
     with pytest.raises(UserError, match="give exactly one of --l1 VALUE or --all"):
@@ -123,7 +158,7 @@ def test_saelens_jumprelu_gated_batchtopk_folders(tmp_path):
                                            {"W_enc": W_enc, "b_enc": b, "W_dec": W_dec, "b_dec": b_dec,
                                             "threshold": thr}))
     pre = X @ W_enc + b                                                           # b_dec not subtracted
-    assert isinstance(jump.module, JumpReLUDictionary) and jump.hook == HOOK
+    assert isinstance(jump.module, JumpReLUAutoencoder) and jump.hook == HOOK
     close(jump.module.encode(X), pre.relu() * (pre > thr))
     r_mag, b_mag = _random(48, seed=6), _random(48, seed=7)
     gated = load_dictionary(_saelens_folder(tmp_path / "g", {"architecture": "gated"},
@@ -131,7 +166,7 @@ def test_saelens_jumprelu_gated_batchtopk_folders(tmp_path):
                                              "W_dec": W_dec, "b_dec": b_dec}))
     x_in = X - b_dec
     expected = ((x_in @ W_enc + b) > 0) * (x_in @ (W_enc * r_mag.exp()) + b_mag).relu()
-    assert isinstance(gated.module, GatedDictionary)
+    assert isinstance(gated.module, GatedAutoencoder)
     close(gated.module.encode(X), expected)
     close(gated.module.decode(expected), expected @ W_dec + b_dec)
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True)

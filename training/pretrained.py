@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from training.cli import UserError
-from training.dictionary import dictionary_from_params, unit_norm_params
-from training.inference_dictionaries import GatedDictionary, JumpReLUDictionary
+from training.saelens import saelens_module
 
 HUB_PREFIX = "hf:"
 SPARSIFY_WEIGHTS, SPARSIFY_CFG = "sae.safetensors", "cfg.json"
@@ -140,10 +139,11 @@ def read_sparsify(folder: Path, source: str, device: str | torch.device) -> Pret
                         f"{cfg.get('activation')!r}, skip_connection {cfg.get('skip_connection')}, transcode "
                         f"{cfg.get('transcode')})")
     t = load_tensors(folder / SPARSIFY_WEIGHTS, "download it again", str(device))
-    params = {"center": t["b_dec"].double(), "encoder": t["encoder.weight"].double(),
-              "encoder_bias": t["encoder.bias"].double(), "decoder": t["W_dec"].double()}
-    check_unit_rows(params["decoder"], "sparsify ranks latents by pre-activation alone")
-    module = dictionary_from_params(unit_norm_params(params), "topk", int(cfg["k"])).float()
+    tensors = {"W_enc": t["encoder.weight"].double().T, "b_enc": t["encoder.bias"].double(),
+               "W_dec": t["W_dec"].double(), "b_dec": t["b_dec"].double()}
+    check_unit_rows(tensors["W_dec"], "sparsify ranks latents by pre-activation alone")
+    module = saelens_module("topk", tensors, {"k": int(cfg["k"]), "rescale_acts_by_decoder_norm": True},
+                            str(folder)).float()
     m = re.fullmatch(r"layers\.(\d+)", folder.name)
     hook = f"blocks.{m.group(1)}.hook_resid_post" if m else None  # sparsify's default hookpoint: a layer's output
     return Pretrained(module, hook, cfg.get("model"), "sparsify", source, info=cfg)
@@ -153,46 +153,55 @@ def read_sparsify(folder: Path, source: str, device: str | torch.device) -> Pret
 
 def _dl_standard(s: dict[str, Tensor], trainer: dict[str, Any]) -> torch.nn.Module:
     """AutoEncoder: ReLU(encoder(x - bias)), decoder(f) + bias."""
-    return dictionary_from_params({"center": s["bias"], "encoder": s["encoder.weight"],
-                                   "encoder_bias": s["encoder.bias"], "decoder": s["decoder.weight"].T}, "l1")
+    return _as_saelens("standard", {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"],
+                                    "W_dec": s["decoder.weight"].T, "b_dec": s["bias"]})
 
 
 def _dl_new(s: dict[str, Tensor], trainer: dict[str, Any]) -> torch.nn.Module:
     """AutoEncoderNew: ReLU(encoder(x)), decoder(f) with the decoder's bias (folded into our center form)."""
     center, enc = s["decoder.bias"], s["encoder.weight"]
-    return dictionary_from_params({"center": center, "encoder": enc, "encoder_bias": s["encoder.bias"] + enc @ center,
-                                   "decoder": s["decoder.weight"].T}, "l1")
+    return _as_saelens("standard", {"W_enc": enc.T, "b_enc": s["encoder.bias"] + enc @ center,
+                                    "W_dec": s["decoder.weight"].T, "b_dec": center})
 
 
 def _dl_topk(s: dict[str, Tensor], trainer: dict[str, Any]) -> torch.nn.Module:
     """AutoEncoderTopK: TopK(ReLU(encoder(x - b_dec))), decoder(f) + b_dec (unit decoder rows)."""
     from training.saelens import check_unit_rows
-    params = {"center": s["b_dec"], "encoder": s["encoder.weight"], "encoder_bias": s["encoder.bias"],
-              "decoder": s["decoder.weight"].T}
-    check_unit_rows(params["decoder"], "dictionary_learning's TopK ranks latents by pre-activation alone")
-    return dictionary_from_params(unit_norm_params(params), "topk", int(s["k"]) if "k" in s else int(trainer["k"]))
+    tensors = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T,
+               "b_dec": s["b_dec"]}
+    check_unit_rows(tensors["W_dec"], "dictionary_learning's TopK ranks latents by pre-activation alone")
+    k = int(s["k"]) if "k" in s else int(trainer["k"])
+    return _as_saelens("topk", tensors, {"k": k, "rescale_acts_by_decoder_norm": True})
 
 
 def _dl_batchtopk(s: dict[str, Tensor], trainer: dict[str, Any]) -> torch.nn.Module:
-    """BatchTopKSAE / MatryoshkaBatchTopKSAE at inference: ReLU(pre) * (ReLU(pre) > threshold), one threshold
-    (= JumpReLU: ReLU(pre) * (pre > threshold), also for a negative, unset threshold)."""
+    """BatchTopKSAE / MatryoshkaBatchTopKSAE at inference: ReLU(pre) * (ReLU(pre) > threshold), one threshold on
+    pre-activations with unit decoder rows (= JumpReLU: ReLU(pre) * (pre > threshold), a negative, unset threshold
+    acting as 0)."""
     if "W_enc" in s:  # Matryoshka: parameters in x @ W form
-        center, enc, bias, dec = s["b_dec"], s["W_enc"].T, s["b_enc"], s["W_dec"]
+        tensors = {"W_enc": s["W_enc"], "b_enc": s["b_enc"], "W_dec": s["W_dec"], "b_dec": s["b_dec"]}
     else:
-        center, enc, bias, dec = s["b_dec"], s["encoder.weight"], s["encoder.bias"], s["decoder.weight"].T
-    return JumpReLUDictionary(center, enc, bias, dec, torch.full_like(bias, float(s["threshold"])))
+        tensors = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T,
+                   "b_dec": s["b_dec"]}
+    tensors["threshold"] = torch.full_like(tensors["b_enc"], float(s["threshold"]))
+    return _as_saelens("jumprelu", tensors)
 
 
 def _dl_jumprelu(s: dict[str, Tensor], trainer: dict[str, Any]) -> torch.nn.Module:
     """JumpReluAutoEncoder: ReLU(pre * (pre > threshold)) with pre = x @ W_enc + b_enc (b_dec not subtracted)."""
-    center, enc = s["b_dec"], s["W_enc"].T
-    return JumpReLUDictionary(center, enc, s["b_enc"] + enc @ center, s["W_dec"], s["threshold"])
+    return _as_saelens("jumprelu", {"W_enc": s["W_enc"], "b_enc": s["b_enc"] + s["b_dec"] @ s["W_enc"],
+                                    "W_dec": s["W_dec"], "b_dec": s["b_dec"], "threshold": s["threshold"]})
 
 
 def _dl_gated(s: dict[str, Tensor], trainer: dict[str, Any]) -> torch.nn.Module:
     """GatedAutoEncoder: x_enc = encoder(x - decoder_bias); gate and magnitude paths as SAELens' gated SAE."""
-    return GatedDictionary(s["decoder_bias"], s["encoder.weight"], s["gate_bias"], s["mag_bias"], s["r_mag"],
-                           s["decoder.weight"].T)
+    return _as_saelens("gated", {"W_enc": s["encoder.weight"].T, "b_gate": s["gate_bias"], "b_mag": s["mag_bias"],
+                                 "r_mag": s["r_mag"], "W_dec": s["decoder.weight"].T, "b_dec": s["decoder_bias"]})
+
+
+def _as_saelens(name: str, tensors: dict[str, Tensor], cfg: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Our module for tensors in SAELens' form (b_dec subtracted before the encoder) of SAELens architecture `name`."""
+    return saelens_module(name, tensors, cfg or {}, "dictionary_learning")
 
 
 _DL_READERS: dict[str, Callable[[dict[str, Tensor], dict[str, Any]], torch.nn.Module]] = {

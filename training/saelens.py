@@ -13,12 +13,12 @@ W_enc = encoder.T, b_enc = encoder_bias, W_dec = decoder, b_dec = center with ap
 saved weights act on raw activations (normalize_activations "none"). A folder with apply_b_dec_to_input = false is
 read with encoder_bias = b_enc + b_dec @ W_enc, the same function.
 
-Per architecture (the two tables below; an architecture the toolkit trains supplies both entries):
-    TO_SAELENS[our name](params, member)   -> (tensors, cfg fields): params are one member's unit-norm params
-                                              ({center, encoder, encoder_bias, decoder, ...}), member its sweep
-                                              fields ({"k": 32} ...); tensors as above, cfg fields at least
-                                              {"architecture": SAELens name} plus what that SAELens config needs
-    FROM_SAELENS[SAELens name](tensors, cfg) -> module: tensors with b_dec already folded (see `_fold_b_dec`)
+Per architecture (declared in its own module, training/architectures/<name>.py):
+    to_saelens(params, member) -> (tensors, cfg fields): params are one member's unit-norm params ({center, encoder,
+                                  encoder_bias, decoder, ...}), member its sweep fields ({"k": 32} ...); cfg fields
+                                  at least {"architecture": SAELens name} plus what that SAELens config needs
+    from_saelens(tensors, cfg) -> module, for the SAELens names it lists in `saelens_names`: tensors with b_dec
+                                  already folded (see `_fold_b_dec`), cfg["architecture"] the SAELens name
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,8 +36,7 @@ from torch import Tensor
 import training
 from training.chunks import save_tensors
 from training.cli import UserError
-from training.dictionary import dictionary_from_params, unit_norm_params
-from training.inference_dictionaries import GatedDictionary, JumpReLUDictionary
+from training.dictionary import unit_norm_params
 
 SAE_WEIGHTS, SAE_CFG, SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 SAELENS_VERSION = "6.0.0"
@@ -52,83 +51,30 @@ Params = dict[str, Tensor]
 
 
 # ------------------------------------------------------------------------------------- per architecture
+# Each architecture declares its own mapping (training/architectures/<name>.py: `to_saelens`, `from_saelens`,
+# `saelens_names`); this module holds the folder format and the shared conversions.
 
-def _standard_to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
-    """Our L1 (ReLU) dictionary as SAELens' "standard" SAE."""
-    enc = p.get("encoder", p["decoder"])
-    return ({"W_enc": enc.T, "b_enc": p["encoder_bias"], "W_dec": p["decoder"], "b_dec": p["center"]},
-            {"architecture": "standard"})
-
-
-def _topk_to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
-    """Our TopK dictionary (unit rows: ranking by pre * norm is ranking by pre) as SAELens' "topk" SAE."""
-    return ({"W_enc": p["encoder"].T, "b_enc": p["encoder_bias"], "W_dec": p["decoder"], "b_dec": p["center"]},
-            {"architecture": "topk", "k": int(member["k"]), "rescale_acts_by_decoder_norm": False})
-
-
-def _jumprelu_to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
-    """Our JumpReLU dictionary (unit rows, kept so in training) as SAELens' "jumprelu" SAE: threshold =
-    exp(log_threshold)."""
-    return ({"W_enc": p["encoder"].T, "b_enc": p["encoder_bias"], "W_dec": p["decoder"], "b_dec": p["center"],
-             "threshold": p["log_threshold"].exp()}, {"architecture": "jumprelu"})
-
-
-TO_SAELENS: dict[str, Callable[[Params, dict[str, Any]], tuple[Params, dict[str, Any]]]] = {
-    "l1": _standard_to_saelens,
-    "topk": _topk_to_saelens,
-    "jumprelu": _jumprelu_to_saelens,
-}
-"""Our architecture name -> its SAELens export (to move into the architecture registry)."""
-
-
-def _standard_from_saelens(t: Params, cfg: dict[str, Any]) -> torch.nn.Module:
-    """SAELens "standard" -> SparseLinearAutoencoder."""
-    return dictionary_from_params(_ours(t), "l1")
-
-
-def _topk_from_saelens(t: Params, cfg: dict[str, Any]) -> torch.nn.Module:
-    """SAELens "topk" -> TopKAutoencoder: exact when SAELens ranks by pre * norm (folded here) or rows are unit."""
-    p = _ours(t)
-    if not cfg.get("rescale_acts_by_decoder_norm", False):
-        check_unit_rows(p["decoder"], "its TopK ranks latents by pre-activation alone")
-    return dictionary_from_params(unit_norm_params(p), "topk", int(cfg["k"]))
-
-
-def _jumprelu_from_saelens(t: Params, cfg: dict[str, Any]) -> torch.nn.Module:
-    """SAELens "jumprelu" -> JumpReLUDictionary."""
-    p = _ours(t)
-    return JumpReLUDictionary(p["center"], p["encoder"], p["encoder_bias"], p["decoder"], t["threshold"])
-
-
-def _batchtopk_from_saelens(t: Params, cfg: dict[str, Any]) -> torch.nn.Module:
-    """A SAELens "batchtopk" training folder (one topk_threshold) -> JumpReLUDictionary, as SAELens saves it for
-    inference (thresholds compare pre * norm when rescale_acts_by_decoder_norm: folded here)."""
-    p = _ours(t)
-    if cfg.get("rescale_acts_by_decoder_norm", True):
-        p = unit_norm_params(p)
-    threshold = t["threshold"] if "threshold" in t else torch.full_like(p["encoder_bias"], float(t["topk_threshold"]))
-    return JumpReLUDictionary(p["center"], p["encoder"], p["encoder_bias"], p["decoder"], threshold)
-
-
-def _gated_from_saelens(t: Params, cfg: dict[str, Any]) -> torch.nn.Module:
-    """SAELens "gated" -> GatedDictionary."""
-    return GatedDictionary(t["b_dec"], t["W_enc"].T, t["b_gate"], t["b_mag"], t["r_mag"], t["W_dec"])
-
-
-FROM_SAELENS: dict[str, Callable[[Params, dict[str, Any]], torch.nn.Module]] = {
-    "standard": _standard_from_saelens,
-    "topk": _topk_from_saelens,
-    "jumprelu": _jumprelu_from_saelens,
-    "batchtopk": _batchtopk_from_saelens,
-    "gated": _gated_from_saelens,
-}
-"""SAELens architecture name -> our module (to move into the architecture registry)."""
-
-
-def _ours(t: Params) -> Params:
+def saelens_params(t: Params) -> Params:
     """SAELens tensors (b_dec folded) in our names: center, encoder [d_sae, d_in], encoder_bias, decoder."""
     return {"center": t["b_dec"], "encoder": t["W_enc"].T.contiguous(), "encoder_bias": t["b_enc"],
             "decoder": t["W_dec"]}
+
+
+def plain_to_saelens(p: Params) -> Params:
+    """Our center, encoder, encoder_bias, decoder (unit rows) as SAELens' W_enc, b_enc, W_dec, b_dec."""
+    return {"W_enc": p.get("encoder", p["decoder"]).T, "b_enc": p["encoder_bias"], "W_dec": p["decoder"],
+            "b_dec": p["center"]}
+
+
+def saelens_module(name: str, tensors: Params, cfg: dict[str, Any], where: str) -> torch.nn.Module:
+    """Our module for SAELens architecture `name` from its tensors (b_dec folded) and cfg; a one-line UserError
+    naming `where` when no registered architecture reads it."""
+    from training.architectures import by_saelens_name, saelens_names
+    arch = by_saelens_name(name)
+    if arch is None:
+        raise UserError(f"{where}: SAELens architecture {name!r} is not supported (supported: "
+                        f"{', '.join(saelens_names())})")
+    return arch.from_saelens(tensors, {**cfg, "architecture": name})
 
 
 def check_unit_rows(decoder: Tensor, why: str) -> None:
@@ -175,11 +121,14 @@ def write_saelens(folder: str | Path, module: torch.nn.Module, info: dict[str, A
                   log_density: Tensor | None = None) -> Path:
     """Write `module` (architecture `module.architecture`) as a SAELens folder, replacing `folder` atomically
     (built beside it, then renamed); `info` goes into cfg.json's metadata, `member` are its sweep fields."""
-    arch = getattr(module, "architecture", None)
-    if arch not in TO_SAELENS:
-        raise UserError(f"no SAELens export for architecture {arch!r} (exportable: {', '.join(TO_SAELENS)})")
-    params = unit_norm_params({n: p.detach().float().cpu() for n, p in module.named_parameters()})
-    tensors, fields = TO_SAELENS[arch](params, member)
+    from training.architectures import get as get_architecture, names as architecture_names
+    name = getattr(module, "architecture", None)
+    arch = get_architecture(name) if name in architecture_names() else None
+    if arch is None or arch.to_saelens is None:
+        able = [n for n in architecture_names() if get_architecture(n).to_saelens is not None]
+        raise UserError(f"no SAELens export for architecture {name!r} (exportable: {', '.join(able)})")
+    params = unit_norm_params({n: p.detach().float().cpu() for n, p in module.named_parameters()}, arch.code_biases)
+    tensors, fields = arch.to_saelens(params, member)
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -219,9 +168,6 @@ def read_saelens(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except (OSError, ValueError) as e:
         raise UserError(f"{path / SAE_CFG} is not readable JSON ({e})") from None
     arch = cfg.get("architecture", "standard")
-    if arch not in FROM_SAELENS:
-        raise UserError(f"{path}: SAELens architecture {arch!r} is not supported (supported: "
-                        f"{', '.join(FROM_SAELENS)})")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", "expected_average_only_in", False, None):
         raise UserError(f"{path}: normalize_activations {norm!r} rescales activations at run time, which this "
@@ -231,7 +177,7 @@ def read_saelens(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise UserError(f"{path}: a dictionary of one attention head (hook_head_index) is not supported")
     tensors = {n: t.double() for n, t in load_tensors(path / SAE_WEIGHTS, "download or export it again",
                                                        str(device)).items()}  # folded in float64, then float32
-    module = FROM_SAELENS[arch](_fold_b_dec(tensors, cfg), cfg)
+    module = saelens_module(arch, _fold_b_dec(tensors, cfg), cfg, str(path))
     return module.float(), cfg
 
 

@@ -22,24 +22,46 @@ from training.sweep_files import SWEEP_WEIGHTS, load_sweep, write_sweep_json, wr
 
 TOLERANCE = 1e-5
 HOOK, MODEL = "blocks.1.hook_resid_post", "tiny-model"
-SWEEPS = {"l1": [1e-3, 0.0464159], "l1_tied": [1e-2], "topk": [4, 8]}
-"""Sweeps to export: every architecture the toolkit trains (tied L1 too)."""
+SWEEP_KEYS = {"l1": [1e-3, 0.0464159], "k": [4, 8], "l0_coefficient": [1e-3, 1e-2]}
+"""Member keys of the exported sweeps, by sweep parameter."""
+
+
+def sweeps() -> dict[str, tuple[str, list, bool]]:
+    """{sweep name: (architecture, keys, tied)}: every registered architecture (and a tied L1 where one is tieable)."""
+    from training.architectures import get, names
+    out = {}
+    for name in names():
+        arch = get(name)
+        out[name] = (name, SWEEP_KEYS[arch.sweep_param], False)
+        if arch.tieable:
+            out[f"{name}_tied"] = (name, SWEEP_KEYS[arch.sweep_param][-1:], True)
+    return out
 
 
 def fake_sweep(folder: Path, architecture: str, keys: list, d_in: int = 16, d_hidden: int = 48, tied: bool = False,
                seed: int = 0) -> Path:
-    """A finished sweep folder with random dictionaries (unit decoder rows, biases that leave some codes active)."""
+    """A finished sweep folder with random dictionaries of `architecture` (unit decoder rows, biases that leave some
+    codes active, positive thresholds)."""
+    from training.architectures import get
+    from training.ensemble import make_members
     g = torch.Generator().manual_seed(seed)
+    members = make_members(architecture, len(keys), d_in, d_hidden, keys=keys, tied=tied, seed=seed)
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in members])
+              for n, _ in members[0].named_parameters()}
     n = len(keys)
     decoder = torch.randn(n, d_hidden, d_in, generator=g)
-    decoder = decoder / decoder.norm(dim=-1, keepdim=True)
-    params = {"center": 0.3 * torch.randn(n, d_in, generator=g), "decoder": decoder,
-              "encoder_bias": -0.2 + 0.1 * torch.randn(n, d_hidden, generator=g)}
+    params["decoder"] = decoder / decoder.norm(dim=-1, keepdim=True)
+    params["center"] = 0.3 * torch.randn(n, d_in, generator=g)
+    params["encoder_bias"] = -0.2 + 0.1 * torch.randn(n, d_hidden, generator=g)
     if not tied:
-        params["encoder"] = decoder + 0.3 * torch.randn(n, d_hidden, d_in, generator=g)
+        params["encoder"] = params["decoder"] + 0.3 * torch.randn(n, d_hidden, d_in, generator=g)
+    for name, t in params.items():      # the architecture's other params (thresholds, gate scales): small, positive
+        if name not in ("center", "encoder", "encoder_bias", "decoder"):
+            params[name] = (0.05 + 0.2 * torch.rand(t.shape, generator=g)).log() if name.startswith("log_") else \
+                0.05 + 0.2 * torch.rand(t.shape, generator=g)
     folder.mkdir(parents=True, exist_ok=True)
     digest = write_sweep_weights(folder, params)
-    name = "l1" if architecture == "l1" else "k"
+    name = get(architecture).sweep_param
     write_sweep_json(folder, {
         "toolkit_version": "test", "architecture": architecture, "tied": tied, "d_in": d_in, "d_hidden": d_hidden,
         "hook": HOOK, "dataset_dir": str(folder / "data" / HOOK), "keys": keys,
@@ -56,9 +78,8 @@ def export(out: Path) -> None:
     from training.saelens import ExportConfig, export_sweep
     x = 2 * torch.randn(512, 16, generator=torch.Generator().manual_seed(1))
     record = {"x": x}
-    for name, keys in SWEEPS.items():
-        arch = "l1" if name.startswith("l1") else "topk"
-        sweep = fake_sweep(out / "sweeps" / name, arch, keys, tied=name == "l1_tied")
+    for name, (arch, keys, tied) in sweeps().items():
+        sweep = fake_sweep(out / "sweeps" / name, arch, keys, tied=tied)
         for folder, (key, module) in zip(export_sweep(ExportConfig(sweep=str(sweep), all=True,
                                                                    out=str(out / "export" / name))),
                                          load_sweep(sweep).items()):
@@ -67,7 +88,8 @@ def export(out: Path) -> None:
                 record[f"{name}/{folder.name}/codes"] = codes
                 record[f"{name}/{folder.name}/x_hat"] = module.decode(codes)
     save_tensors(out / "ours.safetensors", {k: v.contiguous() for k, v in record.items()})
-    print(f"exported {sum(len(k) for k in SWEEPS.values())} dictionaries of {len(SWEEPS)} sweeps to {out / 'export'}")
+    print(f"exported {sum(len(k) for _, k, _ in sweeps().values())} dictionaries of {len(sweeps())} sweeps to "
+          f"{out / 'export'}")
 
 
 def check_native(out: Path) -> float:

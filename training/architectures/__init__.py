@@ -63,6 +63,10 @@ gradient sees the stacked `[N, ...]` params):
     are in pre-activation units (e.g. a threshold), rescaled in place after every latent's pre-activation was
     multiplied by `factor` (> 0) when saved weights fold the decoder norms and the input scale
     (training.sweep.raw_space_params), so that the codes scale by `factor` too.
+  - `to_saelens(params, member) -> (tensors, cfg fields)` (default None: not exportable): one member's unit-norm
+    params and sweep fields as a SAELens folder's tensors and cfg (training/saelens.py has the format);
+    `from_saelens(tensors, cfg) -> module` for the SAELens architecture names in `saelens_names` (which folders
+    `training.load_dictionary` reads as this architecture).
 Saving and loading: stacked params and hparams go to sweep.safetensors / the ensemble's state_dict under their names
 (`param.<name>`, `hparam.<sweep_param>`) and the name as `option.architecture`; states saved before it are told
 apart by their sweep hparam.
@@ -123,6 +127,9 @@ class Architecture:
     latent_vectors: tuple[str, ...] = ("encoder_bias",)
     unit_decoder: bool = False
     scale_latents_: Callable[[Params, Tensor], None] | None = None
+    to_saelens: Callable[[Params, dict[str, Any]], tuple[Params, dict[str, Any]]] | None = None
+    from_saelens: Callable[[Params, dict[str, Any]], Any] | None = None
+    saelens_names: tuple[str, ...] = ()
 
 
 MODULES = ("l1", "topk", "batchtopk", "matryoshka", "gated", "jumprelu")
@@ -159,3 +166,13 @@ def by_sweep_param(hparam_names: set[str] | list[str]) -> Architecture:
     if not found or len({a.sweep_param for a in found}) != 1:
         raise ValueError(f"cannot tell the architecture from hparams {sorted(hparam_names)}")
     return found[0]
+
+
+def by_saelens_name(name: str) -> Architecture | None:
+    """The architecture that reads SAELens folders of architecture `name`, None if none does."""
+    return next((a for a in registry().values() if name in a.saelens_names and a.from_saelens is not None), None)
+
+
+def saelens_names() -> list[str]:
+    """Every SAELens architecture name some registered architecture reads."""
+    return [n for a in registry().values() for n in a.saelens_names]

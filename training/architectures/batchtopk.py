@@ -276,7 +276,16 @@ def make_member(d_in: int, d_hidden: int, key: int | None, *, tied: bool = False
     return BatchTopKAutoencoder(d_in, d_hidden, int(key), init_norm=init_norm, device=device, dtype=dtype)
 
 
+def to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """One member (unit rows: its scores are its pre-activations) at inference as SAELens' "jumprelu" SAE, one
+    threshold for every latent (as SAELens saves BatchTopK and Matryoshka dictionaries)."""
+    from training.saelens import plain_to_saelens
+    threshold = p["threshold"].clamp_min(0)                  # below 0 it keeps every positive code, as 0 does
+    return ({**plain_to_saelens(p), "threshold": threshold.expand(p["encoder_bias"].shape)},
+            {"architecture": "jumprelu"})
+
 ARCHITECTURE = Architecture(
+    to_saelens=to_saelens,
     name="batchtopk", title="BatchTopK", module=BatchTopKAutoencoder, make_member=make_member,
     member_key=lambda m: m.k,
     param_names=("center", "encoder", "encoder_bias", "decoder", "threshold"),

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from training.architectures import Architecture
 from training.dictionary import INIT_NORM, Dictionary, Params, decoder_norms, mse_loss
+from training.dictionary import dictionary_from_params
 from training.fused import Workspace, accumulate_bmm, per_member, relu_mask_, sum_tokens_
 
 FP32 = 4
@@ -201,7 +202,20 @@ def _transient_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, k_max:
     return FP32 * n_models * d_hidden * d_in
 
 
+def _to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """One member (unit rows) as SAELens' "gated" SAE."""
+    return ({"W_enc": p["encoder"].T, "b_gate": p["encoder_bias"], "r_mag": p["mag_scale"], "b_mag": p["mag_bias"],
+             "W_dec": p["decoder"], "b_dec": p["center"]}, {"architecture": "gated"})
+
+
+def _from_saelens(t: Params, cfg: dict[str, Any]) -> GatedAutoencoder:
+    """A SAELens "gated" SAE as this architecture's module."""
+    return dictionary_from_params({"center": t["b_dec"], "encoder": t["W_enc"].T.contiguous(),
+                                   "encoder_bias": t["b_gate"], "decoder": t["W_dec"], "mag_scale": t["r_mag"],
+                                   "mag_bias": t["b_mag"]}, "gated")
+
 ARCHITECTURE = Architecture(
+    to_saelens=_to_saelens, from_saelens=_from_saelens, saelens_names=("gated",),
     name="gated", title="Gated", module=GatedAutoencoder, make_member=_make_member, member_key=None,
     param_names=("center", "encoder", "encoder_bias", "decoder", "mag_scale", "mag_bias"),
     sweep_param="l1", sweep_param_integer=False, scheduled=("l1",),

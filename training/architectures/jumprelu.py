@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from training.architectures import Architecture
 from training.dictionary import Dictionary, Params, decode_codes, decoder_norms, mse_loss, pre_activations
+from training.dictionary import dictionary_from_params, unit_norm_params
 from training.fused import Workspace, accumulate_bmm, per_member, relu_mask_, sum_tokens_
 
 FP32 = 4
@@ -278,7 +279,29 @@ def _transient_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, k_max:
     return 8 * FP32 * n_models * d_hidden
 
 
+def _to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """One member (unit rows) as SAELens' "jumprelu" SAE: threshold = exp(log_threshold)."""
+    from training.saelens import plain_to_saelens
+    return {**plain_to_saelens(p), "threshold": p["log_threshold"].exp()}, {"architecture": "jumprelu"}
+
+
+def _from_saelens(t: Params, cfg: dict[str, Any]) -> JumpReLUAutoencoder:
+    """A SAELens "jumprelu" SAE, or a "batchtopk" one at inference (one threshold on pre * norm, folded here:
+    SAELens saves BatchTopK for inference as JumpReLU); a threshold below 0 acts as 0 (codes are ReLU'd first)."""
+    from training.saelens import saelens_params
+    p = saelens_params(t)
+    if cfg["architecture"] == "batchtopk":
+        if cfg.get("rescale_acts_by_decoder_norm", True):
+            p = unit_norm_params(p)
+        threshold = t["threshold"] if "threshold" in t else torch.full_like(p["encoder_bias"],
+                                                                          float(t["topk_threshold"]))
+    else:
+        threshold = t["threshold"]
+    p["log_threshold"] = threshold.clamp_min(0).log()
+    return dictionary_from_params(p, "jumprelu")
+
 ARCHITECTURE = Architecture(
+    to_saelens=_to_saelens, from_saelens=_from_saelens, saelens_names=("jumprelu", "batchtopk"),
     name="jumprelu", title="JumpReLU", module=JumpReLUAutoencoder, make_member=_make_member, member_key=None,
     param_names=("center", "encoder", "encoder_bias", "decoder", "log_threshold"),
     sweep_param="l0_coefficient", sweep_param_integer=False, scheduled=("l0_coefficient",),

@@ -17,13 +17,14 @@ from torch import Tensor
 
 from training.architectures import Architecture
 from training.dictionary import (
-    INIT_NORM,
-    Dictionary,
-    Params,
     decode_codes,
     decoder_norms,
+    Dictionary,
+    dictionary_from_params,
+    INIT_NORM,
     l1_penalty,
     mse_loss,
+    Params,
     pre_activations,
 )
 from training.fused import Workspace, accumulate_bmm, encoder_name, per_member, relu_mask_, sum_tokens_
@@ -222,7 +223,19 @@ def _transient_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, k_max:
     return FP32 * n_models * d_hidden * d_in
 
 
+def _to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """One member as SAELens' "standard" (ReLU) SAE."""
+    from training.saelens import plain_to_saelens
+    return plain_to_saelens(p), {"architecture": "standard"}
+
+
+def _from_saelens(t: Params, cfg: dict[str, Any]) -> SparseLinearAutoencoder:
+    """A SAELens "standard" SAE as this architecture's module."""
+    from training.saelens import saelens_params
+    return dictionary_from_params(saelens_params(t), "l1")
+
 ARCHITECTURE = Architecture(
+    to_saelens=_to_saelens, from_saelens=_from_saelens, saelens_names=("standard",),
     name="l1", title="L1", module=SparseLinearAutoencoder, make_member=_make_member, member_key=None,
     param_names=("center", "encoder", "encoder_bias", "decoder"),
     sweep_param="l1", sweep_param_integer=False, scheduled=("l1",),

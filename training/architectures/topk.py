@@ -14,16 +14,18 @@ from torch import Tensor
 
 from training.architectures import Architecture
 from training.dictionary import (
-    INIT_NORM,
-    Dictionary,
-    Params,
     aux_k_loss,
     decode_codes,
     decoder_norms,
+    Dictionary,
+    dictionary_from_params,
+    INIT_NORM,
     mse_loss,
+    Params,
     pre_activations,
     topk_indices,
     topk_mask_codes,
+    unit_norm_params,
 )
 from training.fused import SparseCodes, Workspace, accumulate_bmm, aux_k_grads
 
@@ -217,7 +219,22 @@ def _check_keys(keys: list, d_hidden: int) -> str | None:
     return f"--k_values {max(keys)} exceeds the dictionary size {d_hidden}" if max(keys) > d_hidden else None
 
 
+def _to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """One member (unit rows: ranking by pre * norm is ranking by pre) as SAELens' "topk" SAE."""
+    from training.saelens import plain_to_saelens
+    return plain_to_saelens(p), {"architecture": "topk", "k": int(member["k"]), "rescale_acts_by_decoder_norm": False}
+
+
+def _from_saelens(t: Params, cfg: dict[str, Any]) -> TopKAutoencoder:
+    """A SAELens "topk" SAE: exact when it ranks by pre * norm (folded here) or its decoder rows are unit."""
+    from training.saelens import check_unit_rows, saelens_params
+    p = saelens_params(t)
+    if not cfg.get("rescale_acts_by_decoder_norm", False):
+        check_unit_rows(p["decoder"], "its TopK ranks latents by pre-activation alone")
+    return dictionary_from_params(unit_norm_params(p), "topk", int(cfg["k"]))
+
 ARCHITECTURE = Architecture(
+    to_saelens=_to_saelens, from_saelens=_from_saelens, saelens_names=("topk",),
     name="topk", title="TopK", module=TopKAutoencoder, make_member=_make_member, member_key=lambda m: m.k,
     param_names=("center", "encoder", "encoder_bias", "decoder"),
     sweep_param="k", sweep_param_integer=True, scheduled=(),
