@@ -128,9 +128,9 @@ def test_every_architecture_exports_to_saelens_and_reads_back(tmp_path, sweep_na
 
 def test_export_needs_one_member_choice(tmp_path):
     sweep = fake_sweep(tmp_path / "s", "l1", [1e-3, 1e-2])
-    with pytest.raises(UserError, match="give exactly one of --l1 VALUE or --all"):
+    with pytest.raises(UserError, match=r"give exactly one of --l1 \(or --key\) VALUE or --all"):
         export_sweep(ExportConfig(sweep=str(sweep), out=str(tmp_path / "o")))
-    with pytest.raises(UserError, match="is an L1 sweep: choose with --l1"):
+    with pytest.raises(UserError, match="is an L1 sweep: choose its dictionary with --l1"):
         export_sweep(ExportConfig(sweep=str(sweep), k=4, out=str(tmp_path / "o")))
     [folder] = export_sweep(ExportConfig(sweep=str(sweep), l1=0.0101, out=str(tmp_path / "o")))
     assert folder.name == "l1_0.01"
@@ -323,4 +323,11 @@ def test_export_script_cli(tmp_path, capsys):
     assert "using the nearest member, l1 = 0.4641589" in out.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "export_saelens.py"), "--sweep", str(sweep), "--out",
                           str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "give exactly one of --l1 VALUE or --all" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "give exactly one of --l1 (or --key) VALUE or --all" in bad.stderr
+
+
+def test_export_picks_any_architecture_member_by_key(tmp_path):
+    sweep = fake_sweep(tmp_path / "s", "jumprelu", [1e-3, 1e-2])
+    [folder] = export_sweep(ExportConfig(sweep=str(sweep), key="0.01", out=str(tmp_path / "o")))
+    assert folder.name == "l0_coefficient_0.01" and json.loads((folder / "cfg.json").read_text())["architecture"] == \
+        "jumprelu"

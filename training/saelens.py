@@ -202,6 +202,8 @@ class ExportConfig:
     """Export the member with this L1 penalty (nearest key within 5%)."""
     k: int | None = None
     """Export the member with this k (TopK sweep)."""
+    key: str | None = None
+    """Export the member with this key as written in sweep.json (its sweep parameter's value; any architecture)."""
     all: bool = False
     """Export every member."""
     out: str = "outputs/saelens"
@@ -237,17 +239,15 @@ def member_log_density(sweep: Path, label: str, meta: dict[str, Any]) -> Tensor 
 
 def export_sweep(cfg: ExportConfig) -> list[Path]:
     """Write the chosen members of cfg.sweep as SAELens folders under cfg.out; returns the folders."""
-    from training.sweep_files import choose_key, key_label, key_name, load_member, read_sweep
+    from training.sweep_files import key_label, key_name, load_member, read_sweep, select_member
     sweep = Path(cfg.sweep)
     meta = read_sweep(sweep)
     arch, keys = meta["architecture"], list(meta["keys"])
-    chosen = [v for v in (cfg.l1, cfg.k) if v is not None]
+    chosen = [v for v in (cfg.l1, cfg.k, cfg.key) if v is not None]
     if cfg.all == bool(chosen) or len(chosen) > 1:
-        raise UserError(f"give exactly one of --{key_name(arch)} VALUE or --all (keys: "
+        raise UserError(f"give exactly one of --{key_name(arch)} (or --key) VALUE or --all (keys: "
                         f"{', '.join(f'{v:g}' for v in keys)})")
-    if cfg.l1 is not None and arch != "l1" or cfg.k is not None and arch == "l1":
-        raise UserError(f"{sweep} is {'an L1' if arch == 'l1' else 'a TopK'} sweep: choose with --{key_name(arch)}")
-    wanted = keys if cfg.all else [choose_key(keys, chosen[0], arch, where=f"the sweep {sweep}")]
+    wanted = keys if cfg.all else [select_member(sweep, cfg.l1, cfg.k, cfg.key, load=False)[0]]
     written = []
     for key in wanted:
         label = key_label(key_name(arch), key)

@@ -355,9 +355,10 @@ def load_member(path: str | Path, key: float | int, device: str | torch.device =
 
 
 def select_member(sweep: str | Path, l1: float | None = None, k: int | None = None, key: str | float | None = None,
-                  device: str | torch.device = "cpu") -> tuple[float | int, torch.nn.Module, dict[str, Any]]:
+                  device: str | torch.device = "cpu", load: bool = True
+                  ) -> tuple[float | int, torch.nn.Module | None, dict[str, Any]]:
     """(key, dictionary, sweep.json) of the member chosen by --l1 / --k / --key (nearest key, see `choose_key`), or
-    the only one; only that member is read."""
+    the only one; only that member is read (`load=False`: none, the dictionary is None)."""
     path = Path(sweep)
     if not path.exists():
         raise UserError(f"sweep {path} does not exist: pass the --output_dir of basic_l1_sweep.py")
@@ -384,7 +385,7 @@ def select_member(sweep: str | Path, l1: float | None = None, k: int | None = No
         except ValueError:
             raise UserError(f"--key {value!r} is not a number: use one of {listing}") from None
         chosen = choose_key(keys, wanted, arch, where=f"the sweep {path}")
-    return chosen, load_member(path, chosen, device), meta
+    return chosen, load_member(path, chosen, device) if load else None, meta
 
 
 def read_sweep(path: str | Path, allow_unfinished: bool = False) -> dict[str, Any]:
