@@ -68,7 +68,25 @@ def sweep_config(name: str, args: argparse.Namespace, keys: list | None, passes:
     extra = {} if keys is None else {f"{arch.sweep_param}_values": keys}
     return SweepConfig(dataset_dir=args.dataset_dir, output_dir=str(Path(args.out) / name), architecture=name,
                        ratio=args.ratio, batch_size=args.batch_size, n_repetitions=passes, max_tokens=args.max_tokens,
-                       device=args.device, log_every=1000, seed=args.seed, **extra)
+                       device=args.device, log_every=1000, seed=args.seed, **extra, **parse_flags(args.flags))
+
+
+def parse_flags(items: list[str]) -> dict[str, Any]:
+    """{SweepConfig field: value} from FIELD=VALUE items (the value parsed as the field's default is typed)."""
+    import dataclasses
+    fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise UserError(f"--flags {item!r}: give FIELD=VALUE with FIELD a basic_l1_sweep.py flag name")
+        default = getattr(SweepConfig(), name)
+        try:
+            out[name] = type(default)(value) if isinstance(default, (int, float)) and not isinstance(default, bool) \
+                else value
+        except ValueError:
+            raise UserError(f"--flags {item!r}: {value!r} is not a {type(default).__name__}") from None
+    return out
 
 
 def finished_with(cfg: SweepConfig) -> bool:
@@ -99,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--ratio", type=float, default=8.0)
     p.add_argument("--keys", nargs="*", default=[], help="NAME=v1,v2,...: an architecture's member keys")
+    p.add_argument("--flags", nargs="*", default=[], help="FIELD=VALUE: a basic_l1_sweep.py flag for every sweep "
+                   "(e.g. jumprelu_bandwidth=0.05, which only JumpReLU reads)")
     p.add_argument("--n_tokens", type=int, default=200_000, help="evaluation tokens")
     p.add_argument("--dataset_dir", default="activation_data",
                    help="Stage 1 folder (built with the defaults if missing)")
