@@ -400,7 +400,7 @@ def test_learns_known_sparse_features(architecture):
 
 
 def test_resampling_draws_depend_only_on_seed_step_and_the_global_member_index():
-    from training.ensemble import member_generator
+    from training.dead_latents import member_generator
     torch.manual_seed(0)
     n, d, h = 3, 8, 16
     members = make_members("l1", n, d, h)

@@ -32,7 +32,7 @@ from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_
                            member_groups, project_rows_, select_adam_factors)
 from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
-from training.dead_latents import DEAD_POLICIES, LOSS_POLICIES, member_generator, track_dead_  # noqa: F401
+from training.dead_latents import DEAD_POLICIES, LOSS_POLICIES, track_dead_
 from training.architectures import Architecture, get as get_architecture
 from training.dictionary import (
     Dictionary,

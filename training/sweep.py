@@ -45,7 +45,6 @@ from training.memory import (available_bytes, estimate_sweep, eval_block_rows, f
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
 from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, checkpoint_files, clear_sweep,
-                                  load_sweep,
                                   read_checkpoint, remove_temporaries, save_checkpoint, write_sweep_json,
                                   write_sweep_weights)
 
