@@ -5,6 +5,7 @@ isolation, and a learning check on synthetic data with known features."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -39,7 +40,7 @@ def _hand_grads(p: dict[str, torch.Tensor], x: torch.Tensor, lam: float, eps: fl
     batch = x.shape[0]
     xc = x - p["center"]
     pre = xc @ p["encoder"].T + p["encoder_bias"]
-    theta = p["log_threshold"].exp()
+    theta = p["threshold"]
     fired = (pre > theta).to(x.dtype)
     codes = pre * fired
     err = codes @ p["decoder"] + p["center"] - x
@@ -49,18 +50,18 @@ def _hand_grads(p: dict[str, torch.Tensor], x: torch.Tensor, lam: float, eps: fl
     window = (((pre - theta) / eps).abs() < 0.5).to(x.dtype)            # K((pre - theta) / eps)
     d_theta = (-(theta / eps) * window * g_codes).sum(0) + lam / batch * (-(1 / eps) * window).sum(0)
     return {"center": g.sum(0) - g_pre.sum(0) @ p["encoder"], "encoder": g_pre.T @ xc,
-            "encoder_bias": g_pre.sum(0), "decoder": codes.T @ g, "log_threshold": d_theta * theta}
+            "encoder_bias": g_pre.sum(0), "decoder": codes.T @ g, "threshold": d_theta}
 
 
 def _windowed_members(x: torch.Tensor, eps: float, n: int = 3, seed: int = 0) -> list[JumpReLUAutoencoder]:
     """Members whose thresholds sit within eps / 4 of some token's pre-activation for most latents, so that the
-    kernel window is hit (random thresholds would almost never be, at eps = 0.001)."""
+    kernel window is hit (random thresholds would rarely be)."""
     members = make_members("jumprelu", n, x.shape[1], 32, seed=seed, dtype=F64)
     for i, m in enumerate(members):
         with torch.no_grad():
             m.encoder_bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
             pre = (x - m.center) @ m.encoder.T + m.encoder_bias                  # [n, 32]
-            m.log_threshold.copy_((pre[i].abs().clamp_min(0.01) + eps / 4).log())  # token i in the window
+            m.threshold.copy_(pre[i].abs().clamp_min(0.01) + eps / 4)           # token i in the window
     return members
 
 
@@ -73,7 +74,7 @@ def test_pseudo_gradients_under_vmap_equal_the_hand_written_formula():
         want = _hand_grads({n: t[i] for n, t in stacked.items()}, x, float(lams[i]), eps)
         for n in want:
             torch.testing.assert_close(grads[n][i], want[n], rtol=1e-10, atol=1e-12, msg=n)
-    assert (grads["log_threshold"] != 0).sum() > 20                             # the windows were hit
+    assert (grads["threshold"] != 0).sum() > 20                             # the windows were hit
 
 
 @pytest.mark.parametrize("chunk_tokens", [1 << 30, 16])
@@ -96,7 +97,7 @@ def test_fused_gradient_equals_autograd_and_the_formula_at_the_default_bandwidth
         want = _hand_grads({n: p.detach() for n, p in m.named_parameters()}, x, 0.5 * KEYS[i], jr.BANDWIDTH)
         for n in want:
             torch.testing.assert_close(g_f[n][i], want[n], rtol=1e-10, atol=1e-12, msg=n)
-    assert (g_f["log_threshold"] != 0).sum() > 20
+    assert (g_f["threshold"] != 0).sum() > 20
 
 
 def test_module_encodes_with_a_strict_threshold_and_its_loss_is_mse_plus_l0():
@@ -104,7 +105,7 @@ def test_module_encodes_with_a_strict_threshold_and_its_loss_is_mse_plus_l0():
     with torch.no_grad():
         sae.encoder.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
         sae.decoder.copy_(torch.eye(3, 2, dtype=F64))
-        sae.log_threshold.copy_(torch.tensor([0.6, 0.6, 2.0], dtype=F64).log())
+        sae.threshold.copy_(torch.tensor([0.6, 0.6, 2.0], dtype=F64))
     x = torch.tensor([[0.5, 0.7], [2.0, -1.0]], dtype=F64)                    # pre = [[.5, .7, 1.2], [2, -1, 1]]
     assert sae.encode(x).tolist() == [[0.0, 0.7, 0.0], [2.0, 0.0, 0.0]]
     total, parts = sae.loss(x, 0.25)
@@ -121,7 +122,7 @@ def test_saved_member_encodes_raw_activations_as_the_trained_member_encodes_scal
         trained.center.normal_()
         trained.encoder_bias.normal_(0, 0.3)
         trained.decoder.mul_(torch.linspace(0.05, 3.0, 10, dtype=F64).unsqueeze(-1))   # rows of different norms
-        trained.log_threshold.copy_(torch.linspace(0.1, 1.0, 10, dtype=F64).log())
+        trained.threshold.copy_(torch.linspace(0.1, 1.0, 10, dtype=F64))
     norms, scale = trained.decoder.norm(dim=-1).detach(), 2.5
     raw = JumpReLUAutoencoder(6, 10, dtype=F64)
     arch = get("jumprelu")
@@ -133,6 +134,26 @@ def test_saved_member_encodes_raw_activations_as_the_trained_member_encodes_scal
     torch.testing.assert_close(raw(x), trained(scale * x) / scale, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(raw.decoder.norm(dim=-1), torch.ones(10, dtype=F64))
     torch.testing.assert_close(raw.threshold, trained.threshold * norms / scale)
+
+
+@pytest.mark.parametrize("backend", ["fused", "autograd"])
+def test_thresholds_are_projected_onto_nonnegative_values_after_each_step(backend):
+    """Adam on theta = 0.001 with steps of ~lr = 0.01: latents pushed down end at exactly 0 (the unconstrained step
+    clamped), the others move as without the projection."""
+    x = _data(64, 8)
+    members = make_members("jumprelu", 2, 8, 32, seed=0, dtype=F64)
+    for m in members:
+        with torch.no_grad():
+            m.encoder_bias.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))   # pre near theta
+            m.threshold.fill_(0.001)
+    hp = {"lr": [1e-2] * 2, "l0_coefficient": [0.0, 0.1]}
+    ens, free = (Ensemble(copy.deepcopy(members), hp, backend=backend) for _ in range(2))
+    free.arch = dataclasses.replace(free.arch, constrain_=None)
+    ens.step(x)
+    free.step(x)
+    unconstrained = free.params["threshold"]
+    assert (unconstrained < 0).any() and (unconstrained > 0.001).any()
+    torch.testing.assert_close(ens.params["threshold"], unconstrained.clamp_min(0), rtol=0, atol=0)
 
 
 def test_nan_member_is_frozen_and_the_others_train_on_unchanged():
@@ -212,7 +233,7 @@ def test_cli_sweep_saves_dictionaries_that_load_and_act_on_raw_activations(datas
     saes = load_sweep(out)
     assert list(saes) == [0.001, 0.1] and all(type(m) is JumpReLUAutoencoder for m in saes.values())
     stacked = load_file(str(out / "sweep.safetensors"))
-    assert set(stacked) == {"center", "encoder", "encoder_bias", "decoder", "log_threshold"}
+    assert set(stacked) == {"center", "encoder", "encoder_bias", "decoder", "threshold"}
     # the saved member on raw rows = the trained member (from the checkpoint) on the scaled rows, rescaled back
     ens = Ensemble.from_state_dict(load_file(str(checkpoint_weights(out))))
     scale = meta["progress"]["input_scale"]
@@ -244,22 +265,22 @@ def test_bad_l0_coefficient_values_are_one_line_errors(dataset, tmp_path, values
     assert not (tmp_path / "o").exists()
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_saelens():
     sae = make_members("jumprelu", 1, 8, 16)[0]
-    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.001))
+    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.01))
     torch.testing.assert_close(sae.decoder.norm(dim=-1), torch.ones(16))
     assert torch.equal(sae.encoder, sae.decoder) and not sae.encoder_bias.any() and not sae.center.any()
     arch = get("jumprelu")
     assert arch.unit_decoder and arch.scheduled == ("l0_coefficient",) and arch.dead_policy == "none"
-    assert jr.BANDWIDTH == 0.001 and math.isclose(arch.member_state(torch.tensor([0.1]), sae.decoder)["bandwidth"],
-                                                  0.001)
+    assert jr.BANDWIDTH == 0.05 and math.isclose(arch.member_state(torch.tensor([0.1]), sae.decoder)["bandwidth"],
+                                                 0.05)
     assert SweepConfig().jumprelu_bandwidth == jr.BANDWIDTH
 
 
 def test_bandwidth_flag_reaches_the_step_and_the_checkpoint(dataset, tmp_path):
-    run_sweep(_cfg(dataset, tmp_path / "o", jumprelu_bandwidth=0.05))
+    run_sweep(_cfg(dataset, tmp_path / "o", jumprelu_bandwidth=0.02))
     ens = Ensemble.from_state_dict(load_file(str(checkpoint_weights(tmp_path / "o"))))
-    assert ens.member_state["bandwidth"] == 0.05 and ens.arch_options == {"jumprelu_bandwidth": 0.05}
+    assert ens.member_state["bandwidth"] == 0.02 and ens.arch_options == {"jumprelu_bandwidth": 0.02}
     with pytest.raises(UserError, match="^--jumprelu_bandwidth: the bandwidth must be positive"):
         run_sweep(_cfg(dataset, tmp_path / "p", jumprelu_bandwidth=0.0))
 
@@ -270,7 +291,7 @@ def test_top_activation_scorer_applies_the_thresholds():
     sae = JumpReLUAutoencoder(6, 10)
     with torch.no_grad():
         sae.center.normal_()
-        sae.log_threshold.copy_(torch.linspace(0.05, 1.0, 10).log())
+        sae.threshold.copy_(torch.linspace(0.05, 1.0, 10))
     x = torch.randn(40, 6)
     want = sae.encode(x)                                                          # [40, 10]
     assert 0 < (want > 0).float().mean() < 0.5
@@ -285,7 +306,7 @@ def test_a_member_is_chosen_by_key(dataset, tmp_path):
     run_sweep(_cfg(dataset, tmp_path / "s"))
     key, sae, _ = select_member(tmp_path / "s", key="0.1")
     assert key == 0.1 and type(sae) is JumpReLUAutoencoder
-    assert torch.equal(sae.log_threshold, load_sweep(tmp_path / "s")[0.1].log_threshold)
+    assert torch.equal(sae.threshold, load_sweep(tmp_path / "s")[0.1].threshold)
     with pytest.raises(UserError, match=r"holds 2 dictionaries: choose one with --key \(one of 0.001, 0.1\)"):
         select_member(tmp_path / "s")
     with pytest.raises(UserError, match="is a JumpReLU sweep: choose its dictionary with --key"):
@@ -305,7 +326,7 @@ def test_saelens_export_round_trip(tmp_path):
     with torch.no_grad():
         sae.center.normal_()
         sae.encoder_bias.normal_(0, 0.3)
-        sae.log_threshold.copy_(torch.linspace(0.05, 1.0, 10).log())
+        sae.threshold.copy_(torch.linspace(0.05, 1.0, 10))
     folder = write_saelens(tmp_path / "sae", sae, {"hook_name": "h"}, {"l0_coefficient": 0.01})
     cfg = json.loads((folder / "cfg.json").read_text())
     weights = load_file(str(folder / "sae_weights.safetensors"))

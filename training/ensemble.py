@@ -216,6 +216,8 @@ class Ensemble:
             self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
             self._update_(active, lr_scale, frozen=self.frozen, factors=factors)
+            if self.arch.constrain_ is not None:
+                self.arch.constrain_(self.params)
             track_dead_(self.tokens_since_fired, out["fired"], active, n_tokens)
             if self.arch.update_state_ is not None:
                 self.arch.update_state_(self.member_state, out, active)

@@ -36,7 +36,7 @@ from training.chunks import MANIFEST, HookData, open_hook, read_manifest
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
 from training.architectures import Architecture, get as get_architecture, names as architecture_names
 from training.dead_latents import LOSS_POLICIES
-from training.dictionary import decoder_norms, unit_norm_params
+from training.dictionary import unit_norm_params
 from training.distributed import (Shard, batch_share, data_parallel_reduce, env_world, join_members, member_slices,
                                   session, slice_members)
 from training.locks import folder_lock
@@ -91,10 +91,9 @@ class SweepConfig:
     l0_coefficient_values: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
     """L0 penalty coefficient (lambda) of each JumpReLU member (--architecture jumprelu); a latent's learned threshold
     settles near sqrt(lambda) at --activation_norm 1 (dropping a code of size t costs about t^2)."""
-    jumprelu_bandwidth: float = 0.001
-    """Width of the rectangle kernel of the JumpReLU threshold gradients, in pre-activation units (--architecture
-    jumprelu; the paper's 0.001 at --activation_norm 1, for runs of ~10^5 steps: in a few thousand steps the learned
-    thresholds barely move; SAELens defaults to 0.05)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of the JumpReLU threshold gradients, in pre-activation units at --activation_norm
+    1 (--architecture jumprelu; SAELens' default; the paper's 0.001 is meant for runs of ~10^5 steps)."""
     tied: bool = False
     """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
     batch_size: int = 4096
@@ -679,17 +678,12 @@ def raw_space_params(params: dict[str, torch.Tensor], scale: float, arch: Archit
     First the decoder norms are folded into encoder and the code biases (`unit_norm_params`, exact); then with the
     params in activation units (`Architecture.scaled_params`: center, encoder bias, ...) divided by s the codes come
     out as codes(s x) / s and the reconstruction as x_hat(s x) / s, while encoder and decoder rows are unchanged;
-    TopK picks the same features. Params in pre-activation units that do not scale linearly (a JumpReLU
-    log-threshold) are rescaled alike by the architecture's `scale_latents_` (by norms / s).
+    TopK picks the same features.
     """
     scaled = arch.scaled_params if arch else ("center", "encoder_bias")
     code_biases = arch.code_biases if arch else ("encoder_bias",)
-    scale_latents_ = arch.scale_latents_ if arch else None
     host = {n: t.detach().cpu() for n, t in params.items()}
     out = unit_norm_params(host, code_biases)
-    if scale_latents_ is not None:
-        norms = decoder_norms(host).clamp_min(1e-12) if "encoder" in host else 1.0     # as unit_norm_params folds
-        scale_latents_(out, torch.ones_like(out["encoder_bias"]) * norms / scale)
     for name in scaled:                             # params in activation units (the architecture's scaled_params)
         out[name] /= scale
     return out

@@ -59,10 +59,8 @@ gradient sees the stacked `[N, ...]` params):
     latent the "resample" policy revives.
   - `unit_decoder` (default False): members always keep unit decoder rows (as `Ensemble(unit_decoder=True)`), e.g.
     where a loss constant such as a bandwidth is in pre-activation units.
-  - `scale_latents_(params, factor: [..., h])` (default None): params beyond encoder, encoder_bias and decoder that
-    are in pre-activation units (e.g. a threshold), rescaled in place after every latent's pre-activation was
-    multiplied by `factor` (> 0) when saved weights fold the decoder norms and the input scale
-    (training.sweep.raw_space_params), so that the codes scale by `factor` too.
+  - `constrain_(params)` (default None): called after every Adam step, without gradients, to project the stacked
+    params onto their constraints in place (e.g. JumpReLU's thresholds >= 0); a no-op on members it already satisfies.
   - `to_saelens(params, member) -> (tensors, cfg fields)` (default None: not exportable): one member's unit-norm
     params and sweep fields as a SAELens folder's tensors and cfg (training/saelens.py has the format);
     `from_saelens(tensors, cfg) -> module` for the SAELens architecture names in `saelens_names` (which folders
@@ -126,7 +124,7 @@ class Architecture:
     code_biases: tuple[str, ...] = ("encoder_bias",)
     latent_vectors: tuple[str, ...] = ("encoder_bias",)
     unit_decoder: bool = False
-    scale_latents_: Callable[[Params, Tensor], None] | None = None
+    constrain_: Callable[[Params], None] | None = None
     to_saelens: Callable[[Params, dict[str, Any]], tuple[Params, dict[str, Any]]] | None = None
     from_saelens: Callable[[Params, dict[str, Any]], Any] | None = None
     saelens_names: tuple[str, ...] = ()

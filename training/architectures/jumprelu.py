@@ -1,5 +1,5 @@
 """The JumpReLU architecture (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope, Lieberum et al. 2024):
-per-latent learned thresholds theta = exp(log_threshold), codes = pre * H(pre - theta), trained on
+per-latent learned thresholds theta (a parameter, kept >= 0), codes = pre * H(pre - theta), trained on
 MSE + l0_coefficient * L0 with straight-through estimators; swept over `l0_coefficient` (warmed up by the sweep).
 
 Maths (one member; `pre: [B, h]` as in training/dictionary.py, H the Heaviside step, K the rectangle kernel
@@ -11,21 +11,22 @@ Pseudo-derivatives (the paper's eqs. 11-12; the true ones are 0 almost everywher
     d codes_j / d pre_j   = H(pre_j - theta_j)
     d codes_j / d theta_j = -(theta_j / eps) * K((pre_j - theta_j) / eps)
     d H(pre_j - theta_j) / d theta_j = -(1 / eps) * K((pre_j - theta_j) / eps),   d / d pre_j = 0
-and d / d log_threshold = theta * d / d theta (chain rule). The L0 term is on the pre-activations, as in the paper's
+The L0 term is on the pre-activations, as in the paper's
 equations and SAELens (the paper's pseudo-code applies the step to the codes, which drops the kernel's lower half
 when theta < eps / 2).
 
-Defaults from the paper and Gemma Scope (and dictionary_learning's JumpReluTrainer): bandwidth eps = 0.001 and
-threshold init 0.001 for inputs normalised to E||x||^2 = 1 (the sweep's --activation_norm 1); decoder rows of unit
-norm, kept so during training (gradient projected, rows renormalised: `unit_decoder`), so that pre-activations are
-the codes' contributions in input units and eps means the same for every latent; encoder = decoder transpose;
-encoder bias 0; center (b_dec) 0 (the sweep's --center_init sets it). The L0 counts latents, so it is not
-decoder-norm weighted. No dead-latent revival (dead policy "none"). The bandwidth is the architecture's option
-`jumprelu_bandwidth` (--jumprelu_bandwidth): with log-thresholds, Adam moves each threshold by a factor of at most
-about exp(lr) per step (from 0.001, reaching 0.05 takes at least log(50) / lr steps: 3,900 at lr 0.001), and at
-eps = 0.001 few tokens fall in the kernel window: runs of a few thousand steps at lr 0.001 were measured to leave
-the thresholds near their init whatever lambda (L0 that of a ReLU dictionary). The learning check
-(tests/test_arch_jumprelu.py) needs eps = 0.05 and lr 0.01.
+Defaults from SAELens (JumpReLUTrainingSAE; dictionary_learning's JumpReluTrainer likewise learns theta itself):
+threshold init 0.01 and bandwidth eps = 0.05 (the paper's and Gemma Scope's 0.001 and 0.001 are meant for ~10^5
+steps), for inputs normalised to E||x||^2 = 1 (the sweep's --activation_norm 1). theta is the parameter itself, not
+its log as in the paper (SAELens issue #494): Adam moves a parameter by about lr per step, so a log-threshold moves
+theta by a factor of at most exp(lr) per step and a small init barely moves in a few thousand steps (measured: L0
+independent of lambda). theta is kept >= 0 by projection after every Adam step (`constrain_`, as SAELens clamps the
+parameter's data, not the graph, which would zero its gradient at 0). Decoder rows of unit norm, kept so during
+training (gradient projected, rows renormalised: `unit_decoder`), so that pre-activations are the codes'
+contributions in input units and eps means the same for every latent; encoder = decoder transpose; encoder bias 0;
+center (b_dec) 0 (the sweep's --center_init sets it). The L0 counts latents, so it is not decoder-norm weighted. No
+dead-latent revival (dead policy "none"). The bandwidth is the architecture's option `jumprelu_bandwidth`
+(--jumprelu_bandwidth).
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ from training.dictionary import dictionary_from_params, unit_norm_params
 from training.fused import Workspace, accumulate_bmm, per_member, relu_mask_, sum_tokens_
 
 FP32 = 4
-BANDWIDTH = 0.001
-"""eps, the rectangle kernel's width (in pre-activation units, at E||x||^2 = 1)."""
-INIT_THRESHOLD = 0.001
-"""theta of every latent at initialisation."""
+BANDWIDTH = 0.05
+"""eps, the rectangle kernel's width (in pre-activation units, at E||x||^2 = 1; SAELens' jumprelu_bandwidth)."""
+INIT_THRESHOLD = 0.01
+"""theta of every latent at initialisation (SAELens' jumprelu_init_threshold)."""
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -111,7 +112,7 @@ def jumprelu_loss(params: Params, x: Tensor, l0_coefficient: Tensor | float, ban
     """(MSE + l0_coefficient * L0, {"mse", "l0", "codes", "x_hat"}) of a JumpReLU dictionary, with the paper's
     straight-through pseudo-derivatives for the thresholds (module docstring)."""
     pre = pre_activations(params, x)                                              # [B, h]
-    theta = params["log_threshold"].exp()                                         # [h]
+    theta = params["threshold"]                                                   # [h]
     codes = JumpReLUFunction.apply(pre, theta, bandwidth)
     x_hat = decode_codes(params, codes)
     mse = mse_loss(x, x_hat)
@@ -121,7 +122,7 @@ def jumprelu_loss(params: Params, x: Tensor, l0_coefficient: Tensor | float, ban
 
 class JumpReLUAutoencoder(Dictionary):
     """JumpReLU dictionary (Rajamanoharan et al. 2024): codes = pre * (pre > threshold), per-latent thresholds
-    threshold = exp(log_threshold) (a parameter, saved with the weights). Never tied."""
+    `threshold` (a parameter, saved with the weights). Never tied."""
 
     architecture = "jumprelu"
 
@@ -129,12 +130,7 @@ class JumpReLUAutoencoder(Dictionary):
                  device=None, dtype=None):
         super().__init__()
         self._init_params(d_in, d_hidden, False, init_norm, device, dtype)
-        self.log_threshold = nn.Parameter(torch.full((d_hidden,), math.log(threshold), device=device, dtype=dtype))
-
-    @property
-    def threshold(self) -> Tensor:
-        """theta: [d_hidden] = exp(log_threshold)."""
-        return self.log_threshold.exp()
+        self.threshold = nn.Parameter(torch.full((d_hidden,), float(threshold), device=device, dtype=dtype))
 
     def encode(self, x: Tensor) -> Tensor:
         """codes: [n, d_hidden] = pre * (pre > threshold), pre = (x - center) @ encoder.T + encoder_bias."""
@@ -157,7 +153,6 @@ def fused_jumprelu_grads(params: Params, x: Tensor, l0_coefficient: Tensor, band
     per-step allocation of [N, C, h] tensors, no host sync. Per latent j, with W = K((pre - theta) / eps) the
     kernel window and g_codes = d MSE / d codes:
         d loss / d theta_j = -(theta_j / eps) sum_b W_bj g_codes_bj - l0_coefficient / (B eps) sum_b W_bj
-    and d loss / d log_threshold = theta * d loss / d theta.
     """
     n, batch = params["decoder"].shape[0], x.shape[0]
     center, bias, enc, dec = params["center"], params["encoder_bias"], params["encoder"], params["decoder"]
@@ -169,7 +164,7 @@ def fused_jumprelu_grads(params: Params, x: Tensor, l0_coefficient: Tensor, band
         enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc)
         dec_c = ws.buffer("dec", tuple(dec.shape), cd).copy_(dec)
         bias_c = bias.to(cd)
-    theta = params["log_threshold"].exp()                                            # [N, h]
+    theta = params["threshold"]                                                      # [N, h]
     theta_c = theta.to(cd).unsqueeze(1)                                              # [N, 1, h]
     sq_err = x.new_empty(n, batch)                                                   # [N, B]
     code_sum, fired_count = x.new_empty(n, h), x.new_empty(n, h)
@@ -211,8 +206,7 @@ def fused_jumprelu_grads(params: Params, x: Tensor, l0_coefficient: Tensor, band
         sum_tokens_(grads["encoder_bias"], gpre, first)
     grads["center"].sub_(torch.bmm(grads["encoder_bias"].unsqueeze(1), enc).squeeze(1))
     l0_per_token = per_member(l0_coefficient / batch, window_count)                  # [N, 1]
-    theta_grad = -(theta / bandwidth) * window_grad - (l0_per_token / bandwidth) * window_count
-    grads["log_threshold"].copy_(theta_grad.mul_(theta))
+    torch.mul(theta, window_grad, out=grads["threshold"]).add_(l0_per_token * window_count).div_(-bandwidth)
 
     mse = sq_err.mean(-1)
     l0 = fired_count.sum(-1) / batch
@@ -251,7 +245,7 @@ def _member_state(keys: Tensor, like: Tensor, jumprelu_bandwidth: float = BANDWI
 
 def _activate_(pre: Tensor, params: Params, state: dict[str, Any]) -> Tensor:
     """Stacked codes [N, b, h] from `pre: [N, b, h]`, in place: zero where pre <= threshold."""
-    return pre.masked_fill_(pre <= params["log_threshold"].exp().unsqueeze(1), 0)
+    return pre.masked_fill_(pre <= params["threshold"].unsqueeze(1), 0)
 
 
 def _make_member(d_in: int, d_hidden: int, key: float | None, *, tied: bool = False, init_norm: float = 1.0,
@@ -263,9 +257,9 @@ def _make_member(d_in: int, d_hidden: int, key: float | None, *, tied: bool = Fa
 
 
 @torch.no_grad()
-def _scale_latents_(params: Params, factor: Tensor) -> None:
-    """Pre-activations were multiplied by `factor: [..., h]` (> 0): scale the thresholds alike, in place."""
-    params["log_threshold"].add_(factor.log())
+def _constrain_(params: Params) -> None:
+    """Project the thresholds onto theta >= 0 in place (below 0 the gate would pass negative pre-activations)."""
+    params["threshold"].clamp_(min=0)
 
 
 def _check_keys(keys: list, d_hidden: int) -> str | None:
@@ -280,9 +274,9 @@ def _transient_bytes(n_models: int, batch: int, d_in: int, d_hidden: int, k_max:
 
 
 def _to_saelens(p: Params, member: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
-    """One member (unit rows) as SAELens' "jumprelu" SAE: threshold = exp(log_threshold)."""
+    """One member (unit rows) as SAELens' "jumprelu" SAE (the same threshold)."""
     from training.saelens import plain_to_saelens
-    return {**plain_to_saelens(p), "threshold": p["log_threshold"].exp()}, {"architecture": "jumprelu"}
+    return {**plain_to_saelens(p), "threshold": p["threshold"]}, {"architecture": "jumprelu"}
 
 
 def _from_saelens(t: Params, cfg: dict[str, Any]) -> JumpReLUAutoencoder:
@@ -297,13 +291,13 @@ def _from_saelens(t: Params, cfg: dict[str, Any]) -> JumpReLUAutoencoder:
                                                                           float(t["topk_threshold"]))
     else:
         threshold = t["threshold"]
-    p["log_threshold"] = threshold.clamp_min(0).log()
+    p["threshold"] = threshold.clamp_min(0)
     return dictionary_from_params(p, "jumprelu")
 
 ARCHITECTURE = Architecture(
     to_saelens=_to_saelens, from_saelens=_from_saelens, saelens_names=("jumprelu", "batchtopk"),
     name="jumprelu", title="JumpReLU", module=JumpReLUAutoencoder, make_member=_make_member, member_key=None,
-    param_names=("center", "encoder", "encoder_bias", "decoder", "log_threshold"),
+    param_names=("center", "encoder", "encoder_bias", "decoder", "threshold"),
     sweep_param="l0_coefficient", sweep_param_integer=False, scheduled=("l0_coefficient",),
     member_state=_member_state, options=("jumprelu_bandwidth",),
     loss=_loss, fused_grads=_fused,
@@ -314,6 +308,7 @@ ARCHITECTURE = Architecture(
     format_key=lambda key: f"lambda = {key:.3g}", short_key=lambda key: f"{key:.3g}",
     workspace_bytes=_workspace_bytes, transient_bytes=_transient_bytes,
     eval_block_rows=lambda batch: max(1, batch),   # an encode holds one [N, rows, h] buffer, the step several
-    unit_decoder=True, scale_latents_=_scale_latents_,
+    unit_decoder=True, constrain_=_constrain_,
+    code_biases=("encoder_bias", "threshold"), scaled_params=("center", "encoder_bias", "threshold"),
 )
 JUMPRELU = ARCHITECTURE
