@@ -178,27 +178,26 @@ def test_nan_member_is_frozen_and_the_others_train_on_unchanged():
 
 
 def test_best_member_recovers_the_ground_truth_features():
-    """G = 32 features in d = 24, 3 active on average, 64 latents, 1500 steps of 256 rows at lr 0.01: mean max
-    cosine >= 0.95 for the best lambda (measured 0.97-0.98).
+    """G = 32 features in d = 24, 3 active on average, 64 latents, 1500 steps of 256 rows at the defaults (lr 0.001,
+    bandwidth 0.05, threshold init 0.01): mean max cosine >= 0.95 for the best lambda (measured 0.97), and lambda sets
+    the L0 (measured 2.9 at 0.03, 1.2 at 0.3).
 
-    At the paper's bandwidth 0.001 (meant for runs of ~10^5 steps) the log-thresholds move too little in a few
-    thousand steps for the codes to become sparse (L0 stays at every latent, mean max cosine ~0.55); this quick check
-    uses SAELens' default bandwidth 0.05 (--jumprelu_bandwidth)."""
+    With the paper's log-threshold (init 0.001) the thresholds barely moved in a run this short: the codes did not
+    become sparse below lr 0.01 (SAELens issue #494)."""
     torch.manual_seed(0)
     cfg = ToyConfig(n_features=32, d=24, avg_active=3, seed=0)
     features = make_features(cfg)
     batches = iter_batches(cfg, 256, features)
     x0, _ = next(batches)
     scale = float((1 / x0.square().sum(1).mean()).sqrt())                     # E||x||^2 = 1
-    ens = Ensemble(make_members("jumprelu", 2, 24, 64), {"lr": [1e-2] * 2, "l0_coefficient": [0.03, 0.3]},
-                   arch_options={"jumprelu_bandwidth": 0.05})
+    ens = Ensemble(make_members("jumprelu", 2, 24, 64), {"lr": [1e-3] * 2, "l0_coefficient": [0.03, 0.3]})
     ens.init_center(x0 * scale)
     for step in range(1500):
         x, _ = next(batches)
         stats = ens.step(x * scale, coefficient_scales={"l0_coefficient": min(1.0, (step + 1) / 75)})
     mmcs = (features @ ens.params["decoder"].transpose(1, 2)).max(-1).values.mean(-1)     # [N]
     assert mmcs.max() >= 0.95, mmcs
-    assert stats["l0"][0] > stats["l0"][1] and stats["l0"][0] < 8                 # sparse; larger lambda, sparser
+    assert stats["l0"][0] > 1.5 * stats["l0"][1] and stats["l0"][0] < 6           # sparse; larger lambda, sparser
 
 
 # ----------------------------------------------------------------------------- the sweep end to end

@@ -36,10 +36,9 @@ SWEEP_KEYS = {"l1": [0.01, 0.1], "k": [4, 16]}
 """Member keys of the tiny sweeps, by sweep parameter (at --activation_norm 1, 256 features of a 128-wide hook)."""
 LEARNING_KEYS = {"l1": [0.1, 1.5], "k": [2, 3], "l0_coefficient": [0.03, 0.3]}
 """Member keys of the learning check, by sweep parameter (data with 3 active features per row, E||x||^2 = 1)."""
-LEARNING_OPTIONS = {"matryoshka_prefixes": [0.5, 1.0], "jumprelu_bandwidth": 0.05}
-"""Architecture options of the learning check, by name: two nested halves (the default's first prefix must
-reconstruct alone, so it holds broad mixtures of the true features); SAELens' JumpReLU bandwidth (at the paper's
-0.001 the log-thresholds barely move in a short run, see training/architectures/jumprelu.py)."""
+LEARNING_OPTIONS = {"matryoshka_prefixes": [0.5, 1.0]}
+"""Architecture options of the learning check, by name (the others at their defaults): two nested halves (the
+default's first prefix must reconstruct alone, so it holds broad mixtures of the true features)."""
 
 
 def keys_for(arch: Architecture, table: dict[str, list]) -> list:
@@ -173,7 +172,7 @@ def test_every_architecture_recovers_known_features(name):
     keys = keys_for(arch, LEARNING_KEYS)
     torch.manual_seed(0)
     members = make_members(name, len(keys), 24, 96, keys=keys, seed=1, init_norm=arch.default_init_norm)
-    options = {option: LEARNING_OPTIONS[option] for option in arch.options}
+    options = {option: LEARNING_OPTIONS[option] for option in arch.options if option in LEARNING_OPTIONS}
     ens = Ensemble(members, {"lr": [1e-2] * len(keys), arch.sweep_param: keys}, dead_window=20 * 256, k_aux=12,
                    arch_options=options)
     for rep in range(8):
