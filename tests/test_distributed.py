@@ -96,15 +96,7 @@ def test_slice_and_join_members_round_trip():
     assert all(torch.equal(joined[k], state[k]) for k in state if k != "dead.aux_on") and bool(joined["dead.aux_on"])
 
 
-KNOWN_UNEQUAL = {"jumprelu": "one member drifts by 1 ulp after ~14 steps on 2 ranks; not reproduced by the same "
-                               "ensembles stepped in one process (cause not found yet)"}
-"""Architectures whose member-sharded sweep is not yet bit-equal to one process (strict xfail: fixing it fails the
-test until the entry is removed)."""
-
-
-@pytest.mark.parametrize("architecture", [
-    pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_UNEQUAL[name], strict=True)) if name in KNOWN_UNEQUAL
-    else name for name in architecture_names()])
+@pytest.mark.parametrize("architecture", architecture_names())
 def test_member_sharded_sweep_equals_one_process(hook_dir, tmp_path, architecture):
     extra = dict(architecture=architecture)
     if get_architecture(architecture).sweep_param == "k":

@@ -619,3 +619,16 @@ def test_one_masked_fill_zeroes_frozen_gradients_like_one_per_parameter(tied):
             torch.testing.assert_close(getattr(ens[1], group)[name], t, rtol=0, atol=0, equal_nan=True)
     for name, p in ens[0].params.items():                     # views of one buffer, laid out in order
         assert ens[0]._grads[name].is_contiguous() and ens[0]._grads[name].shape == p.shape
+
+
+def test_a_members_gradient_clip_does_not_depend_on_the_other_members():
+    """Clipping member i of an ensemble of 4 gives the same bits as clipping it in an ensemble of 2 (what a rank of a
+    member-sharded sweep holds): each member's squared norms are summed along its own row."""
+    from training.adam import clip_grads_
+    g = torch.Generator().manual_seed(0)
+    shapes = {"center": (16,), "encoder": (32, 16), "encoder_bias": (32,), "decoder": (32, 16), "threshold": (32,)}
+    whole = {n: torch.randn(4, *s, generator=g) for n, s in shapes.items()}
+    part = {n: t[2:].clone() for n, t in whole.items()}
+    clip_grads_(whole, 4, 0.01)
+    clip_grads_(part, 2, 0.01)
+    assert all(torch.equal(whole[n][2:], part[n]) for n in shapes)

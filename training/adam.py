@@ -60,8 +60,9 @@ def member_groups(decoder: Tensor, whole_stack: bool, unit_decoder: bool) -> lis
 def clip_grads_(grads: Params, n_models: int, max_norm: float) -> None:
     """Scale each member's gradients by min(1, max_norm / (norm + 1e-6)), norm over all its parameters."""
     gs = list(grads.values())
-    blocks = [g[i] for g in gs for i in range(n_models)]                               # one per parameter and member
-    sq = torch.stack(torch._foreach_norm(blocks)).view(len(gs), n_models).square().sum(0)   # [N]
+    blocks = [g[i] for i in range(n_models) for g in gs]                               # one per member and parameter
+    # summed along each member's own contiguous row, so that its norm does not depend on how many members there are
+    sq = torch.stack(torch._foreach_norm(blocks)).view(n_models, len(gs)).square().sum(-1)   # [N]
     scale = (max_norm / (sq.sqrt() + 1e-6)).clamp_max(1)
     torch._foreach_mul_(gs, [per_member(scale, g) for g in gs])
 
