@@ -96,6 +96,33 @@ def sum_tokens_(out: Tensor, t: Tensor, first: bool, dtype: torch.dtype | None =
         out.add_(t.sum(1, dtype=dtype))
 
 
+def centred(ws: Workspace, xs: Tensor, center: Tensor, low: bool) -> Tensor:
+    """x - center for a chunk `xs: [m, d]` of every member, [N, m, d], in the workspace (computed in the
+    accumulation dtype, then copied to the compute dtype when `low`, i.e. under autocast)."""
+    m = xs.shape[0]
+    if low:
+        return ws.xc[:, :m].copy_(torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.small[:, :m]))
+    return torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])
+
+
+def reconstruction_grad(ws: Workspace, codes: Tensor, dec: Tensor, dec_c: Tensor, center: Tensor, xs: Tensor,
+                        sq_err: Tensor, batch: int, low: bool) -> tuple[Tensor, Tensor]:
+    """(g, g_c): d MSE / d x_hat = 2 (x_hat - x) / batch for `codes: [N, m, h]` decoded, [N, m, d] in the accumulation
+    dtype and (when `low`) in the compute dtype; writes each token's squared error ||x_hat - x||^2 into
+    `sq_err: [N, m]`."""
+    n, m, d = codes.shape[0], xs.shape[0], xs.shape[1]
+    cd, acc = ws.compute, xs.dtype
+    err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
+    if low:
+        err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, ws.chunk, d), cd)[:, :m]))
+    else:
+        err.baddbmm_(codes, dec)
+    err.sub_(xs)                                                                     # x_hat - x
+    torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1, out=sq_err)
+    g = err.mul_(2.0 / batch)                                                        # d MSE / d x_hat
+    return g, (ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g)
+
+
 def accumulate_bmm(out: Tensor, a: Tensor, b: Tensor, overwrite: bool, ws: Workspace) -> None:
     """out = a @ b (overwrite) or out += a @ b, batched, in place (via a compute-dtype buffer if needed)."""
     if a.dtype != out.dtype:

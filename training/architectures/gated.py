@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from training.architectures import Architecture
 from training.dictionary import INIT_NORM, Dictionary, Params, decoder_norms, mse_loss
 from training.dictionary import dictionary_from_params
-from training.fused import Workspace, accumulate_bmm, per_member, relu_mask_, sum_tokens_
+from training.fused import accumulate_bmm, centred, per_member, relu_mask_, sum_tokens_, Workspace
 
 FP32 = 4
 
@@ -110,10 +110,7 @@ def fused_gated_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grad
     for start in range(0, batch, ws.chunk):
         xs = x[start:start + ws.chunk]
         m, first = xs.shape[0], start == 0
-        if low:                                                                      # via the fp32 buffer
-            xc = ws.xc[:, :m].copy_(torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.small[:, :m]))
-        else:
-            xc = torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])   # [N, m, d]
+        xc = centred(ws, xs, center, low)                                            # [N, m, d]
         lin = torch.bmm(xc, enc_c.transpose(1, 2), out=ws.buffer("lin", (n, ws.chunk, h), cd)[:, :m])
         gate = torch.add(lin, bg_c, out=ws.big_a[:, :m]).relu_()                    # ReLU(pi_gate)
         codes = torch.addcmul(bm_c, lin, s_c, out=ws.buffer("codes", (n, ws.chunk, h), cd)[:, :m]).relu_()

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from training.architectures import Architecture
 from training.dictionary import Dictionary, Params, decode_codes, decoder_norms, mse_loss, pre_activations
 from training.dictionary import dictionary_from_params, unit_norm_params
-from training.fused import Workspace, accumulate_bmm, per_member, relu_mask_, sum_tokens_
+from training.fused import accumulate_bmm, centred, per_member, reconstruction_grad, relu_mask_, sum_tokens_, Workspace
 
 FP32 = 4
 BANDWIDTH = 0.05
@@ -173,10 +173,7 @@ def fused_jumprelu_grads(params: Params, x: Tensor, l0_coefficient: Tensor, band
     for start in range(0, batch, ws.chunk):
         xs = x[start:start + ws.chunk]
         m, first = xs.shape[0], start == 0
-        if low:
-            xc = ws.xc[:, :m].copy_(torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.small[:, :m]))
-        else:
-            xc = torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])   # [N, m, d]
+        xc = centred(ws, xs, center, low)                                            # [N, m, d]
         pre = ws.big_a[:, :m]                                                        # [N, m, h]
         torch.baddbmm(bias_c.unsqueeze(1), xc, enc_c.transpose(1, 2), out=pre)
         above = torch.sub(pre, theta_c, out=ws.big_b[:, :m])                          # pre - theta (> 0 iff pre > theta)
@@ -184,17 +181,8 @@ def fused_jumprelu_grads(params: Params, x: Tensor, l0_coefficient: Tensor, band
         window = ws.buffer("window", (n, ws.chunk, h), cd)[:, :m]
         torch.lt(above.div_(bandwidth).abs_(), 0.5, out=window)                      # K((pre - theta) / eps) as 0/1
         sum_tokens_(window_count, window, first, dtype=acc)
-        err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
-        if low:
-            err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, ws.chunk, d), cd)[:, :m]))
-        else:
-            err.baddbmm_(codes, dec)
-        err.sub_(xs)                                                                 # x_hat - x
-        torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1,
-                  out=sq_err[:, start:start + m])
-        g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
+        g, g_c = reconstruction_grad(ws, codes, dec, dec_c, center, xs, sq_err[:, start:start + m], batch, low)
         sum_tokens_(grads["center"], g, first)
-        g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
 
         accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
         sum_tokens_(code_sum, codes, first, dtype=acc)

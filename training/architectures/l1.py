@@ -27,7 +27,8 @@ from training.dictionary import (
     Params,
     pre_activations,
 )
-from training.fused import Workspace, accumulate_bmm, encoder_name, per_member, relu_mask_, sum_tokens_
+from training.fused import (accumulate_bmm, centred, encoder_name, per_member, reconstruction_grad,
+                            relu_mask_, sum_tokens_, Workspace)
 
 FP32 = 4
 
@@ -125,23 +126,11 @@ def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: 
     for start in range(0, batch, ws.chunk):
         xs = x[start:start + ws.chunk]
         m, first = xs.shape[0], start == 0
-        if low:                                                                      # via the fp32 buffer
-            xc = ws.xc[:, :m].copy_(torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.small[:, :m]))
-        else:
-            xc = torch.sub(xs.unsqueeze(0), center.unsqueeze(1), out=ws.xc[:, :m])   # [N, m, d]
+        xc = centred(ws, xs, center, low)                                            # [N, m, d]
         codes = ws.big_a[:, :m]                                                      # [N, m, h]
         torch.baddbmm(bias_c.unsqueeze(1), xc, enc_c.transpose(1, 2), out=codes).relu_()
-        err = ws.small[:, :m].copy_(center.unsqueeze(1).expand(n, m, d))
-        if low:
-            err.add_(torch.bmm(codes, dec_c, out=ws.buffer("x_hat", (n, ws.chunk, d), cd)[:, :m]))
-        else:
-            err.baddbmm_(codes, dec)
-        err.sub_(xs)                                                                 # x_hat - x
-        torch.sum(torch.mul(err, err, out=ws.buffer("sq", (n, ws.chunk, d), acc)[:, :m]), -1,
-                  out=sq_err[:, start:start + m])
-        g = err.mul_(2.0 / batch)                                                    # d MSE / d x_hat
+        g, g_c = reconstruction_grad(ws, codes, dec, dec_c, center, xs, sq_err[:, start:start + m], batch, low)
         sum_tokens_(grads["center"], g, first)
-        g_c = ws.buffer("g", (n, ws.chunk, d), cd)[:, :m].copy_(g) if low else g
 
         accumulate_bmm(grads["decoder"], codes.transpose(1, 2), g_c, first, ws)     # [N, h, d]
         sum_tokens_(code_sum, codes, first, dtype=acc)
