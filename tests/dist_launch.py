@@ -37,10 +37,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_TAKEN = ("Address already in use", "EADDRINUSE", "address already in use")
+"""What a rank says when the rendezvous port it was given was taken between `free_port` and its bind."""
+
+
 def launch(args: list[str], world_size: int = 2, timeout: float = 120, env: dict[str, str] | None = None
            ) -> list[RankResult]:
     """Run `python args...` as `world_size` ranks of one job; every rank is killed after `timeout` seconds (the
-    test then fails on its return code, -9)."""
+    test then fails on its return code, -9). A job whose rendezvous port was taken by another process in the
+    meantime is started again on a new port (up to 3 times); any other failure is returned as it is."""
+    for _ in range(3):
+        results = _launch_once(args, world_size, timeout, env)
+        if not any(marker in r.stderr for r in results for marker in PORT_TAKEN):
+            break
+    return results
+
+
+def _launch_once(args: list[str], world_size: int, timeout: float, env: dict[str, str] | None) -> list[RankResult]:
+    """One attempt of `launch` on a fresh port."""
     port = free_port()
     procs = []
     for rank in range(world_size):
