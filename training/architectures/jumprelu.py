@@ -59,6 +59,13 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(tuple(range(t.dim() - len(shape)))) if t.dim() > len(shape) else t
 
 
+
+def _save_pre_theta(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
+    """The straight-through functions' context: pre and theta saved for backward, the bandwidth kept."""
+    pre, theta, bandwidth = inputs
+    ctx.save_for_backward(pre, theta)
+    ctx.bandwidth = bandwidth
+
 class JumpReLUFunction(torch.autograd.Function):
     """pre * H(pre - theta), with the straight-through pseudo-derivative -(theta / eps) K((pre - theta) / eps) for
     theta (vmap-able: functorch-style `setup_context`, generated vmap rule)."""
@@ -69,11 +76,7 @@ class JumpReLUFunction(torch.autograd.Function):
     def forward(pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
         return pre * (pre > theta).to(pre.dtype)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
-        pre, theta, bandwidth = inputs
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
+    setup_context = staticmethod(_save_pre_theta)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -93,11 +96,7 @@ class StepFunction(torch.autograd.Function):
     def forward(pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
         return (pre > theta).to(pre.dtype)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
-        pre, theta, bandwidth = inputs
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
+    setup_context = staticmethod(_save_pre_theta)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
