@@ -57,13 +57,19 @@ def member_groups(decoder: Tensor, whole_stack: bool, unit_decoder: bool) -> lis
     return [slice(start, start + per_group) for start in range(0, decoder.shape[0], per_group)]
 
 
-def clip_grads_(grads: Params, n_models: int, max_norm: float) -> None:
-    """Scale each member's gradients by min(1, max_norm / (norm + 1e-6)), norm over all its parameters."""
+def grad_sq_norms(grads: Params, n_models: int) -> Tensor:
+    """[N]: each member's squared gradient norm over all its parameters (NaN/inf where any gradient is)."""
     gs = list(grads.values())
     blocks = [g[i] for i in range(n_models) for g in gs]                               # one per member and parameter
     # summed along each member's own contiguous row, so that its norm does not depend on how many members there are
-    sq = torch.stack(torch._foreach_norm(blocks)).view(n_models, len(gs)).square().sum(-1)   # [N]
-    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp_max(1)
+    return torch.stack(torch._foreach_norm(blocks)).view(n_models, len(gs)).square().sum(-1)
+
+
+def clip_grads_(grads: Params, sq_norms: Tensor, max_norm: float) -> None:
+    """Scale each member's gradients by min(1, max_norm / (norm + 1e-6)), norm = sqrt(`sq_norms`: [N],
+    `grad_sq_norms`)."""
+    gs = list(grads.values())
+    scale = (max_norm / (sq_norms.sqrt() + 1e-6)).clamp_max(1)
     torch._foreach_mul_(gs, [per_member(scale, g) for g in gs])
 
 

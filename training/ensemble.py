@@ -28,8 +28,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_stacked_, clip_grads_, gradient_buffers,
-                           member_groups, project_rows_, select_adam_factors)
+from training.adam import (adam_factors, adam_host_factors, adam_members_, adam_stacked_, clip_grads_, grad_sq_norms,
+                           gradient_buffers, member_groups, project_rows_, select_adam_factors)
 from training.ensemble_state import (arch_options, architecture_name, check_state, load_options, state_refs,
                                      with_legacy_entries)
 from training.dead_latents import DEAD_POLICIES, LOSS_POLICIES, track_dead_
@@ -194,9 +194,10 @@ class Ensemble:
         Returns {"loss", "mse", "l1_norm" (the decoder-norm-weighted L1 of the codes), "l0", "explained_variance",
         (the loss's extra terms, e.g. "aux"): [N],
         "fired": BoolTensor[N, d_hidden] (fired in this batch), "n_dead": [N], "frozen": BoolTensor[N]}.
-        `stats=False` (steps whose stats nobody reads): only what the step computes anyway ("loss", "fired", and
-        what the architecture's loss yields on the way), without the reductions kept for logging; the same update.
-        A member whose loss is NaN/inf is frozen from this step on.
+        `stats=False` (steps whose stats nobody reads): only what the step computes anyway ("fired", and what the
+        architecture's loss yields on the way), without the reductions kept for logging; the same update.
+        A member whose squared gradient norm is NaN/inf (a NaN/inf gradient, as a NaN/inf loss gives, or a norm past
+        ~1.8e19 in float32) is frozen from this step on, before the update: no NaN reaches its parameters.
         `reduce` (data parallel, `x` being this process's share of the batch): called as reduce(grads, stats, x) on
         the gradients and stats of the share, it turns them into those of the whole batch in place and returns (the
         batch's rows, the batch's summed squared deviation from its mean).
@@ -212,10 +213,10 @@ class Ensemble:
             coefficients, factors = self._step_factors(x, scales, lr_scale)
             out = self._gradients(x, scales, stats=stats, coefficients=coefficients)
             n_tokens, variance = (x.shape[0], None) if reduce is None else reduce(self._grads, out, x)
-            loss = out["loss"]
-            self.frozen |= torch.ne(loss - loss, 0)          # not finite (inf - inf is NaN): 2 kernels, isfinite 4
+            sq_norms = grad_sq_norms(self._grads, self.n_models)                         # [N]
+            self.frozen |= torch.ne(sq_norms - sq_norms, 0)   # not finite (inf - inf is NaN): 2 kernels, isfinite 4
             active = ~self.frozen
-            self._update_(active, lr_scale, frozen=self.frozen, factors=factors)
+            self._update_(active, lr_scale, frozen=self.frozen, factors=factors, sq_norms=sq_norms)
             if self.arch.constrain_ is not None:
                 self.arch.constrain_(self.params)
             track_dead_(self.tokens_since_fired, out["fired"], active, n_tokens)
@@ -294,15 +295,18 @@ class Ensemble:
         return stats
 
     def _update_(self, active: Tensor, lr_scale: float, frozen: Tensor | None = None,
-                 factors: Tensor | None = None) -> None:
+                 factors: Tensor | None = None, sq_norms: Tensor | None = None) -> None:
         """Gradient clipping, then Adam (with `unit_decoder`: decoder-gradient projection, Adam, decoder
         renormalisation) in place, frozen members untouched (training/adam.py). Off the CPU every member at once on
         the whole stacked tensors (foreach ops, no [N, h, d] temporary: a constant number of kernels per step); on the
         CPU one parameter at a time and, with `unit_decoder`, groups of members of about 4 MiB per tensor (cache).
-        `frozen`: ~active, `factors`: this step's `_step_factors`, where the caller has them."""
+        `frozen`: ~active, `factors`: this step's `_step_factors`, `sq_norms`: `grad_sq_norms`, where the caller
+        has them."""
         coefs = self._adam_coefficients(active, lr_scale, frozen, factors)
         if self.grad_clip > 0:
-            clip_grads_(self._grads, self.n_models, self.grad_clip)
+            if sq_norms is None:
+                sq_norms = grad_sq_norms(self._grads, self.n_models)
+            clip_grads_(self._grads, sq_norms, self.grad_clip)
         for members in member_groups(self.params["decoder"], self.whole_stack_update, self.unit_decoder):
             dec, g_dec = self.params["decoder"][members], self._grads["decoder"][members]
             if self.unit_decoder:

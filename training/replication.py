@@ -274,7 +274,7 @@ class GridResults:
     """NaN in the last row (no larger dictionary)."""
     alpha_report: np.ndarray
     frozen: np.ndarray
-    """True where a member's loss became NaN/inf and training froze it."""
+    """True where a member's gradient became NaN/inf (as it does with its loss) and training froze it."""
 
 
 def score_grid(cfg: ReplicationConfig, ensembles: list[Ensemble], features: Tensor, x_eval: Tensor) -> GridResults:
@@ -480,7 +480,7 @@ def summary_paragraph(cfg: ReplicationConfig, res: GridResults, findings: list[F
     else:
         best = "no finite value"
     n_frozen = int(np.asarray(res.frozen).sum())
-    frozen = f" {n_frozen} dictionaries diverged (loss NaN/inf) and were frozen." if n_frozen else ""
+    frozen = f" {n_frozen} dictionaries diverged (loss or gradient NaN/inf) and were frozen." if n_frozen else ""
     verdicts = " ".join(f"({i}) {f.claim}: {'holds' if f.holds else 'does NOT hold'} ({f.detail})."
                         for i, f in enumerate(findings, 1))
     timing = f" in {seconds:.0f} s" if seconds is not None else ""

@@ -1122,7 +1122,7 @@ class GatheredEnsemble:
 
     @property
     def frozen(self) -> torch.Tensor:
-        """BoolTensor[N]: members frozen by a NaN/inf loss."""
+        """BoolTensor[N]: members frozen by a NaN/inf gradient (as a NaN/inf loss gives)."""
         return self.state["frozen"]
 
     @property
@@ -1366,11 +1366,11 @@ def finish_run(run: HookRun, shard: Shard, device: torch.device, seconds: float)
     if run.wandb_run is not None:
         run.wandb_run.finish()
     if not usable:
-        raise UserError(f"every member hit a NaN/inf loss and was frozen, so the sweep in {out} is not finished: "
-                        f"check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
+        raise UserError(f"every member hit a NaN/inf loss or gradient and was frozen, so the sweep in {out} is not "
+                        f"finished: check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
     frozen = [k for k, m in zip(keys, metrics) if m["frozen"]]
     if frozen and shard.is_main:
-        print(f"warning: members {frozen} hit a NaN/inf loss and were frozen at that step")
+        print(f"warning: members {frozen} hit a NaN/inf loss or gradient and were frozen at that step")
     return SweepResult(out, keys, metrics, progress, seconds, cfg.architecture, progress.tokens - run.tokens0)
 
 

@@ -94,8 +94,8 @@ class SparseLinearAutoencoder(Dictionary):
 
 def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: Params, stats: bool = True
                    ) -> dict[str, Tensor]:
-    """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats ("loss", "mse",
-    "l1_norm", "fired"; with `stats` also "l0" and "sq_err_sum", which only logging reads).
+    """Write d loss_i / d params_i of every member into `grads` (in place); return per-member stats: "fired";
+    with `stats` also "loss", "mse", "l1_norm", "l0" and "sq_err_sum", which only logging reads.
 
     loss_i = MSE_i + l1_i * L1_i (L1 weighted by decoder-row norms). Five batched matmuls per token
     chunk (2 forward, 3 backward; weight gradients accumulate over chunks of `ws.chunk` tokens), the
@@ -145,12 +145,12 @@ def fused_l1_grads(params: Params, x: Tensor, l1: Tensor, ws: Workspace, grads: 
     # the penalty's own decoder gradient: l1 / B * sum_b codes_bi * decoder_i / norms_i
     grads["decoder"].add_(dec * (l1_per_token * code_sum / norms.clamp_min(1e-12)).unsqueeze(-1))
 
-    mse = sq_err.mean(-1)
-    l1_term = (code_sum * norms).sum(-1) / batch
-    out = {"loss": mse + l1 * l1_term, "mse": mse, "l1_norm": l1_term,
-           "fired": code_sum > 0}                      # codes >= 0: a positive sum iff one fired (NaN: frozen anyway)
+    out = {"fired": code_sum > 0}                      # codes >= 0: a positive sum iff one fired (NaN: frozen anyway)
     if fired_count is not None:
-        out.update(sq_err_sum=sq_err.sum(-1), l0=fired_count.sum(-1) / batch)
+        mse = sq_err.mean(-1)
+        l1_term = (code_sum * norms).sum(-1) / batch
+        out.update(loss=mse + l1 * l1_term, mse=mse, l1_norm=l1_term, sq_err_sum=sq_err.sum(-1),
+                   l0=fired_count.sum(-1) / batch)
     return out
 
 
@@ -186,7 +186,8 @@ def _fused(params: Params, x: Tensor, coefficients: dict[str, Tensor], state: di
     stats = fused_l1_grads(params, x, coefficients["l1"], ws, grads, state.get("stats", True))
     if state.get("dead") is not None:
         stats["aux"] = ghost_grads_(params, x, state["dead"], grads)
-        stats["loss"] = stats["loss"] + stats["aux"]
+        if "loss" in stats:
+            stats["loss"] = stats["loss"] + stats["aux"]
     return stats
 
 
