@@ -4,6 +4,7 @@ sweep equals the single-process one, resumes at another world size, and a killed
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,59 @@ def test_multi_hook_sweep_killed_between_hooks_resumes_on_two_ranks(tmp_path):
     assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
     for hook, members in (("a", [[0, 1, 2], []]), ("b", [[], [0, 1, 2]])):
         assert_same_sweep(tmp_path / "one" / hook, tmp_path / "multi" / hook, 2, members)
+
+
+class FakeWandb:
+    """Stands in for the wandb module: records init, define_metric, log and finish."""
+
+    def __init__(self):
+        self.inits, self.metrics, self.logs, self.finished = [], {}, [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics[name] = step_metric
+
+    def log(self, data, step=None):
+        self.logs.append((data, step))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_a_multi_hook_run_logs_every_hook_to_one_wandb_run_on_its_own_step_axis(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    root = two_hook_folder(tmp_path / "data")
+    run_sweeps(SweepConfig(**flags(root, tmp_path / "out", wandb_project="p", n_repetitions=1)))
+    assert len(fake.inits) == 1 and fake.finished == 1
+    config = fake.inits[0]["config"]
+    assert config["hooks"] == ["a", "b"] and config["dataset_dir"] == str(root)
+    assert fake.metrics == {"a/step": None, "a/*": "a/step", "b/step": None, "b/*": "b/step"}
+    for hook in ("a", "b"):
+        logged = [data for data, step in fake.logs if f"{hook}/step" in data]
+        assert all(step is None for data, step in fake.logs)
+        lines = [json.loads(ln) for ln in (tmp_path / "out" / hook / "metrics.jsonl").read_text().splitlines()]
+        steps = sorted({ln["step"] for ln in lines})
+        assert [d[f"{hook}/step"] for d in logged] == steps                  # each hook's own, increasing axis
+        last = {ln["l1"]: ln for ln in lines if ln["step"] == steps[-1]}
+        for key, line in last.items():
+            assert logged[-1][f"{hook}/l1={key}/mse"] == line["mse"]
+        assert all(k.startswith(f"{hook}/") for d in logged for k in d)
+
+
+def test_a_one_hook_run_logs_to_wandb_against_the_training_step(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    root = two_hook_folder(tmp_path / "data")
+    run_sweeps(SweepConfig(**flags(root, tmp_path / "out", hooks=["b"], wandb_project="p", n_repetitions=1)))
+    assert len(fake.inits) == 1 and fake.finished == 1 and fake.metrics == {}
+    assert fake.inits[0]["config"]["dataset_dir"] == str(root / "b")
+    lines = [json.loads(ln) for ln in (tmp_path / "out" / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [step for _, step in fake.logs] == sorted({ln["step"] for ln in lines})
+    assert all(k.startswith("l1=") for data, _ in fake.logs for k in data)
 
 
 def test_hooks_flag_picks_hooks(tmp_path):

@@ -309,6 +309,27 @@ def test_dry_run_prints_the_estimate_and_trains_nothing(chunk_root, tmp_path, ca
     assert capsys.readouterr().err.strip() == "error: --ratio must be positive (got -1.0)"
 
 
+def test_dry_run_of_several_hooks_counts_every_hooks_state_and_one_hooks_step_buffers(tmp_path, capsys):
+    from bench.multi_hook import write_multi_hook_folder
+    from training.memory import estimate_sweep, format_bytes
+    from training.sweep import main_sweep
+    root = write_multi_hook_folder(tmp_path / "data", ["a", "b", "c"], 2000, 16, 1000)
+    out = tmp_path / "o"
+    run_cli(lambda c: print(main_sweep(c)), "", SweepConfig,
+            ["--dataset_dir", str(root), "--hooks", "a", "c", "--output_dir", str(out), "--ratio", "4",
+             "--l1_value_n", "3", "--batch_size", "250", "--device", "cpu", "--dry_run"])
+    printed = capsys.readouterr().out
+    one = estimate_sweep("l1", 3, 250, 16, 64)
+    assert "dry run: 2 hooks, batch 250, fp32 on cpu" in printed
+    assert printed.count("l1 members x d_in 16 x d_hidden 64") == 2 and "  a: 3" in printed and "  c: 3" in printed
+    assert f"parameters          {format_bytes(2 * one.params)}" in printed
+    assert f"optimizer           {format_bytes(2 * one.optimizer)}" in printed
+    assert f"step workspace      {format_bytes(one.workspace)}" in printed
+    assert f"peak (estimate)     {format_bytes(2 * (one.params + one.optimizer) + one.workspace + one.transient)}" \
+        in printed
+    assert not out.exists()
+
+
 def test_resampling_resume_on_another_device_string_equals_the_uninterrupted_run(chunk_root, tmp_path, monkeypatch):
     kw = dict(n_repetitions=2, save_after_every=True, resample_every=3, dead_window_tokens=500,
               l1_value_min=-1, l1_value_max=0.5)

@@ -80,6 +80,13 @@ def estimate_sweep(architecture: str, n_models: int, batch: int, d_in: int, d_hi
                           step_transient_bytes(architecture, n_models, batch, d_in, d_hidden, k_max))
 
 
+def combined_estimate(ests: list[MemoryEstimate]) -> MemoryEstimate:
+    """Sweeps trained in turns by one process (a multi-hook run): all their parameters and optimizer states live at
+    once, the step buffers of one at a time (the largest workspace and temporaries: a bound)."""
+    return MemoryEstimate(sum(e.params for e in ests), sum(e.optimizer for e in ests),
+                          max(e.workspace for e in ests), max(e.transient for e in ests))
+
+
 def available_bytes(device: torch.device) -> tuple[int | None, str]:
     """(free bytes on `device`, where the figure comes from); None when unknown."""
     if device.type == "cuda":

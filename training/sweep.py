@@ -40,8 +40,8 @@ from training.dictionary import unit_norm_params
 from training.distributed import (Shard, batch_share, data_parallel_reduce, env_world, join_members, member_slices,
                                   session, slice_members)
 from training.locks import folder_lock
-from training.memory import (available_bytes, estimate_sweep, eval_block_rows, format_bytes, memory_report,
-                             param_bytes)
+from training.memory import (available_bytes, combined_estimate, estimate_sweep, eval_block_rows, format_bytes,
+                             memory_report, param_bytes)
 from training.models import resolve_device
 from training.staging import PinnedStaging, staging_for
 from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, checkpoint_files, clear_sweep,
@@ -950,8 +950,9 @@ def _metric_step(line: str) -> int | None:
 
 
 def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats: dict[str, torch.Tensor],
-                d_hidden: int, wandb_run: Any) -> None:
-    """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked."""
+                d_hidden: int, wandb_run: Any, wandb_prefix: str = "") -> None:
+    """Append one line per member to metrics.jsonl (one host sync), and log to wandb when asked (`wandb_prefix`: a
+    hook of a multi-hook run, whose metrics go against its own step metric "<hook>/step")."""
     names = {"loss": "loss", "mse": "mse", "l1_norm": "l1_norm", "l0": "l0", "explained_variance": "explained_variance",
              "aux": "aux"}
     host = {names[k]: v.double().tolist() for k, v in stats.items() if k in names}
@@ -964,19 +965,33 @@ def log_metrics(path: Path, keys: list, key_name: str, progress: Progress, stats
     with open(path, "a") as f:
         f.write("".join(ln + "\n" for ln in lines))
     if wandb_run is not None:
-        wandb_run.log({f"{key_name}={key}/{k}": v[i] for i, key in enumerate(keys) for k, v in host.items()},
-                      step=progress.step)
+        logged = {f"{wandb_prefix}{key_name}={key}/{k}": v[i] for i, key in enumerate(keys) for k, v in host.items()}
+        if wandb_prefix:            # the hooks take turns over each chunk: each has its own step axis
+            wandb_run.log({**logged, f"{wandb_prefix}step": progress.step})
+        else:
+            wandb_run.log(logged, step=progress.step)
 
 
-def start_wandb(cfg: SweepConfig) -> Any:
-    """A wandb run when --wandb_project is given (wandb must be installed), else None."""
+def start_wandb(cfgs: list[SweepConfig]) -> Any:
+    """A wandb run when --wandb_project is given (wandb must be installed), else None: one run for the sweeps `cfgs`
+    (several: one per hook, each hook's metrics under "<hook>/" against its own step metric "<hook>/step")."""
+    cfg = cfgs[0]
     if not cfg.wandb_project:
         return None
     try:
         import wandb
     except ImportError:
         raise UserError("--wandb_project needs wandb: pip install wandb (or drop the flag)") from None
-    return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
+    if len(cfgs) == 1:
+        return wandb.init(project=cfg.wandb_project, config=config_to_dict(cfg), resume="allow")
+    hooks = [Path(c.dataset_dir).name for c in cfgs]
+    job = dataclasses.replace(cfg, dataset_dir=str(Path(cfg.dataset_dir).parent),
+                              output_dir=str(Path(cfg.output_dir).parent), hooks=hooks)
+    run = wandb.init(project=cfg.wandb_project, config=config_to_dict(job), resume="allow")
+    for hook in hooks:
+        run.define_metric(f"{hook}/step")
+        run.define_metric(f"{hook}/*", step_metric=f"{hook}/step")
+    return run
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
@@ -995,8 +1010,6 @@ def run_sweeps(cfg: SweepConfig) -> list[SweepResult]:
     hooks = sweep_hooks(cfg)
     if hooks is None:
         return [run_sweep(cfg)]
-    if cfg.wandb_project and len(hooks) > 1:
-        raise UserError("--wandb_project logs one sweep: train one hook per run to log to wandb")
     with session() as shard:
         return _run_hooks(hook_configs(cfg, hooks), shard)
 
@@ -1208,6 +1221,8 @@ class HookRun:
     ens: Any
     tokens0: int = 0
     wandb_run: Any = None
+    wandb_prefix: str = ""
+    """Prefix of this hook's wandb metrics ("<hook>/" when one wandb run logs several hooks)."""
     data_parallel: bool = False
     """Every rank holds every member and trains on its share of each batch (gradients all-reduced)."""
 
@@ -1309,7 +1324,7 @@ def train_chunk(run: HookRun, chunk: torch.Tensor | None, n_batches: int, shard:
             if whole is not None:
                 d_hidden = max(1, round(cfg.ratio * run.data.d))
                 log_metrics(run.out / METRICS, member_keys(cfg), arch.sweep_param, progress, whole, d_hidden,
-                            run.wandb_run)
+                            run.wandb_run, run.wandb_prefix)
                 bar.set_postfix(frozen=int(whole["frozen"].sum()))
         bar.update(cfg.batch_size)
 
@@ -1334,6 +1349,8 @@ def train_runs(runs: list[HookRun], shard: Shard, device: torch.device,
                     n_batches = (len(chunk) if chunk is not None else chunk_rows(r.data, order[pos], r.held))
                     train_chunk(r, chunk, n_batches // cfg.batch_size, shard, device, autocast, bar)
                     del chunk
+                    if len(here) > 1 and r.ens is not None:
+                        r.ens.release_workspace()   # one hook's step buffers at a time (the allocator reuses them)
                     r.progress.chunk_position = pos + 1
                     if cfg.save_after_every and r.progress.step < r.total:
                         save_shard(r.out, r.cfg, r.ens, r.data, r.progress, shard, r.slices)
@@ -1363,8 +1380,6 @@ def finish_run(run: HookRun, shard: Shard, device: torch.device, seconds: float)
     usable = not all(m["frozen"] for m in metrics)
     shard.on_main(lambda: write_sweep_json(out, sweep_metadata(cfg, whole, data, progress, metrics, usable, digest,
                                                                run.slices)))
-    if run.wandb_run is not None:
-        run.wandb_run.finish()
     if not usable:
         raise UserError(f"every member hit a NaN/inf loss or gradient and was frozen, so the sweep in {out} is not "
                         f"finished: check the activations for non-finite values, or lower --adam_lr (now {cfg.adam_lr:g})")
@@ -1386,8 +1401,9 @@ def _train_hooks(cfgs: list[SweepConfig], datas: list[HookData], shard: Shard) -
     runs = [start_hook_run(c, d, s, shard, device) for c, d, s in zip(cfgs, datas, slices)]
     for r in runs:
         r.data_parallel = parallel
-    if shard.is_main and len(runs) == 1:
-        runs[0].wandb_run = start_wandb(cfgs[0])
+    wandb_run = start_wandb(cfgs) if shard.is_main else None
+    for r in runs:
+        r.wandb_run, r.wandb_prefix = wandb_run, f"{r.out.name}/" if len(runs) > 1 else ""
     t0 = time.perf_counter()
     n_members = len(member_keys(cfgs[0])) * len(runs)
     bar = tqdm(total=sum(r.total for r in runs) * cfgs[0].batch_size,
@@ -1399,24 +1415,36 @@ def _train_hooks(cfgs: list[SweepConfig], datas: list[HookData], shard: Shard) -
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    return [finish_run(r, shard, device, seconds) for r in runs]
+    try:
+        return [finish_run(r, shard, device, seconds) for r in runs]
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
 
 
 def sweep_memory_report(cfg: SweepConfig) -> str:
-    """The --dry_run printout: the device-memory estimate of the sweep `cfg` describes, and whether it fits."""
-    validate_config(cfg)
-    keys = member_keys(cfg)
-    data = open_dataset(cfg)
+    """The --dry_run printout: the device-memory estimate of the sweep(s) `cfg` describes, and whether it fits (one
+    process; several hooks: every hook's parameters and optimizer at once, one hook's step buffers at a time)."""
+    hooks = sweep_hooks(cfg)
     device = resolve_device(cfg.device)
-    d_hidden = max(1, round(cfg.ratio * data.d))
     precision = resolve_precision(cfg.precision, device)
     compute = 2 if precision == "bf16" else 4
-    est = estimate_sweep(cfg.architecture, len(keys), cfg.batch_size, data.d, d_hidden, cfg.tied, compute,
-                         max(keys))
+    ests, shapes = [], []
+    for c in [cfg] if hooks is None else hook_configs(cfg, hooks):
+        validate_config(c)
+        keys, data = member_keys(c), open_dataset(c)
+        d_hidden = max(1, round(c.ratio * data.d))
+        ests.append(estimate_sweep(c.architecture, len(keys), c.batch_size, data.d, d_hidden, c.tied, compute,
+                                   max(keys)))
+        shapes.append(f"{len(keys)} {c.architecture} members x d_in {data.d} x d_hidden {d_hidden}")
     available, source = available_bytes(device)
-    headline = (f"dry run: {len(keys)} {cfg.architecture} members x d_in {data.d} x d_hidden {d_hidden}, "
-                f"batch {cfg.batch_size}, {precision} on {device} (nothing trained)")
-    return memory_report(est, available, source, headline)
+    if hooks is None:
+        headline = f"dry run: {shapes[0]}, batch {cfg.batch_size}, {precision} on {device} (nothing trained)"
+    else:
+        headline = (f"dry run: {len(hooks)} hooks, batch {cfg.batch_size}, {precision} on {device} (nothing trained; "
+                    f"one process: under torchrun each rank holds its share)\n"
+                    + "\n".join(f"  {h}: {shape}" for h, shape in zip(hooks, shapes)))
+    return memory_report(combined_estimate(ests), available, source, headline)
 
 
 def main_sweep(cfg: SweepConfig) -> str:

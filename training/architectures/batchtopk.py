@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from training.architectures import Architecture
-from training.architectures.topk import FP32, _check_keys
+from training.architectures.topk import FP32, _check_keys, checked_k
 from training.dictionary import (
     INIT_NORM,
     Dictionary,
@@ -109,9 +109,7 @@ class BatchTopKAutoencoder(Dictionary):
 
     def __init__(self, d_in: int, d_hidden: int, k: int, *, init_norm: float = INIT_NORM, device=None, dtype=None):
         super().__init__()
-        if not 0 < k <= d_hidden:
-            raise ValueError(f"k={k} must be in [1, d_hidden={d_hidden}]")
-        self.k = int(k)
+        self.k = checked_k(k, d_hidden)
         self._init_params(d_in, d_hidden, False, init_norm, device, dtype)
         self.threshold = nn.Parameter(torch.zeros((), device=device, dtype=dtype), requires_grad=False)
         """Inference threshold on pre * decoder-row norm (not trained by gradient: a running estimate)."""

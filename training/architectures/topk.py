@@ -46,6 +46,13 @@ def topk_loss(params: Params, x: Tensor, k: int, *, rank_mask: Tensor | None = N
     return mse + aux_coef * aux, {"mse": mse, "aux": aux, "codes": codes, "x_hat": x_hat}
 
 
+def checked_k(k: int, d_hidden: int) -> int:
+    """`k` as an int, or a ValueError unless 1 <= k <= d_hidden."""
+    if not 0 < k <= d_hidden:
+        raise ValueError(f"k={k} must be in [1, d_hidden={d_hidden}]")
+    return int(k)
+
+
 class TopKAutoencoder(Dictionary):
     """TopK dictionary (Gao et al. 2024): keep the k largest pre-activations, ReLU, decode."""
 
@@ -53,9 +60,7 @@ class TopKAutoencoder(Dictionary):
 
     def __init__(self, d_in: int, d_hidden: int, k: int, *, init_norm: float = INIT_NORM, device=None, dtype=None):
         super().__init__()
-        if not 0 < k <= d_hidden:
-            raise ValueError(f"k={k} must be in [1, d_hidden={d_hidden}]")
-        self.k = int(k)
+        self.k = checked_k(k, d_hidden)
         self._init_params(d_in, d_hidden, False, init_norm, device, dtype)
 
     def encode(self, x: Tensor) -> Tensor:
