@@ -37,11 +37,13 @@ $(SAELENS_VENV)/.installed:
 	touch $@
 
 # export every architecture we train, load it with SAELens; save SAELens' own SAEs, load them with ours;
-# each direction fails unless encode and decode agree within 1e-5 (max abs difference)
+# each direction fails unless encode and decode agree within 1e-5 (max abs difference); and SAELens' eval metrics
+# of the exports on a toy model must equal our evaluation's within 1e-4 relative (+ 1e-5)
 interop: install $(SAELENS_VENV)/.installed
 	rm -rf $(INTEROP_DIR) && mkdir -p $(INTEROP_DIR)
 	$(PY) tests/interop/ours.py export $(INTEROP_DIR)
 	$(SAELENS_VENV)/bin/python tests/interop/check_saelens.py check-export $(INTEROP_DIR)
+	$(SAELENS_VENV)/bin/python tests/interop/check_saelens.py check-metrics $(INTEROP_DIR)
 	$(SAELENS_VENV)/bin/python tests/interop/check_saelens.py make-native $(INTEROP_DIR)
 	$(PY) tests/interop/ours.py check-native $(INTEROP_DIR)
 

@@ -292,9 +292,11 @@ def test_saelens_loads_our_exports_and_we_load_its_saves(tmp_path):
                                                   env=env).stdout
     run(sys.executable, "ours.py", "export")
     there = json.loads(run(SAELENS_PYTHON, "check_saelens.py", "check-export").splitlines()[-1])
+    metrics = json.loads(run(SAELENS_PYTHON, "check_saelens.py", "check-metrics").splitlines()[-1])
     run(SAELENS_PYTHON, "check_saelens.py", "make-native")
     back = json.loads(run(sys.executable, "ours.py", "check-native").splitlines()[-1])
     assert there["max_abs_diff"] <= 1e-5 and back["max_abs_diff"] <= 1e-5
+    assert metrics["worst_fraction_of_tolerance"] <= 1
 
 
 def test_export_writes_log_density_from_the_members_features(tmp_path):

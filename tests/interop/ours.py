@@ -1,7 +1,8 @@
 """The toolkit's side of the SAELens interop check (run with the project's venv; see `make interop`).
 
     python tests/interop/ours.py export DIR        a sweep of every architecture we train, exported to DIR/export,
-                                                   with activations and our codes / reconstructions (DIR/ours.safetensors)
+                                                   with activations and our codes / reconstructions (DIR/ours.safetensors),
+                                                   and our evaluation metrics of each on a toy model (DIR/ours_metrics.json)
     python tests/interop/ours.py check-native DIR  load DIR/native/* (written by SAELens) with training.load_dictionary
                                                    and compare with SAELens' outputs (DIR/native.safetensors)
 """
@@ -16,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # toy_model
 
 from training.chunks import save_tensors  # noqa: E402
 from training.sweep_files import SWEEP_WEIGHTS, load_sweep, write_sweep_json, write_sweep_weights  # noqa: E402
@@ -73,11 +75,37 @@ def fake_sweep(folder: Path, architecture: str, keys: list, d_in: int = 16, d_hi
     return folder
 
 
+def our_metrics(module: torch.nn.Module, architecture: str, key: float | int, toy: dict[str, torch.Tensor]
+                ) -> dict:
+    """Our evaluation of `module` on the toy model's tokens (training.evaluate's batch step and report, every position
+    evaluated, one batch), with each feature's density."""
+    from training.evaluate import MemberStats, evaluate_batch, member_report
+    from training.metrics import EvalStats
+    from toy_model import ToyLM
+    stats = MemberStats(EvalStats())
+    tokens = toy["tokens"]
+    evaluate_batch(ToyLM(toy, HOOK), HOOK, tokens, torch.ones_like(tokens, dtype=torch.bool), [module], [stats],
+                   with_error=False)
+    report = member_report(architecture, key, stats, bins=10)
+    return {**{n: report[n] for n in METRICS}, "feature_density": stats.recon.sparsity.feature_density().tolist()}
+
+
+METRICS = ("l0", "l1", "mse", "explained_variance", "cossim", "l2_norm_in", "l2_norm_out", "l2_ratio",
+           "relative_reconstruction_bias", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+           "ce_loss_score", "kl_div_with_sae", "kl_div_with_ablation", "kl_div_score")
+"""The report.json metrics compared with SAELens' evals (`check_saelens.py check-metrics`)."""
+
+
 def export(out: Path) -> None:
-    """Export every architecture's sweep and record our outputs on shared activations."""
+    """Export every architecture's sweep and record our outputs on shared activations, and our evaluation metrics of
+    each on a toy model (DIR/toy.safetensors) in DIR/ours_metrics.json."""
     from training.saelens import ExportConfig, export_sweep
+    from toy_model import toy_weights
     x = 2 * torch.randn(512, 16, generator=torch.Generator().manual_seed(1))
     record = {"x": x}
+    toy = toy_weights(vocab=50, d=16, seed=2)
+    toy["tokens"] = torch.randint(0, 50, (8, 32), generator=torch.Generator().manual_seed(3))
+    metrics = {}
     for name, (arch, keys, tied) in sweeps().items():
         sweep = fake_sweep(out / "sweeps" / name, arch, keys, tied=tied)
         for folder, (key, module) in zip(export_sweep(ExportConfig(sweep=str(sweep), all=True,
@@ -87,7 +115,10 @@ def export(out: Path) -> None:
                 codes = module.encode(x)
                 record[f"{name}/{folder.name}/codes"] = codes
                 record[f"{name}/{folder.name}/x_hat"] = module.decode(codes)
+            metrics[f"{name}/{folder.name}"] = our_metrics(module, arch, key, toy)
     save_tensors(out / "ours.safetensors", {k: v.contiguous() for k, v in record.items()})
+    save_tensors(out / "toy.safetensors", toy)
+    (out / "ours_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"exported {sum(len(k) for _, k, _ in sweeps().values())} dictionaries of {len(sweeps())} sweeps to "
           f"{out / 'export'}")
 
