@@ -32,3 +32,16 @@ def test_flags_markdown_lists_every_field():
     table = flags_markdown(SweepConfig)
     assert "| `--l1_value_min` | `-2.0` | log10 of the smallest L1 penalty. |" in table
     assert "| `--k_values` | `16 32 64 128` |" in table
+
+
+def test_every_relative_link_of_the_readme_is_a_tracked_file():
+    """Links and images into the checkout resolve on a fresh clone (not to an ignored or missing file)."""
+    import re
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", README)
+               if not re.match(r"[a-z]+:", t) and not t.startswith("#")}
+    assert targets, "the README links to no file of the checkout (did the pattern break?)"
+    tracked = set(subprocess.run(["git", "ls-files", *sorted(targets)], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    assert targets <= tracked, f"README links to files that are not tracked: {sorted(targets - tracked)}"
