@@ -2,9 +2,9 @@
 """Benchmark: rows/s that Stage 2's input pipeline delivers by itself (no training), against what an ensemble
 consumes at GPU speed.
 
-Times `training.sweep.iter_chunks` over every chunk of one hook (checksum checks, shuffle gather, prefetch thread),
+Times `training.sweep_data.iter_chunks` over every chunk of one hook (checksum checks, shuffle gather, prefetch thread),
 consuming nothing:
-  first pass   a new run's first repetition: each chunk is hashed once (by `training.sweep.verify_threads()`
+  first pass   a new run's first repetition: each chunk is hashed once (by `training.sweep_data.verify_threads()`
                threads, while the prefetch thread gathers its rows) and handed over once it has passed
   later pass   a repetition after the first: chunks are only gathered (they were verified earlier in the run)
 each into fresh tensors (what a CPU run does) and staged into two reusable buffers (what a CUDA run does: pinned
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.chunks import HookData, open_hook  # noqa: E402
 from training.staging import PinnedStaging  # noqa: E402
-import training.sweep  # noqa: E402
-from training.sweep import iter_chunks  # noqa: E402
+import training.sweep_data  # noqa: E402
+from training.sweep_data import iter_chunks  # noqa: E402
 
 FLOPS_PER_ROW_MEMBER = 10  # x d_in x d_hidden: see the module docstring
 
@@ -74,7 +74,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
-            f"intra-op threads, {training.sweep.verify_threads()} checksum thread(s)")
+            f"intra-op threads, {training.sweep_data.verify_threads()} checksum thread(s)")
 
 
 def build_synthetic(root: Path, rows: int, d: int, chunk_size: int) -> Path:
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=2048, help="synthetic width")
     p.add_argument("--rows", type=int, default=131072, help="synthetic rows")
     p.add_argument("--chunk_size", type=int, default=32768, help="synthetic rows per chunk")
-    p.add_argument("--verify_threads", type=int, help="checksum threads (default: training.sweep.verify_threads())")
+    p.add_argument("--verify_threads", type=int, help="checksum threads (default: training.sweep_data.verify_threads())")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each setting; the median is reported")
     p.add_argument("--ratio", type=float, default=16, help="dictionary size / d_in of the ensemble compared against")
     p.add_argument("--members", type=int, default=8, help="ensemble members compared against")
@@ -119,8 +119,8 @@ def main() -> None:
     p.add_argument("--mfu", type=float, default=0.5, help="fraction of the peak the ensemble is assumed to reach")
     args = p.parse_args()
     if args.verify_threads is not None:
-        import training.sweep
-        training.sweep.verify_threads = lambda: args.verify_threads
+        import training.sweep_data
+        training.sweep_data.verify_threads = lambda: args.verify_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         hook_dir = (Path(args.dataset_dir) if args.dataset_dir

@@ -423,7 +423,8 @@ def _point(system: str, key: Any, s: dict[str, float], ds: Dataset, decoder: tor
 def train_ours(ds: Dataset, out: Path, arch: str, tokens: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train one ensemble (all members of `arch`) on `tokens` tokens and score every member on ds.test."""
     from training.chunks import open_hook
-    from training.sweep import SweepConfig, run_sweep, steps_per_repetition
+    from training.sweep import SweepConfig, run_sweep
+    from training.sweep_data import steps_per_repetition
     from training.sweep_files import load_sweep
     per_rep = steps_per_repetition(open_hook(ds.folder), args.batch_size)
     reps = max(1, math.ceil((tokens // args.batch_size) / per_rep))

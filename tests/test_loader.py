@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import training.chunks as chunks_mod
 import training.sweep as sweep_mod
+import training.sweep_data as sweep_data_mod
 from bench.top_activations import write_synthetic_folder
 from conftest import sweep_killed_at_chunk
 from training.chunks import open_hook
@@ -190,7 +191,7 @@ def test_staged_sweep_has_bit_identical_weights(hook_dir, tmp_path, monkeypatch)
 def test_checksums_of_upcoming_chunks_are_checked_ahead_in_parallel(hook_dir, monkeypatch):
     import threading
     from training.sweep import iter_chunks
-    monkeypatch.setattr(sweep_mod, "verify_threads", lambda: 2)
+    monkeypatch.setattr(sweep_data_mod, "verify_threads", lambda: 2)
     real, threads = chunks_mod.file_sha256, []
 
     def recording(path, *a, **k):

@@ -10,7 +10,7 @@ import pytest
 from training.cli import flags_markdown
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep", "SweepConfig"),
+CONFIGS = [("training.generate", "GenerateConfig"), ("training.sweep_config", "SweepConfig"),
            ("training.comparison", "CompareConfig"), ("training.tiny_lm", "TinyLMConfig"),
            ("training.replication", "ReplicationConfig"), ("training.steering", "SteerConfig"),
            ("training.top_activations", "TopActivationsConfig"), ("training.dashboards", "DashboardConfig"),

@@ -18,7 +18,8 @@ from conftest import sweep_killed_at_chunk
 from training.chunks import atomic_write_json
 from training.cli import UserError, run_cli
 from training.generate import GenerateConfig, generate
-from training.sweep import SweepConfig, l1_values, lr_scale, l1_scale, run_sweep
+from training.sweep import SweepConfig, lr_scale, l1_scale, run_sweep
+from training.sweep_config import l1_values
 from training.sweep_files import checkpoint_files, checkpoint_weights
 
 HOOK = "blocks.1.hook_resid_post"
@@ -382,7 +383,7 @@ def test_a_checkpoint_with_an_older_versions_generator_state_resumes(chunk_root,
 
 
 def test_precision_defaults_to_tf32_on_cuda_and_the_switches_are_restored(chunk_root, tmp_path, monkeypatch):
-    from training.sweep import backend_flags, restore_backend_flags, resolve_precision, setup_precision
+    from training.precision import backend_flags, restore_backend_flags, resolve_precision, setup_precision
 
     def legacy() -> tuple:
         return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
@@ -496,7 +497,7 @@ def test_non_finite_chunk_stops_the_sweep_naming_it(chunk_root, tmp_path, chunk,
 
 
 def test_all_finite_is_exact():
-    from training.sweep import all_finite
+    from training.sweep_data import all_finite
     x = torch.randn(1000, 8)
     assert all_finite(x) and all_finite(x.bfloat16()) and all_finite(torch.zeros(0, 8))
     big = torch.full((4, 4), 3e38)                         # a sum would overflow; every value is finite

@@ -8,6 +8,9 @@ Output folder:
     checkpoint.json + checkpoint-<generation>.safetensors   full training state (optimizer too) for --resume,
                         saved as one unit (see training/sweep_files.py)
     metrics.jsonl       one line per member every --log_every steps
+
+Its flags live in training/sweep_config.py, its data loading in training/sweep_data.py, --precision in
+training/precision.py.
 """
 
 from __future__ import annotations
@@ -16,25 +19,22 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 import training
-from training.chunks import MANIFEST, HookData, open_hook, read_manifest
+from training.chunks import MANIFEST, HookData, read_manifest
 from training.cli import UserError, config_diff, config_from_dict, config_to_dict
-from training.architectures import Architecture, get as get_architecture, names as architecture_names
+from training.architectures import Architecture, get as get_architecture
 from training.dead_latents import LOSS_POLICIES
 from training.dictionary import unit_norm_params
 from training.distributed import (Shard, batch_share, data_parallel_reduce, env_world, join_members, member_slices,
@@ -43,458 +43,17 @@ from training.locks import folder_lock
 from training.memory import (available_bytes, combined_estimate, estimate_sweep, eval_block_rows, format_bytes,
                              memory_report, param_bytes)
 from training.models import resolve_device
-from training.staging import PinnedStaging, staging_for
+from training.staging import staging_for
+from training.precision import resolve_precision, restores_backend_flags, set_precision
+from training.sweep_config import (RESUMABLE_CHANGES, SweepConfig, architecture, check_dictionary_size, dead_policy,
+                                   l1_scale, lr_scale, member_keys, member_lrs, validate_config, validate_flags)
+from training.sweep_data import (chunk_order, dataset_digest, heldout_rows, holdout_size, iter_chunks, load_chunk,
+                                 open_dataset, total_steps, warn_if_unfinished)
 from training.sweep_files import (CHECKPOINT_JSON, METRICS, SWEEP_JSON, SWEEP_WEIGHTS, checkpoint_files, clear_sweep,
                                   read_checkpoint, remove_temporaries, save_checkpoint, write_sweep_json,
                                   write_sweep_weights)
 
-ARCHITECTURES = architecture_names()
-"""The --architecture choices: names in the registry (training/architectures/)."""
-PRECISIONS = ("fp32", "tf32", "bf16")
 T = TypeVar("T")
-
-
-@dataclass
-class SweepConfig:
-    """Everything that decides what a sweep trains (saved in sweep.json and checkpoint.json)."""
-
-    dataset_dir: str = "activation_data"
-    """Chunks to train on: a hook folder written by generate_test_data.py, or its dataset folder (with several hooks:
-    one sweep per hook, see --hooks)."""
-    hooks: list[str] | None = None
-    """With --dataset_dir a dataset folder: the hooks to train (default: every hook when it has several), one sweep
-    per hook in --output_dir/<hook>, all trained in one run on the same rows (each chunk read once)."""
-    output_dir: str = "outputs/sweep"
-    """Where the sweep, its checkpoints and its metrics go."""
-    architecture: str = field(default="l1", metadata={"choices": list(ARCHITECTURES)})
-    """l1: ReLU dictionary with an L1 penalty (swept); topk: TopK dictionary (k swept); batchtopk: BatchTopK (k per
-    token on average over the batch, swept; one learned threshold at inference); matryoshka: BatchTopK whose nested
-    prefixes each reconstruct (k swept); gated: Gated dictionary (Rajamanoharan et al. 2024; its gate's L1 penalty
-    swept by the --l1_* flags); jumprelu: JumpReLU dictionary with learned thresholds and an L0 penalty (its
-    coefficient swept)."""
-    ratio: float = 8.0
-    """Dictionary size as a multiple of the activation width: d_hidden = ratio * d_in."""
-    l1_value_min: float = -2.0
-    """log10 of the smallest L1 penalty."""
-    l1_value_max: float = -0.5
-    """log10 of the largest L1 penalty."""
-    l1_value_n: int = 8
-    """Number of L1 penalties, log-spaced between min and max."""
-    l1_values: list[float] | None = None
-    """Explicit L1 penalties (instead of min/max/n)."""
-    k_values: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    """Active features per token of each TopK member (--architecture topk; batchtopk and matryoshka: on average over
-    the batch)."""
-    matryoshka_prefixes: list[float] = field(default_factory=lambda: [1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0])
-    """Nested prefixes of the dictionary that each reconstruct the input (--architecture matryoshka), as rising
-    fractions of the dictionary size ending at 1 (default: dictionary_learning's)."""
-    l0_coefficient_values: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
-    """L0 penalty coefficient (lambda) of each JumpReLU member (--architecture jumprelu); a latent's learned threshold
-    settles near sqrt(lambda) at --activation_norm 1 (dropping a code of size t costs about t^2)."""
-    jumprelu_bandwidth: float = 0.05
-    """Width of the rectangle kernel of the JumpReLU threshold gradients, in pre-activation units at --activation_norm
-    1 (--architecture jumprelu; SAELens' default; the paper's 0.001 is meant for runs of ~10^5 steps)."""
-    tied: bool = False
-    """Tie encoder and decoder (the original paper's variant; L1 architecture only)."""
-    batch_size: int = 4096
-    """Activation rows per step, fed to every member."""
-    adam_lr: float = 1e-3
-    """Peak Adam learning rate."""
-    lr_values: list[float] | None = None
-    """One peak learning rate per member instead of --adam_lr for all, paired in order with the sweep's values
-    (--l1_values or the --l1_value_* range, --k_values: as many; the members' values must then differ)."""
-    lr_warmup_fraction: float = 0.01
-    """Fraction of the steps over which the learning rate rises linearly from 0."""
-    lr_decay_fraction: float = 0.0
-    """Fraction of the steps at the end over which the learning rate decays linearly to 0 (measured to hurt runs of a
-    few thousand steps; try 0.2 for long ones)."""
-    l1_warmup_fraction: float = 0.0
-    """Fraction of the steps over which the L1 penalty (JumpReLU: the L0 coefficient) rises linearly from 0 (measured
-    to hurt short L1 runs)."""
-    activation_norm: float = 1.0
-    """Train on activations scaled so that E||x||^2 equals this (0: raw activations), so L1 values mean the same
-    across models and layers; the saved dictionaries take raw activations (the scale is folded into center and
-    encoder bias)."""
-    decoder_init_norm: float | None = None
-    """Initial norm of the decoder rows, the encoder starting as their transpose (default: 0.1 for l1, 0.5 for topk,
-    the best measured, see the README's ablation; batchtopk and matryoshka take topk's; 0.1 for gated, SAELens'
-    default)."""
-    unit_decoder: bool = False
-    """Keep decoder rows at unit norm during training (Bricken et al. 2023) instead of leaving them free with the
-    L1 weighted by their norms (Anthropic 2024, SAELens); tied dictionaries always keep unit rows."""
-    grad_clip: float = 0.01
-    """Scale each member's gradient to global norm at most this before Adam (0: off), on the loss of the scaled
-    activations; at --activation_norm 1 the norms measured 0.12 falling to 0.015 on the embedded model, so the
-    default normalises every step, which the quality benchmark measured to help (see the README's ablation)."""
-    center_init: str = field(default="geometric_median", metadata={"choices": ["geometric_median", "mean", "zero"]})
-    """Initial center (pre-encoder bias): geometric median or mean of the first chunk's rows, or zero."""
-    dead_window_tokens: int = 1_000_000
-    """A feature is dead when it has not fired over this many tokens."""
-    resample_every: int = 25000
-    """Architectures that resample (l1, gated): resample dead features every this many steps (0: never), until the
-    learning-rate decay starts."""
-    ghost_grads: bool = False
-    """L1 only: revive dead features with ghost grads (the mats_sae_training recipe: a loss term through exp of their
-    pre-activations, on while any feature is dead) instead of resampling them."""
-    n_repetitions: int = 1
-    """Passes over the data."""
-    holdout_rows: int = 65536
-    """Rows held out from training (the tail of the dataset's last chunk, at most half of it) for the end-of-run
-    table; 0 scores the first training rows instead."""
-    max_tokens: int | None = None
-    """Stop after training on this many tokens (per member)."""
-    save_after_every: bool = False
-    """Save the sweep and a checkpoint after every chunk instead of every repetition."""
-    log_every: int = 100
-    """Write per-member metrics every this many steps."""
-    seed: int = 0
-    """Seed of initialisation, chunk order and resampling."""
-    device: str | None = None
-    """cpu, cuda or cuda:N (default: cuda when available); not mps, which lacks the float64 the ensemble's Adam
-    bookkeeping uses."""
-    precision: str | None = field(default=None, metadata={"choices": list(PRECISIONS)})
-    """fp32; tf32 matmuls (CUDA); bf16 autocast (matmuls in bf16, parameters and Adam state in fp32); default: tf32 on
-    CUDA (about 8x the fp32 matmul rate), fp32 elsewhere."""
-    resume: bool = False
-    """Continue the run in --output_dir from its last checkpoint (flags must match)."""
-    overwrite: bool = False
-    """Replace a finished or different sweep in --output_dir."""
-    dry_run: bool = False
-    """Print the estimated device memory (parameters, optimizer, step workspace, peak) for these flags and the
-    device, say whether it fits, and exit without training."""
-    wandb_project: str | None = None
-    """Also log metrics to this Weights & Biases project (needs wandb installed)."""
-
-
-# Settings that may change between a run and its resumption (precision too: its default depends on the device).
-RESUMABLE_CHANGES = ("resume", "overwrite", "device", "wandb_project", "log_every", "dry_run", "precision")
-
-
-def l1_values(cfg: SweepConfig) -> list[float]:
-    """The L1 penalties of the sweep."""
-    if cfg.l1_values:
-        bad = [v for v in cfg.l1_values if not (math.isfinite(v) and v >= 0)]
-        if bad:
-            raise UserError(f"--l1_values must be finite and not negative (got {bad[0]})")
-        return [float(v) for v in cfg.l1_values]
-    for name in ("l1_value_min", "l1_value_max"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise UserError(f"--{name} must be a finite number (log10 of the penalty; got {getattr(cfg, name)})")
-    if cfg.l1_value_min > cfg.l1_value_max:
-        raise UserError(f"--l1_value_min {cfg.l1_value_min} is above --l1_value_max {cfg.l1_value_max} "
-                        "(both are log10 of the penalty)")
-    if cfg.l1_value_n < 1:
-        raise UserError("--l1_value_n must be at least 1")
-    if cfg.l1_value_n == 1:
-        return [10 ** cfg.l1_value_min]
-    step = (cfg.l1_value_max - cfg.l1_value_min) / (cfg.l1_value_n - 1)
-    # rounded to 3 significant digits, as every table prints them, so that saes[1.39] finds the member
-    return [float(f"{10 ** (cfg.l1_value_min + i * step):.3g}") for i in range(cfg.l1_value_n)]
-
-
-def k_values(cfg: SweepConfig) -> list[int]:
-    """The k of each member, from --k_values (each at least 1)."""
-    bad = [k for k in cfg.k_values if k < 1]
-    if not cfg.k_values or bad:
-        raise UserError(f"--k_values must be at least 1 each (got {bad[0] if bad else 'none'})")
-    return [int(k) for k in cfg.k_values]
-
-
-def l0_coefficient_values(cfg: SweepConfig) -> list[float]:
-    """The L0 coefficient of each JumpReLU member, from --l0_coefficient_values (each finite and at least 0)."""
-    bad = [v for v in cfg.l0_coefficient_values if not (math.isfinite(v) and v >= 0)]
-    if not cfg.l0_coefficient_values or bad:
-        raise UserError(f"--l0_coefficient_values must be finite and not negative (got {bad[0] if bad else 'none'})")
-    return [float(v) for v in cfg.l0_coefficient_values]
-
-
-SWEEP_VALUES: dict[str, Callable[[SweepConfig], list]] = {"l1": l1_values, "k": k_values,
-                                                          "l0_coefficient": l0_coefficient_values}
-"""The flags that list each sweep parameter's member values (the CLI side of `Architecture.sweep_param`)."""
-
-
-def architecture(cfg: SweepConfig) -> Architecture:
-    """The declaration of --architecture (a one-line UserError for an unknown one)."""
-    if cfg.architecture not in ARCHITECTURES:
-        raise UserError(f"unknown --architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
-    return get_architecture(cfg.architecture)
-
-
-def member_keys(cfg: SweepConfig) -> list[float] | list[int]:
-    """What each member is keyed by: its value of the architecture's sweep parameter (L1 penalty, k, ...)."""
-    return SWEEP_VALUES[architecture(cfg).sweep_param](cfg)
-
-
-def member_lrs(cfg: SweepConfig) -> list[float]:
-    """Each member's peak learning rate: --lr_values zipped with the member keys (which must then be distinct, as
-    sweep.json keys members by them), else --adam_lr for every member."""
-    keys = member_keys(cfg)
-    if cfg.lr_values is None:
-        return [cfg.adam_lr] * len(keys)
-    flag = f"--{architecture(cfg).sweep_param}_values"
-    if len(cfg.lr_values) != len(keys):
-        n = len(cfg.lr_values)
-        raise UserError(f"--lr_values gives {n} learning rate{'' if n == 1 else 's'} for {len(keys)} members: give "
-                        f"one per value of {flag}, in order")
-    bad = [v for v in cfg.lr_values if not (math.isfinite(v) and v > 0)]
-    if bad:
-        raise UserError(f"--lr_values must be positive (got {bad[0]})")
-    if len(set(keys)) != len(keys):
-        raise UserError(f"--lr_values needs distinct {flag} (members are keyed by them; got {keys}): to try several "
-                        "learning rates at one value, nudge the repeats (e.g. 0.1 0.1001) or run one sweep per rate")
-    return [float(v) for v in cfg.lr_values]
-
-
-POSITIVE = ("ratio", "adam_lr")
-"""Float flags that must be finite and above 0."""
-NON_NEGATIVE = ("activation_norm", "grad_clip")
-"""Float flags that must be finite and at least 0 (0 switches them off)."""
-FRACTIONS = ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction")
-"""Float flags that must lie in [0, 1]."""
-AT_LEAST_ONE = ("batch_size", "n_repetitions", "log_every", "dead_window_tokens", "l1_value_n")
-"""Integer flags that must be at least 1."""
-AT_LEAST_ZERO = ("resample_every", "holdout_rows")
-"""Integer flags that must be at least 0."""
-
-
-def _check_number(name: str, value: float, ok: bool, what: str) -> None:
-    """A one-line UserError naming flag `name` and its `value` unless `ok`."""
-    if not ok:
-        raise UserError(f"--{name} must be {what} (got {value})")
-
-
-def validate_flags(cfg: SweepConfig) -> None:
-    """Check every numeric and choice flag of `cfg` on its own (no file is touched): a one-line UserError if bad."""
-    for name in POSITIVE:
-        v = getattr(cfg, name)
-        _check_number(name, v, math.isfinite(v) and v > 0, "positive")
-    for name in NON_NEGATIVE:
-        v = getattr(cfg, name)
-        _check_number(name, v, math.isfinite(v) and v >= 0, "0 (off) or positive")
-    for name in FRACTIONS:
-        v = getattr(cfg, name)
-        _check_number(name, v, 0 <= v <= 1, "a fraction between 0 and 1")
-    for name in AT_LEAST_ONE:
-        _check_number(name, getattr(cfg, name), getattr(cfg, name) >= 1, "at least 1")
-    for name in AT_LEAST_ZERO:
-        _check_number(name, getattr(cfg, name), getattr(cfg, name) >= 0, "0 or more")
-    if cfg.max_tokens is not None:
-        _check_number("max_tokens", cfg.max_tokens, cfg.max_tokens >= 1, "at least 1")
-    if cfg.decoder_init_norm is not None:
-        v = cfg.decoder_init_norm
-        _check_number("decoder_init_norm", v, math.isfinite(v) and v > 0, "positive")
-    arch = architecture(cfg)
-    if cfg.tied and not arch.tieable:
-        tieable = [a for a in ARCHITECTURES if get_architecture(a).tieable]
-        raise UserError(f"--tied applies to the {', '.join(tieable)} architecture only")
-    if dead_policy(cfg) not in (arch.dead_policy, *arch.dead_policies):
-        able = [a for a in ARCHITECTURES if "ghost_grads" in get_architecture(a).dead_policies]
-        raise UserError(f"--ghost_grads applies to the {', '.join(able)} architecture only")
-    member_lrs(cfg)
-
-
-def dead_policy(cfg: SweepConfig) -> str:
-    """How the sweep revives dead latents: "ghost_grads" with --ghost_grads, else the architecture's own policy."""
-    return "ghost_grads" if cfg.ghost_grads else architecture(cfg).dead_policy
-
-
-def validate_paths(cfg: SweepConfig) -> None:
-    """Check that --output_dir can be a folder and --dataset_dir exists (nothing is created): a one-line UserError."""
-    out = Path(cfg.output_dir)
-    for parent in (out, *out.parents):
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"--output_dir {out}: {parent} is a file, not a folder: choose another --output_dir")
-    if not Path(cfg.dataset_dir).exists():
-        raise UserError(f"--dataset_dir {cfg.dataset_dir} does not exist: run generate_test_data.py first")
-
-
-def validate_config(cfg: SweepConfig) -> None:
-    """Every check of `cfg` that needs no data, before anything is written: a one-line UserError at the first bad
-    flag."""
-    validate_flags(cfg)
-    validate_paths(cfg)
-
-
-def lr_scale(step: int, total: int, cfg: SweepConfig) -> float:
-    """Learning-rate multiplier: linear warm-up, constant, linear decay to 0 over the last fraction."""
-    warm = max(1, round(cfg.lr_warmup_fraction * total))
-    decay_start = total - round(cfg.lr_decay_fraction * total)
-    scale = min(1.0, (step + 1) / warm)
-    if step >= decay_start:
-        scale = min(scale, (total - step) / max(1, total - decay_start))
-    return scale
-
-
-def l1_scale(step: int, total: int, cfg: SweepConfig) -> float:
-    """L1 multiplier: linear warm-up from 0 over the first fraction of the steps."""
-    warm = round(cfg.l1_warmup_fraction * total)
-    return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
-
-
-# ------------------------------------------------------------------------------------- data
-
-def open_dataset(cfg: SweepConfig) -> HookData:
-    """The hook whose chunks the sweep trains on; bad folders are one-line errors."""
-    path = Path(cfg.dataset_dir)
-    if not path.exists():
-        raise UserError(f"--dataset_dir {path} does not exist: run generate_test_data.py first")
-    if path.is_dir() and not any(path.iterdir()):
-        raise UserError(f"--dataset_dir {path} is empty: run generate_test_data.py first")
-    data = open_hook(path)
-    if cfg.batch_size > max(c.rows for c in data.chunks):
-        raise UserError(f"--batch_size {cfg.batch_size} is larger than a chunk ({max(c.rows for c in data.chunks)} "
-                        "rows): lower it or generate larger chunks")
-    return data
-
-
-def warn_if_unfinished(data: HookData) -> None:
-    """One warning line (stderr) when the dataset's manifest says Stage 1 has not finished writing it."""
-    if not data.manifest.get("finished", True):
-        print(f"warning: {data.root} is not finished (generate_test_data.py still running or interrupted): training "
-              f"on its {len(data.chunks)} complete chunks only; a later --resume on more chunks will be refused",
-              file=sys.stderr)
-
-
-def dataset_digest(data: HookData) -> str:
-    """SHA-256 over the name, rows and checksum of every chunk: what the run's schedule and chunk order depend on."""
-    listing = "\n".join(f"{c.path.name} {c.rows} {c.sha256}" for c in data.chunks)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def check_same_dataset(progress: Progress, data: HookData) -> None:
-    """A one-line UserError when a resumed run's dataset differs from the one it started on (older checkpoints,
-    which did not record it, pass)."""
-    if not progress.dataset_digest or progress.dataset_digest == dataset_digest(data):
-        return
-    now, then = len(data.chunks), progress.dataset_chunks
-    change = f"{now} chunks now, {then} then" if now != then else f"same {now} chunks, other checksums"
-    raise UserError(f"--resume: the dataset {data.root / data.hook} changed since this run started ({change}) and "
-                    "the run's schedule was computed for the old one: restore it, or start over with --overwrite")
-
-
-def chunk_order(n_chunks: int, seed: int, repetition: int) -> list[int]:
-    """The order chunks are read in during one repetition (a seeded shuffle)."""
-    g = torch.Generator().manual_seed(seed * 7919 + repetition)
-    return torch.randperm(n_chunks, generator=g).tolist()
-
-
-def holdout_size(data: HookData, requested: int) -> int:
-    """Rows held out from training: the last `requested` rows of the last chunk, at most half of it."""
-    if requested < 0:
-        raise UserError(f"--holdout_rows must not be negative (got {requested})")
-    return min(requested, data.chunks[-1].rows // 2)
-
-
-def all_finite(acts: torch.Tensor) -> bool:
-    """Whether `acts` holds no NaN or inf, from its min and max (NaN propagates through both; exact, no overflow): one
-    pass with no copy, measured at 15 ms (float32) and 5 ms (float16, bfloat16) for 131072 x 128 rows on one core,
-    against 110-150 ms for `isfinite().all()` and about 39 s of CPU training per such chunk at the default flags."""
-    return acts.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(acts))
-
-
-def check_finite(acts: torch.Tensor, data: HookData, index: int) -> None:
-    """A one-line UserError naming chunk `index` when its rows `acts` hold a NaN or inf (training on them would
-    freeze every member)."""
-    if all_finite(acts):
-        return
-    raw = data.load(index)["activations"]
-    row = int((~torch.isfinite(raw)).any(1).nonzero()[0, 0])
-    raise UserError(f"chunk {data.chunks[index].path} holds NaN or inf activations (first at row {row}): regenerate "
-                    "the dataset with generate_test_data.py (or fix the source of imported activations)")
-
-
-def heldout_rows(data: HookData, held: int) -> torch.Tensor:
-    """The held-out rows [held, d_in] (stored dtype): the tail of the last chunk, in stored order, checked finite."""
-    acts = data.load(len(data.chunks) - 1, verify=True)["activations"]
-    check_finite(acts[len(acts) - held:], data, len(data.chunks) - 1)
-    return acts[len(acts) - held:]
-
-
-def load_chunk(data: HookData, index: int, seed: int, repetition: int, held: int = 0,
-               staging: PinnedStaging | None = None, slot: int = 0, verify: bool = True) -> torch.Tensor:
-    """Chunk `index` verified against its checksum (unless the caller checks it, `verify=False`), less the held-out
-    tail if it is the last chunk, rows shuffled for this repetition and checked finite (every read: see `all_finite`
-    for the cost): [n, d_in] (stored dtype); gathered into buffer `slot` of `staging` when given."""
-    acts = data.load(index, verify=verify)["activations"]
-    if index == len(data.chunks) - 1 and held:
-        acts = acts[:len(acts) - held]
-    g = torch.Generator().manual_seed(seed * 104729 + repetition * 1009 + index)
-    perm = torch.randperm(len(acts), generator=g)
-    rows = acts[perm] if staging is None else staging.gather(slot, acts, perm)
-    check_finite(rows, data, index)
-    return rows
-
-
-def verify_threads() -> int:
-    """Threads that check the checksums of upcoming chunks while the prefetch thread gathers (SHA-256 runs at about
-    1.5 GB/s per core with SHA-NI, 0.5 GB/s without): half the cores, 1 to 8."""
-    return min(8, max(1, (os.cpu_count() or 1) // 2))
-
-
-def iter_chunks(data: HookData, seed: int, repetition: int, start: int, held: int = 0,
-                staging: PinnedStaging | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(position in this repetition's order, chunk rows) from position `start` on; the next chunk is read
-    in a background thread while the caller trains on this one, so at most two chunks are in memory (with
-    `staging`, in its buffers, taken in turn: a chunk's buffer is refilled once the caller has moved on from it and
-    the device has finished copying out of it). A chunk's checksum is checked (once per run) by other threads at
-    the same time as its rows are gathered, and the chunk is handed over only once it has passed."""
-    order = chunk_order(len(data.chunks), seed, repetition)
-    slots = staging.slots if staging is not None else 1
-    ahead = verify_threads()
-
-    def submit(pos: int) -> Future | None:
-        for later in range(pos, min(pos + ahead, len(order))):  # checksums of this and the next chunks, in parallel
-            if order[later] not in data.verified and later not in checking:
-                checking[later] = checks.submit(data.verify, order[later])
-        return (pool.submit(load_chunk, data, order[pos], seed, repetition, held, staging, pos % slots, False)
-                if pos < len(order) else None)
-
-    checking: dict[int, Future] = {}
-    with (ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool,
-          ThreadPoolExecutor(ahead, thread_name_prefix="verify") as checks):
-        pending = submit(start)
-        for pos in range(start, len(order)):
-            assert pending is not None
-            if pos in checking:
-                checking.pop(pos).result()  # a checksum mismatch is reported before anything the rows would show
-            chunk = pending.result()
-            pending = submit(pos + 1)
-            yield pos, chunk
-            del chunk
-            if staging is not None:
-                staging.release(pos % slots)
-
-
-def total_steps(cfg: SweepConfig, data: HookData, held: int) -> int:
-    """Training steps of the whole run (a UserError when the flags leave no full batch)."""
-    total = steps_per_repetition(data, cfg.batch_size, held) * cfg.n_repetitions
-    if cfg.max_tokens is not None:
-        total = min(total, cfg.max_tokens // cfg.batch_size)
-    if total < 1:
-        raise UserError(f"no full batch of {cfg.batch_size} rows to train on: lower --batch_size or raise --max_tokens")
-    return total
-
-
-def check_dictionary_size(cfg: SweepConfig, d_in: int) -> None:
-    """A one-line UserError when a member's key does not fit the dictionary size for activations of width `d_in`
-    (e.g. a TopK k above d_hidden)."""
-    d_hidden = max(1, round(cfg.ratio * d_in))
-    arch = architecture(cfg)
-    problem = arch.check_keys(member_keys(cfg), d_hidden)
-    if problem:
-        raise UserError(problem)
-    try:                                                 # the architecture's options, checked by its member state
-        arch.member_state(torch.tensor(member_keys(cfg)), torch.empty(1, d_hidden, 1, device="meta"),
-                          **{n: getattr(cfg, n) for n in arch.options})
-    except ValueError as e:
-        raise UserError(f"--{' / --'.join(arch.options)}: {e}") from None
-
-
-def steps_per_repetition(data: HookData, batch_size: int, held: int = 0) -> int:
-    """Full batches in one pass over the training rows (the remainder of each chunk, under one batch, is left out)."""
-    rows = [c.rows for c in data.chunks]
-    rows[-1] -= held
-    return sum(r // batch_size for r in rows)
 
 
 # ------------------------------------------------------------------------------------- output
@@ -519,6 +78,17 @@ class Progress:
     """Chunks of the dataset when the run started (0: recorded by an older version)."""
     dataset_digest: str = ""
     """`dataset_digest` of the dataset when the run started ("": recorded by an older version)."""
+
+
+def check_same_dataset(progress: Progress, data: HookData) -> None:
+    """A one-line UserError when a resumed run's dataset differs from the one it started on (older checkpoints,
+    which did not record it, pass)."""
+    if not progress.dataset_digest or progress.dataset_digest == dataset_digest(data):
+        return
+    now, then = len(data.chunks), progress.dataset_chunks
+    change = f"{now} chunks now, {then} then" if now != then else f"same {now} chunks, other checksums"
+    raise UserError(f"--resume: the dataset {data.root / data.hook} changed since this run started ({change}) and "
+                    "the run's schedule was computed for the old one: restore it, or start over with --overwrite")
 
 
 def prepare_output(cfg: SweepConfig, out: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
@@ -766,96 +336,6 @@ def training_device(name: str | None) -> torch.device:
     return resolve_device(name)
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """--precision made concrete: the default (None) is tf32 on CUDA and fp32 elsewhere; tf32 needs CUDA."""
-    if precision is None:
-        return "tf32" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "tf32" and device.type != "cuda":
-        raise UserError(f"--precision tf32 needs a CUDA device: use fp32 (or bf16) on {device.type}")
-    return precision
-
-
-BackendFlags = tuple[tuple[str, bool, bool] | None, tuple[str | None, ...]]
-NEW_PRECISION_API = ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.conv.fp32_precision",
-                     "cudnn.rnn.fp32_precision")
-"""torch.backends attributes of the newer float32 precision API (torch >= 2.9)."""
-
-
-def _backend_attr(path: str) -> str | None:
-    """torch.backends.<path>, or None where this torch lacks it."""
-    try:
-        return functools.reduce(getattr, path.split("."), torch.backends)  # type: ignore[arg-type]
-    except AttributeError:
-        return None
-
-
-def backend_flags() -> BackendFlags:
-    """The process-wide float32 precision switches: the legacy view (float32 matmul precision, CUDA matmul TF32,
-    cuDNN TF32; None where torch refuses to report it, in a session that mixed the legacy and newer APIs) and the
-    newer API's values."""
-    try:
-        legacy = (torch.get_float32_matmul_precision(), bool(torch.backends.cuda.matmul.allow_tf32),
-                  bool(torch.backends.cudnn.allow_tf32))
-    except RuntimeError:
-        legacy = None
-    return legacy, tuple(_backend_attr(path) for path in NEW_PRECISION_API)
-
-
-def restore_backend_flags(flags: BackendFlags) -> None:
-    """Put back switches saved by `backend_flags` (the matmul precision last: it decides the CUDA TF32 switch)."""
-    legacy, new = flags
-    if legacy is not None:
-        torch.backends.cudnn.allow_tf32 = legacy[2]
-        torch.set_float32_matmul_precision(legacy[0])
-        return
-    for path, value in zip(NEW_PRECISION_API, new):
-        if value is not None:
-            _set_backend_attr(path, value)
-
-
-def _set_backend_attr(path: str, value: str) -> None:
-    """torch.backends.<path> = value."""
-    parent, _, name = path.rpartition(".")
-    owner = functools.reduce(getattr, parent.split("."), torch.backends) if parent else torch.backends
-    setattr(owner, name, value)
-
-
-def set_precision(cfg: SweepConfig, device: torch.device) -> Callable[[], ContextManager[Any]]:
-    """Set the TF32 switches for --precision (on CUDA) and return the autocast context factory (not restoring the
-    switches: use `setup_precision`, or run inside `run_sweep`, which restores them)."""
-    precision = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":       # through the legacy API, which keeps torch's two views of the switches consistent
-        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-        torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-@contextlib.contextmanager
-def setup_precision(cfg: SweepConfig, device: torch.device) -> Iterator[Callable[[], ContextManager[Any]]]:
-    """Set the TF32 switches for --precision, yield the autocast context factory, restore the switches on exit."""
-    saved = backend_flags()
-    try:
-        yield set_precision(cfg, device)
-    finally:
-        restore_backend_flags(saved)
-
-
-def _restores_backend_flags(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap `fn` so that the process-wide matmul precision switches are as before when it returns or raises."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        saved = backend_flags()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            restore_backend_flags(saved)
-    return wrapper
-
-
 def build_ensemble(cfg: SweepConfig, d_in: int, device: torch.device, first_chunk: torch.Tensor,
                    member_ids: Sequence[int] | None = None) -> Any:
     """A fresh ensemble, one member per L1 value or k (only the global members `member_ids` when given: a rank's
@@ -1040,7 +520,7 @@ def hook_configs(cfg: SweepConfig, hooks: list[str]) -> list[SweepConfig]:
 
 
 @_reports_disk_errors
-@_restores_backend_flags
+@restores_backend_flags
 def _run_hooks(cfgs: list[SweepConfig], shard: Shard) -> list[SweepResult]:
     """`run_sweeps` of the sweeps `cfgs` (one per hook) on this process, the `shard` of the job."""
     datas = []
