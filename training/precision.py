@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from training.sweep_config import SweepConfig
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+"""The --precision choices (unset: tf32 on CUDA, fp32 elsewhere)."""
 T = TypeVar("T")
 
 

@@ -18,6 +18,7 @@ from training.cli import UserError
 from training.staging import PinnedStaging
 from training.sweep_config import SweepConfig
 
+
 def open_dataset(cfg: SweepConfig) -> HookData:
     """The hook whose chunks the sweep trains on; bad folders are one-line errors."""
     path = Path(cfg.dataset_dir)
