@@ -49,6 +49,7 @@ from training.cli import UserError, config_to_dict
 from training.architectures.l1 import L1
 from training.ensemble import Ensemble, make_members
 from training.metrics import mmcs
+from training import sweep_config
 from training.toy import ToyConfig, make_features, make_generator, sample_batch
 
 MMCS_THRESHOLD = 0.99
@@ -181,20 +182,13 @@ def toy_config(cfg: ReplicationConfig) -> ToyConfig:
 
 
 def lr_scale(step: int, cfg: ReplicationConfig) -> float:
-    """Learning-rate multiplier at `step`: linear warm-up, constant, linear decay to 0 over the last fraction."""
-    total = cfg.steps
-    warm = max(1, round(cfg.lr_warmup_fraction * total))
-    decay_start = total - round(cfg.lr_decay_fraction * total)
-    scale = min(1.0, (step + 1) / warm)
-    if step >= decay_start:
-        scale = min(scale, (total - step) / max(1, total - decay_start))
-    return scale
+    """Learning-rate multiplier at `step` of `cfg.steps`: the sweep's schedule (training/sweep_config.py)."""
+    return sweep_config.lr_scale(step, cfg.steps, cfg)
 
 
 def l1_scale(step: int, cfg: ReplicationConfig) -> float:
-    """L1 multiplier at `step`: linear warm-up from 0 over the first fraction of the steps, then 1."""
-    warm = round(cfg.l1_warmup_fraction * cfg.steps)
-    return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
+    """L1 multiplier at `step` of `cfg.steps`: the sweep's warm-up (training/sweep_config.py)."""
+    return sweep_config.l1_scale(step, cfg.steps, cfg)
 
 
 CPU_FLOPS_PER_CORE = 5e10

@@ -281,7 +281,8 @@ def validate_config(cfg: SweepConfig) -> None:
 
 
 def lr_scale(step: int, total: int, cfg: SweepConfig) -> float:
-    """Learning-rate multiplier: linear warm-up, constant, linear decay to 0 over the last fraction."""
+    """Learning-rate multiplier: linear warm-up, constant, linear decay to 0 over the last fraction (`cfg`: any config
+    with lr_warmup_fraction and lr_decay_fraction; the toy replication's too)."""
     warm = max(1, round(cfg.lr_warmup_fraction * total))
     decay_start = total - round(cfg.lr_decay_fraction * total)
     scale = min(1.0, (step + 1) / warm)
@@ -291,7 +292,8 @@ def lr_scale(step: int, total: int, cfg: SweepConfig) -> float:
 
 
 def l1_scale(step: int, total: int, cfg: SweepConfig) -> float:
-    """L1 multiplier: linear warm-up from 0 over the first fraction of the steps."""
+    """L1 multiplier: linear warm-up from 0 over the first fraction of the steps (`cfg`: any config with
+    l1_warmup_fraction)."""
     warm = round(cfg.l1_warmup_fraction * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
 

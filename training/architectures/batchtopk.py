@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from training.architectures import Architecture
-from training.architectures.topk import FP32, _check_keys, checked_k
+from training.architectures.topk import FP32, _check_keys, checked_k, ranking_scores
 from training.dictionary import (
     INIT_NORM,
     Dictionary,
@@ -150,16 +150,9 @@ def batch_topk_fused_grads(params: Params, x: Tensor, ks: Tensor, k_max: int, un
     n, batch = params["decoder"].shape[0], x.shape[0]
     h, d = params["decoder"].shape[1:]
     n_groups = len(ends)
-    center, bias, enc, dec = params["center"], params["encoder_bias"], params["encoder"], params["decoder"]
-    cd, acc = ws.compute, x.dtype
-    low = cd != acc
-    xc = torch.sub(x.unsqueeze(0), center.unsqueeze(1), out=ws.buffer("xc", (n, batch, d), acc))
-    pre = ws.buffer("pre", (n, batch, h), cd)
-    pre.copy_(bias.unsqueeze(1).expand_as(pre))
-    enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc) if low else enc
-    pre.baddbmm_(ws.xc.copy_(xc) if low else xc, enc_c.transpose(1, 2))
-    norms = decoder_norms(params)                                                    # [N, h]
-    pre.mul_(norms.unsqueeze(1).to(cd))                                              # scores
+    center, enc, dec = params["center"], params["encoder"], params["decoder"]
+    acc = x.dtype
+    xc, pre, norms = ranking_scores(params, x, ws)
     n_keep = k_max * batch
     scores, flat = pre.view(n, batch * h).topk(n_keep, dim=-1, sorted=not uniform_k)  # [N, K]
     vals = scores.to(acc).relu_()

@@ -88,6 +88,23 @@ class TopKAutoencoder(Dictionary):
         return total, {"mse": parts["mse"], "aux": parts["aux"]}
 
 
+def ranking_scores(params: Params, x: Tensor, ws: Workspace) -> tuple[Tensor, Tensor, Tensor]:
+    """(xc: [N, B, d] = x - center (x's dtype), pre: [N, B, h] = (xc @ encoder^T + encoder_bias) * decoder-row norm, the
+    scores TopK and BatchTopK rank by (the compute dtype, in the workspace's "pre" buffer), norms: [N, h])."""
+    n, batch = params["decoder"].shape[0], x.shape[0]
+    h, d = params["decoder"].shape[1:]
+    center, bias, enc = params["center"], params["encoder_bias"], params["encoder"]
+    cd, acc = ws.compute, x.dtype
+    xc = torch.sub(x.unsqueeze(0), center.unsqueeze(1), out=ws.buffer("xc", (n, batch, d), acc))
+    pre = ws.buffer("pre", (n, batch, h), cd)
+    pre.copy_(bias.unsqueeze(1).expand_as(pre))
+    low = cd != acc                                                                  # autocast: encoder matmul in cd
+    enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc) if low else enc
+    pre.baddbmm_(ws.xc.copy_(xc) if low else xc, enc_c.transpose(1, 2))
+    norms = decoder_norms(params)                                                    # [N, h]
+    return xc, pre.mul_(norms.unsqueeze(1).to(cd)), norms
+
+
 def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max: int, dead: Tensor | None,
                      k_aux: int, aux_coef: float, ws: Workspace, grads: Params,
                      decoder_impl: TopKDecoder = "sparse") -> dict[str, Tensor]:
@@ -101,17 +118,10 @@ def topk_fused_grads(params: Params, x: Tensor, rank_mask: Tensor | None, k_max:
     """
     n, batch = params["decoder"].shape[0], x.shape[0]
     h, d = params["decoder"].shape[1:]
-    center, bias, enc, dec = params["center"], params["encoder_bias"], params["encoder"], params["decoder"]
-
+    center, enc, dec = params["center"], params["encoder"], params["decoder"]
     cd, acc = ws.compute, x.dtype
-    low = cd != acc                                                                  # autocast: encoder matmul in cd
-    xc = torch.sub(x.unsqueeze(0), center.unsqueeze(1), out=ws.buffer("xc", (n, batch, d), acc))
-    pre = ws.buffer("pre", (n, batch, h), cd)
-    pre.copy_(bias.unsqueeze(1).expand_as(pre))
-    enc_c = ws.buffer("enc", tuple(enc.shape), cd).copy_(enc) if low else enc
-    pre.baddbmm_(ws.xc.copy_(xc) if low else xc, enc_c.transpose(1, 2))
-    norms = decoder_norms(params)                                                    # [N, h]
-    pre.mul_(norms.unsqueeze(1).to(cd))                                              # ranking scores
+    low = cd != acc                                                                  # autocast: matmuls in cd
+    xc, pre, norms = ranking_scores(params, x, ws)
     scores, idx = pre.topk(k_max, dim=-1, sorted=rank_mask is not None)              # [N, B, k]
     picked_norms = norms.gather(1, idx.view(n, -1)).view_as(scores)
     vals = scores.to(acc).relu_().div_(picked_norms.clamp_min(1e-12))
